@@ -1,0 +1,1 @@
+"""ragseek model (exports are added once all modules exist)."""
