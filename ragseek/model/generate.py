@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from ragseek.model.tokenizer import Tokenizer
 from ragseek.model.transformer import Transformer
+
+if TYPE_CHECKING:
+    from ragseek.model.tokenizer import Tokenizer
 
 FinishReason = Literal["eos", "stop", "length"]
 

@@ -1,0 +1,160 @@
+"""Model speed and KV-cache memory.
+
+    .venv/bin/python bench/bench_model.py
+
+1. SmolLM2-135M-Instruct (the embedded GGUF, dequantised to fp32): decode tok/s at batch 1 and 8 (32-token prompt,
+   64 greedy tokens) and prefill tok/s (512 tokens), ragseek vs transformers in the same process, same threads,
+   same dtype; plus ragseek with int8 weights (fbgemm) as an extra row.
+2. KV-cache bytes per token for MHA / GQA / MQA / MLA at DeepSeek-V3 dimensions, read from real cache objects and
+   compared with DeepSeek-V2's Table 1 formulas.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+THREADS = 2
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "results"
+PROMPT, NEW, PREFILL, REPEAT = 32, 64, 512, 3
+
+
+def best_of(fn, repeat: int = REPEAT) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def speed_rows() -> list[dict]:
+    import transformers
+
+    from ragseek.defaults import smollm2_gguf
+    from ragseek.model import SamplingConfig, Transformer
+    from ragseek.model.generate import generate_ids
+    from ragseek.model.quant import quantize_weights
+
+    gguf = smollm2_gguf()
+    ours = Transformer.from_pretrained(gguf)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf.parent,
+        gguf_file=gguf.name,
+        quantization_config=transformers.GgufConfig(dequantize=True),
+        dtype=torch.float32,
+    ).eval()
+    gen = torch.Generator().manual_seed(0)
+    cfg = SamplingConfig(max_new_tokens=NEW)
+    no_eos: set[int] = set()  # generate exactly NEW tokens on both sides
+
+    def ragseek_decode(model, B):
+        prompts = torch.randint(100, 40000, (B, PROMPT), generator=gen).tolist()
+        return lambda: generate_ids(model, prompts, cfg, no_eos)
+
+    def hf_decode(B):
+        ids = torch.randint(100, 40000, (B, PROMPT), generator=gen)
+        kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+        return lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+
+    prefill_ids = torch.randint(100, 40000, (1, PREFILL), generator=gen)
+
+    def prefill(model):
+        def run():
+            with torch.inference_mode():
+                model(prefill_ids)
+
+        return run
+
+    rows = []
+    with torch.inference_mode():
+        for B in (1, 8):
+            t_hf = best_of(hf_decode(B))
+            t_ours = best_of(ragseek_decode(ours, B))
+            rows.append(dict(metric=f"decode tok/s, batch {B}", transformers=B * NEW / t_hf, ragseek=B * NEW / t_ours))
+        rows.append(
+            dict(metric=f"prefill tok/s, {PREFILL} tokens", transformers=PREFILL / best_of(prefill(hf)),
+                 ragseek=PREFILL / best_of(prefill(ours)))
+        )
+        quantize_weights(ours, "int8")
+        for i, B in enumerate((1, 8)):
+            rows[i]["ragseek_int8"] = B * NEW / best_of(ragseek_decode(ours, B))
+        rows[2]["ragseek_int8"] = PREFILL / best_of(prefill(ours))
+    for r in rows:
+        r["speedup"] = r["ragseek"] / r["transformers"]
+        r["speedup_int8"] = r["ragseek_int8"] / r["transformers"]
+    return rows
+
+
+def kv_rows() -> list[dict]:
+    """DeepSeek-V3 dims: n_h = 128 heads, d_h = 128, d_c = 512, d_h^R = 64; GQA with 8 groups."""
+    from ragseek.model.attention import ATTENTION, LayerCache
+    from ragseek.model.config import ModelConfig
+
+    n_h, d_h, d_c, d_r, n_g = 128, 128, 512, 64, 8
+    base = dict(dim=7168, n_heads=n_h, head_dim=d_h, kv_lora_rank=d_c, qk_rope_head_dim=d_r, qk_nope_head_dim=128,
+                v_head_dim=128, q_lora_rank=1536)
+    cases = [
+        ("MHA", dict(attention="mha", n_kv_heads=n_h), 2 * n_h * d_h),
+        (f"GQA ({n_g} groups)", dict(attention="gqa", n_kv_heads=n_g), 2 * n_g * d_h),
+        ("MQA", dict(attention="mqa", n_kv_heads=1), 2 * d_h),
+        ("MLA naive (full per-head K/V)", dict(attention="mla", n_kv_heads=n_h, mla_impl="naive"), n_h * (128 + d_r + 128)),
+        ("MLA absorbed (latent only)", dict(attention="mla", n_kv_heads=n_h, mla_impl="absorbed"), d_c + d_r),
+    ]
+    rows = []
+    for name, kw, formula in cases:
+        cfg = ModelConfig(**base, **kw)
+        with torch.device("meta"):  # the weights are never needed: only the cache layout
+            attn = ATTENTION[cfg.attention](cfg)
+        per_token = LayerCache(attn.cache_shapes(), 1, 1, torch.bfloat16).nbytes
+        rows.append(dict(attention=name, bytes_per_token_layer_bf16=per_token, formula_elements=formula,
+                         formula_bytes_bf16=2 * formula, matches=per_token == 2 * formula,
+                         v3_61_layers_128k_ctx_GiB=per_token * 61 * 131072 / 2**30))
+    return rows
+
+
+def main() -> None:
+    torch.set_num_threads(THREADS)
+    OUT.mkdir(parents=True, exist_ok=True)
+    speed = speed_rows()
+    kv = kv_rows()
+    (OUT / "model.json").write_text(json.dumps({"threads": THREADS, "speed": speed, "kv_cache": kv}, indent=2))
+    lines = [
+        "## Model: SmolLM2-135M speed and KV-cache memory",
+        "",
+        "`.venv/bin/python bench/bench_model.py` — SmolLM2-135M-Instruct from the embedded GGUF, dequantised to fp32 "
+        f"for both; {THREADS} threads; {PROMPT}-token prompts, {NEW} greedy tokens; best of {REPEAT}.",
+        "",
+        "| metric | transformers fp32 | ragseek fp32 | ratio | ragseek int8 weights | ratio |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in speed:
+        lines.append(f"| {r['metric']} | {r['transformers']:.1f} | {r['ragseek']:.1f} | {r['speedup']:.2f}x | "
+                     f"{r['ragseek_int8']:.1f} | {r['speedup_int8']:.2f}x |")
+    lines += [
+        "",
+        "Batch-1 fp32 decoding reads all 540 MB of weights per token, so on this 2-core machine both libraries sit at "
+        "the memory-bandwidth floor; the int8 path (fbgemm dynamic quantisation, `--quantize int8`) reads 4x fewer bytes.",
+        "",
+        "KV cache per token and layer at DeepSeek-V3 dimensions (n_h=128, d_h=128, d_c=512, d_h^R=64), bf16, measured "
+        "from `LayerCache.nbytes`, against DeepSeek-V2 Table 1:",
+        "",
+        "| attention | bytes/token/layer | formula (elements) | matches | 61 layers x 128k tokens |",
+        "|---|---:|---:|---|---:|",
+    ]
+    for r in kv:
+        lines.append(f"| {r['attention']} | {r['bytes_per_token_layer_bf16']:,} | {r['formula_elements']:,} | "
+                     f"{'yes' if r['matches'] else 'NO'} | {r['v3_61_layers_128k_ctx_GiB']:.1f} GiB |")
+    (OUT / "model.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
