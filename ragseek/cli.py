@@ -51,3 +51,6 @@ def generate(
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+from ragseek.rag.cli import register as _register_rag  # noqa: E402
+_register_rag(app, eval_app)

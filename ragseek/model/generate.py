@@ -177,3 +177,95 @@ def _resolve(cfg: SamplingConfig | None, overrides: dict) -> SamplingConfig:
     if overrides:
         return SamplingConfig(**{**cfg.__dict__, **overrides})
     return cfg
+
+
+@dataclass
+class SpeculativeStats:
+    steps: int  # main-model verify forwards after the prefill
+    drafted: list[int]  # drafts proposed at depth 1..D
+    accepted: list[int]  # drafts accepted at depth 1..D
+
+    @property
+    def acceptance(self) -> list[float]:
+        """Acceptance rate of the draft at each depth (depth 1 = the 2nd token of a step, as DeepSeek-V3 reports)."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted, self.drafted)]
+
+    @property
+    def tokens_per_step(self) -> float:
+        return (self.steps + sum(self.accepted)) / max(self.steps, 1)
+
+
+@torch.inference_mode()
+def speculative_generate(
+    model: Transformer, prompt: Sequence[int], max_new_tokens: int, eos_ids: set[int]
+) -> tuple[list[int], SpeculativeStats]:
+    """Greedy self-speculative decoding with the MTP modules (batch 1); token-identical to plain greedy decoding.
+
+    State: L committed tokens whose keys are in the main cache, and g = the main model's greedy next token.
+    Each step (D = mtp_depth):
+      draft   module k runs over the positions it has not seen exactly yet, reading h^{k-1} and Emb(t_{j+k});
+              its output at position L-1 proposes token L+k (module 1 after g, module 2 after that, ...)
+      verify  one main forward over [g, d_1..d_D] at positions L..L+D gives the main model's greedy choice after
+              each prefix; the longest prefix of drafts that agrees is accepted, and the main model's choice after
+              it becomes the next g. Cache entries past the accepted prefix are simply overwritten later.
+    Module k's entry at position j is exact once t_{j+k} is committed, so it reruns from position L-k+1.
+    """
+    cfg = model.cfg
+    D = cfg.mtp_depth
+    if D == 0:
+        raise ValueError("speculative decoding drafts with the MTP modules: the model has mtp_depth=0")
+    P = len(prompt)
+    total = P + max_new_tokens + D + 1
+    if total > cfg.max_seq_len:
+        raise ValueError(f"prompt + max_new_tokens + mtp_depth + 1 = {total} exceeds max_seq_len {cfg.max_seq_len}")
+    dtype = next(model.parameters()).dtype
+    cache = model.make_cache(1, total, dtype=dtype, mtp=True)
+    main_caches, mtp_caches = cache.layers[: cfg.n_layers], cache.layers[cfg.n_layers :]
+    hbuf = torch.zeros(D, 1, total, cfg.dim, dtype=dtype)  # h^0 (main) .. h^{D-1} at every position
+    tokens = torch.zeros(1, total, dtype=torch.long)
+    tokens[0, :P] = torch.tensor(prompt)
+    exact = [0] * D  # module k+1 has exact cache entries and outputs for positions < exact[k]
+
+    def main_forward(start: int, n: int) -> torch.Tensor:
+        h = _run_blocks(model.layers, model.embed_tokens(tokens[:, start : start + n]), model, start, main_caches)
+        hbuf[0, :, start : start + n] = h
+        return model.lm_head(model.norm(h))[0].argmax(-1)  # greedy choice after each position
+
+    g = int(main_forward(0, P)[-1])
+    L, out = P, []
+    stats = SpeculativeStats(0, [0] * D, [0] * D)
+    while len(out) < max_new_tokens and not (out and out[-1] in eos_ids):
+        tokens[0, L] = g
+        for k in range(1, D + 1):  # draft
+            start = exact[k - 1]
+            emb = model.embed_tokens(tokens[:, start + k : L + k])
+            module = model.mtp[k - 1]
+            x = module.eh_proj(torch.cat([module.enorm(emb), module.hnorm(hbuf[k - 1, :, start:L])], dim=-1))
+            h = _run_blocks([module.block], x, model, start, mtp_caches[k - 1 : k])
+            if k < D:
+                hbuf[k, :, start:L] = h
+            tokens[0, L + k] = model.lm_head(module.norm(h[:, -1])).argmax(-1)
+            exact[k - 1] = L - k + 1
+        choice = main_forward(L, D + 1)  # verify: choice[i] is the greedy token after position L + i
+        a = 0
+        while a < D and int(tokens[0, L + 1 + a]) == int(choice[a]):
+            a += 1
+        stats.steps += 1
+        for i in range(D):
+            stats.drafted[i] += int(i <= a)  # depth i+1 is only tested when all earlier drafts were accepted
+            stats.accepted[i] += int(i < a)
+        out.extend(tokens[0, L : L + 1 + a].tolist())
+        L, g = L + 1 + a, int(choice[a])
+        if any(t in eos_ids for t in out):
+            out = out[: next(i for i, t in enumerate(out) if t in eos_ids) + 1]
+    return out[:max_new_tokens], stats
+
+
+def _run_blocks(blocks, x: torch.Tensor, model: Transformer, start: int, caches) -> torch.Tensor:
+    """Run blocks over x (1, n, d) at positions [start, start + n) with their caches (no padding)."""
+    n = x.shape[1]
+    positions, mask = model._positions_and_mask(1, n, start, None, x.device)
+    rope = model.rotary(positions)
+    for block, c in zip(blocks, caches):
+        x = block(x, rope, mask, c, start)
+    return x

@@ -1,0 +1,243 @@
+"""`ragseek ingest | info | search` and `ragseek eval beir`. Flags come from the config dataclasses' fields
+(`SplitterConfig`, `StoreConfig`, `WordVectorConfig`, `SearchConfig`, `BM25Config`, `ANNConfig`), whose help is
+written once, there. Heavy libraries load inside the commands, so `ragseek --help` stays fast."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import inspect
+import json
+import sys
+import typing
+from pathlib import Path
+
+import typer
+
+from ragseek.rag.embedders import WordVectorConfig
+from ragseek.rag.splitters import SplitterConfig
+
+if typing.TYPE_CHECKING:
+    from ragseek.rag.search import ANNConfig, BM25Config, SearchConfig
+    from ragseek.rag.store import StoreConfig
+
+
+def _config_classes() -> dict[str, type]:
+    # search.py / store.py are light (numpy + sqlite); their heavy imports are inside functions
+    from ragseek.rag.search import ANNConfig, BM25Config, SearchConfig
+    from ragseek.rag.store import StoreConfig
+
+    return {
+        c.__name__: c
+        for c in (SplitterConfig, StoreConfig, WordVectorConfig, SearchConfig, BM25Config, ANNConfig)
+    }
+
+
+def with_configs(fn):
+    """Replace each parameter of `fn` typed with a config dataclass by one `--flag` per field of that class."""
+    classes = _config_classes()
+    sig = inspect.signature(fn)
+    params, groups, seen = [], {}, set()
+    for p in sig.parameters.values():
+        cls = classes.get(p.annotation if isinstance(p.annotation, str) else p.annotation.__name__)
+        if cls is None:
+            params.append(p)
+            continue
+        hints = typing.get_type_hints(cls)
+        groups[p.name] = cls
+        for f in dataclasses.fields(cls):
+            if f.name in seen:
+                raise TypeError(
+                    f"{fn.__name__}: the flag --{f.name} comes from two config classes; rename one field"
+                )
+            seen.add(f.name)
+            opt = typer.Option(f.default, "--" + f.name.replace("_", "-"), help=f.metadata.get("help", ""))
+            params.append(
+                inspect.Parameter(
+                    f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=hints[f.name]
+                )
+            )
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs):
+        for name, cls in groups.items():
+            kwargs[name] = cls(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(cls)})
+        return fn(**kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=params)
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}  # typer resolves these, not fn's
+    del wrapper.__wrapped__
+    return wrapper
+
+
+STORE = typer.Option(..., "--store", help="store folder (created by ingest if absent)")
+PATHS = typer.Argument(..., help="files or folders (.txt .md .html .pdf .jsonl)")
+CORPUS = typer.Option(..., "--corpus", help="BEIR corpus.jsonl")
+QUERIES = typer.Option(..., "--queries", help="BEIR queries.jsonl")
+QRELS = typer.Option(..., "--qrels", help="qrels .tsv (query-id, corpus-id, score; header and CRLF accepted)")
+BEIR_STORE = typer.Option(
+    None, "--store", help="store folder (default: one per corpus + splitter in the cache)"
+)
+JSON_OUT = typer.Option(None, "--json", help="also write the metrics as JSON to this file ('-': stdout)")
+
+
+def _progress():
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=Console(stderr=True), transient=True,
+    )  # fmt: skip
+
+
+def _on_progress(progress):
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(stage, total=total)
+        progress.update(tasks[stage], completed=done, total=total)
+
+    return update
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+def ingest(
+    paths: list[Path] = PATHS,
+    store: Path = STORE,
+    json_: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+    splitter: SplitterConfig = None,
+    store_cfg: StoreConfig = None,
+    word: WordVectorConfig = None,
+) -> None:
+    """Add documents to a store: clean, split, embed. Unchanged files are skipped; one bad file never stops the rest."""
+    from ragseek.rag.store import Store
+
+    st = Store(store)
+    with _progress() as progress:
+        report = st.ingest(paths, splitter, store_cfg, word, on_progress=_on_progress(progress))
+    out = report.as_json()
+    if json_:
+        _print_json(out)
+        return
+    typer.echo(
+        f"stored {report.stored}, skipped {report.skipped} (unchanged), failed {len(report.failed)}, "
+        f"chunks {report.chunks}, embedded {report.embedded}, removed {report.removed}, {report.seconds:.1f}s"
+    )
+    for f in report.failed:
+        typer.echo(f"  failed: {f['path']}: {f['reason']}", err=True)
+
+
+def info(
+    store: Path = STORE,
+    json_: bool = typer.Option(False, "--json", help="print as JSON"),
+) -> None:
+    """Documents, chunks, embedders and indexes in a store."""
+    from ragseek.rag.store import Store
+
+    if not (store / "store.sqlite").exists():
+        raise typer.BadParameter(
+            f"{store} is not a store (no store.sqlite): run `ragseek ingest PATH --store {store}`"
+        )
+    out = Store(store).info()
+    if json_:
+        _print_json(out)
+        return
+    typer.echo(
+        f"{out['store']}: {out['documents']} documents, {out['chunks']} chunks, generation {out['generation']}"
+    )
+    for name, n in out["embedders"].items():
+        typer.echo(f"  embeddings {name}: {n}")
+    for ix in out["indexes"]:
+        typer.echo(
+            f"  index {ix['name']} (generation {ix['generation']}, {'fresh' if ix['fresh'] else 'stale'})"
+        )
+
+
+def search(
+    query: str = typer.Argument(..., help="the query text"),
+    store: Path = STORE,
+    json_: bool = typer.Option(False, "--json", help="print the hits as JSON"),
+    search_cfg: SearchConfig = None,
+    bm25: BM25Config = None,
+    ann: ANNConfig = None,
+) -> None:
+    """Ranked chunks for a query, with document, char offsets and score."""
+    from ragseek.rag.search import Searcher
+    from ragseek.rag.store import Store
+
+    if not (store / "store.sqlite").exists():
+        raise typer.BadParameter(f"{store} is not a store: run `ragseek ingest PATH --store {store}` first")
+    try:
+        hits = Searcher(Store(store), search_cfg, bm25, ann).search(query)
+    except (
+        LookupError,
+        ValueError,
+    ) as e:  # no chunks, or no vectors for the chosen embedder: say what to run
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from e
+    if json_:
+        _print_json([dataclasses.asdict(h) for h in hits])
+        return
+    for rank, h in enumerate(hits, 1):
+        text = " ".join(h.text.split())
+        typer.echo(f"{rank:2d}. {h.score:.4f}  {h.doc_id} [{h.start}:{h.end}]  {text[:160]}")
+
+
+def beir(
+    corpus: Path = CORPUS,
+    queries: Path = QUERIES,
+    qrels: Path = QRELS,
+    store: Path = BEIR_STORE,
+    json_out: Path = JSON_OUT,
+    splitter: SplitterConfig = None,
+    search_cfg: SearchConfig = None,
+    bm25: BM25Config = None,
+    ann: ANNConfig = None,
+    word: WordVectorConfig = None,
+) -> None:
+    """Build (or reuse) a store for a BEIR corpus, run every query in the qrels, print nDCG@10, Recall@10/100, MRR@10, qps."""
+    from ragseek.defaults import cache_dir
+    from ragseek.rag.documents import load_beir_rows
+    from ragseek.rag.evaluate import load_qrels, load_queries, run_beir
+    from ragseek.rag.search import Searcher
+    from ragseek.rag.store import Store
+
+    if store is None:
+        key = hashlib.sha256(f"{corpus.resolve()}|{dataclasses.asdict(splitter)}".encode()).hexdigest()[:12]
+        store = cache_dir() / "beir" / f"{corpus.parent.name}-{key}"
+    st = Store(store)
+    st.add_documents(load_beir_rows(corpus), splitter)
+    embedder = None
+    if search_cfg.retriever != "bm25":
+        embedder = st.embedder(search_cfg.embedder, word_cfg=word)
+        with _progress() as progress:
+            st.embed(embedder, on_progress=_on_progress(progress))
+    searcher = Searcher(st, search_cfg, bm25, ann, embedder)
+    result = run_beir(searcher, load_queries(queries), load_qrels(qrels))
+    out = {
+        **result.metrics,
+        "qps": result.qps,
+        "queries": result.queries,
+        "retriever": search_cfg.retriever,
+        "store": str(store),
+    }
+    if json_out is not None:
+        text = json.dumps(out, indent=2)
+        if str(json_out) == "-":
+            _print_json(out)
+            return
+        json_out.write_text(text + "\n")
+    typer.echo("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()))
+
+
+def register(app: typer.Typer, eval_app: typer.Typer) -> None:
+    """Add ingest, info and search to `app` and beir to `eval_app`."""
+    for fn in (ingest, info, search):
+        app.command(fn.__name__)(with_configs(fn))
+    eval_app.command("beir")(with_configs(beir))

@@ -1,0 +1,456 @@
+"""Retrieval: similarity, exact and approximate kNN, BM25, hybrid fusion, SVM retrieval and MMR.
+
+The array functions (`similarity`, `exact_knn`, `svm_scores`, `mmr`, `rrf`, `convex`) are pure; `Searcher` runs
+them over a `Store`, building or loading the persisted indexes (bm25s, faiss HNSW) and rebuilding a stale one.
+
+- similarity: cosine(q, x) = q.x / (|q| |x|), dot q.x, L2 as -|q - x| (higher is closer for all three).
+  The lecture's remark: with normalised vectors cosine = dot (and -|q - x|^2 = 2 q.x - 2, the same ranking).
+- BM25 (Lucene variant by default): score(q, d) = sum_{t in q} idf(t) tf(t,d) / (tf(t,d) + k1 (1 - b + b |d|/avgdl)),
+  idf(t) = log(1 + (N - df(t) + 0.5) / (df(t) + 0.5)); bm25s precomputes every (token, doc) term, a query sums rows.
+- Reciprocal-rank fusion: RRF(d) = sum_r 1 / (k + rank_r(d)), ranks from 1, k = 60 (Cormack et al. 2009).
+- Convex fusion: w * norm(dense) + (1 - w) * norm(bm25), each normalised by its top-`candidates` statistics.
+- SVM retrieval (Karpathy's kNN-vs-SVM note): the query is the one positive, the candidates the negatives; a
+  linear SVM is fit and candidates are ranked by their margin w.x + b.
+- MMR (Carbonell & Goldstein 1998): pick argmax_d lambda sim(q, d) - (1 - lambda) max_{s in picked} sim(d, s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from ragseek.rag.embedders import Embedder
+from ragseek.rag.splitters import words
+from ragseek.rag.store import Store
+
+Metric = Literal["cosine", "dot", "l2"]
+RetrieverName = Literal["dense", "bm25", "hybrid", "svm", "mmr"]
+Fusion = Literal["rrf", "convex"]
+Norm = Literal["minmax", "zscore"]
+
+# --- similarity and kNN ---------------------------------------------------------------------------------
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+SIMILARITIES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "cosine": lambda q, X: _unit(q) @ _unit(X).T,
+    "dot": lambda q, X: q @ X.T,
+    "l2": lambda q, X: (
+        -np.sqrt(np.maximum((q * q).sum(-1)[:, None] - 2 * q @ X.T + (X * X).sum(-1)[None, :], 0.0))
+    ),
+}
+
+
+def similarity(q: np.ndarray, X: np.ndarray, metric: Metric = "cosine") -> np.ndarray:
+    """Scores (m, n) of queries q (m, d) against X (n, d); higher is closer for every metric."""
+    return SIMILARITIES[metric](np.atleast_2d(q), X)
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of the k largest scores per row, best first: argpartition, then sort only those k."""
+    scores = np.atleast_2d(scores)
+    k = min(k, scores.shape[1])
+    part = (
+        np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        if k < scores.shape[1]
+        else np.tile(np.arange(k), (len(scores), 1))
+    )
+    vals = np.take_along_axis(scores, part, axis=1)
+    order = np.argsort(-vals, axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1), np.take_along_axis(vals, order, axis=1)
+
+
+def exact_knn(
+    q: np.ndarray, X: np.ndarray, k: int, metric: Metric = "cosine"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours: one matrix product, top-k by argpartition. Returns (idx, scores), (m, k) each."""
+    return top_k(similarity(q, X, metric), k)
+
+
+@dataclass
+class ANNConfig:
+    ann: bool = field(
+        default=False, metadata={"help": "dense search through a faiss HNSW graph instead of exact kNN"}
+    )
+    hnsw_m: int = field(default=32, metadata={"help": "HNSW neighbours per node (M)"})
+    ef_construction: int = field(default=200, metadata={"help": "HNSW build beam width"})
+    ef_search: int = field(
+        default=128, metadata={"help": "HNSW query beam width (higher: better recall, slower)"}
+    )
+
+
+class HNSWIndex:
+    """faiss HNSW over inner product (vectors unit-normalised for cosine), saved with faiss.write_index."""
+
+    def __init__(self, index) -> None:
+        self.index = index
+
+    @classmethod
+    def build(cls, X: np.ndarray, cfg: ANNConfig, metric: Metric = "cosine") -> HNSWIndex:
+        import faiss
+
+        faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+        index = faiss.IndexHNSWFlat(X.shape[1], cfg.hnsw_m, faiss_metric)
+        index.hnsw.efConstruction = cfg.ef_construction
+        index.add(np.ascontiguousarray(_unit(X) if metric == "cosine" else X, dtype=np.float32))
+        return cls(index)
+
+    def search(
+        self, q: np.ndarray, k: int, ef_search: int, metric: Metric = "cosine"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        self.index.hnsw.efSearch = max(ef_search, k)
+        q = np.ascontiguousarray(
+            _unit(np.atleast_2d(q)) if metric == "cosine" else np.atleast_2d(q), dtype=np.float32
+        )
+        scores, idx = self.index.search(q, k)
+        return idx, (-np.sqrt(np.maximum(scores, 0)) if metric == "l2" else scores)
+
+    def save(self, path: Path) -> None:
+        import faiss
+
+        faiss.write_index(self.index, str(path))
+
+    @classmethod
+    def load(cls, path: Path) -> HNSWIndex:
+        import faiss
+
+        return cls(faiss.read_index(str(path)))
+
+
+# --- SVM, MMR, fusion ------------------------------------------------------------------------------------
+
+
+def svm_scores(q: np.ndarray, X: np.ndarray, C: float = 0.1) -> np.ndarray:
+    """Margins of X under a linear SVM trained with q as the only positive and X as negatives (Karpathy)."""
+    from sklearn.svm import LinearSVC
+
+    data = np.concatenate([q[None, :], X])
+    labels = np.zeros(len(data))
+    labels[0] = 1
+    clf = LinearSVC(class_weight="balanced", C=C, max_iter=10000, tol=1e-6, dual="auto")
+    clf.fit(data, labels)
+    return clf.decision_function(X)
+
+
+def mmr(q: np.ndarray, X: np.ndarray, k: int, lam: float = 0.7) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy maximal marginal relevance over the rows of X (cosine); returns picked indices and their MMR scores."""
+    Xn = _unit(X)
+    rel = Xn @ _unit(q)
+    redundancy = np.full(len(X), -np.inf)
+    picked, scores = [], []
+    available = np.ones(len(X), dtype=bool)
+    for _ in range(min(k, len(X))):
+        score = lam * rel - (1 - lam) * np.where(np.isinf(redundancy), 0.0, redundancy)
+        score[~available] = -np.inf
+        i = int(np.argmax(score))
+        picked.append(i)
+        scores.append(score[i])
+        available[i] = False
+        redundancy = np.maximum(redundancy, Xn @ Xn[i])
+    return np.array(picked, dtype=np.int64), np.array(scores)
+
+
+def rrf(rankings: Sequence[Sequence[int]], k: int = 60) -> dict[int, float]:
+    """Reciprocal-rank fusion: item -> sum over rankings of 1 / (k + rank), rank counted from 1."""
+    fused: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, item in enumerate(ranking, 1):
+            fused[item] = fused.get(item, 0.0) + 1.0 / (k + rank)
+    return fused
+
+
+def _minmax(s: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    lo, hi = ref.min(), ref.max()
+    return (s - lo) / (hi - lo) if hi > lo else s - lo
+
+
+def _zscore(s: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    sd = ref.std()
+    return (s - ref.mean()) / sd if sd > 0 else s - ref.mean()
+
+
+NORMS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {"minmax": _minmax, "zscore": _zscore}
+
+
+def convex(
+    score_vectors: Sequence[np.ndarray],
+    weights: Sequence[float],
+    norm: Norm = "minmax",
+    candidates: int = 100,
+) -> np.ndarray:
+    """sum_i w_i * norm(s_i), each s_i normalised with the statistics of its own top-`candidates` scores."""
+    out = np.zeros_like(score_vectors[0], dtype=np.float64)
+    for s, w in zip(score_vectors, weights, strict=True):
+        ref = top_k(s, candidates)[1][0]
+        out += w * NORMS[norm](s.astype(np.float64), ref)
+    return out
+
+
+# --- BM25 ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BM25Config:
+    k1: float = field(default=1.2, metadata={"help": "BM25 term-frequency saturation k1"})
+    b: float = field(default=0.75, metadata={"help": "BM25 length normalisation b"})
+    method: Literal["lucene", "robertson", "atire", "bm25l", "bm25+"] = field(
+        default="lucene", metadata={"help": "BM25 variant (bm25s): lucene, robertson, atire, bm25l, bm25+"}
+    )
+    stopwords: Literal["none", "en", "en_plus"] = field(
+        default="en",
+        metadata={"help": "stopword list dropped by the analyzer: none, en (Lucene's 33), en_plus (179)"},
+    )
+    stemmer: Literal["none", "porter"] = field(default="porter", metadata={"help": "stemmer in the analyzer"})
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+class Analyzer:
+    """text -> lower-cased word tokens, stopwords dropped, optionally Porter-stemmed (gensim's Porter stemmer)."""
+
+    def __init__(self, cfg: BM25Config) -> None:
+        import bm25s.stopwords as sw
+
+        self.stop = {
+            "none": frozenset(),
+            "en": frozenset(sw.STOPWORDS_EN),
+            "en_plus": frozenset(sw.STOPWORDS_EN_PLUS),
+        }[cfg.stopwords]
+        self.stem = _porter() if cfg.stemmer == "porter" else None
+
+    def __call__(self, text: str) -> list[str]:
+        toks = [w for w in words(text) if w not in self.stop]
+        return [self.stem(w) for w in toks] if self.stem else toks
+
+
+def _porter() -> Callable[[str], str]:
+    from gensim.parsing.porter import PorterStemmer
+
+    return lru_cache(maxsize=1 << 18)(PorterStemmer().stem)
+
+
+class BM25Index:
+    """bm25s over analyzed chunks; `scores(query)` is the full (n_chunks,) score vector."""
+
+    def __init__(self, model, cfg: BM25Config) -> None:
+        self.model, self.cfg, self.analyze = model, cfg, Analyzer(cfg)
+
+    @classmethod
+    def build(cls, texts: list[str], cfg: BM25Config) -> BM25Index:
+        import bm25s
+
+        self = cls(bm25s.BM25(k1=cfg.k1, b=cfg.b, method=cfg.method), cfg)
+        self.model.index([self.analyze(t) for t in texts], show_progress=False)
+        return self
+
+    def scores(self, query: str) -> np.ndarray:
+        ids = self.model.get_tokens_ids(self.analyze(query))
+        if not ids:
+            return np.zeros(self.model.scores["num_docs"], dtype=np.float32)
+        return self.model.get_scores_from_ids(ids)
+
+    def save(self, path: Path) -> None:
+        self.model.save(str(path))
+
+    @classmethod
+    def load(cls, path: Path, cfg: BM25Config) -> BM25Index:
+        import bm25s
+
+        return cls(bm25s.BM25.load(str(path)), cfg)
+
+
+# --- retrieval over a store ------------------------------------------------------------------------------
+
+
+@dataclass
+class SearchConfig:
+    retriever: RetrieverName = field(default="hybrid", metadata={"help": "dense, bm25, hybrid, svm or mmr"})
+    k: int = field(default=10, metadata={"help": "results to return"})
+    embedder: str = field(
+        default="minilm", metadata={"help": "embedder for dense/hybrid/svm/mmr (as at ingest)"}
+    )
+    metric: Metric = field(default="cosine", metadata={"help": "dense similarity: cosine, dot or l2"})
+    fusion: Fusion = field(default="convex", metadata={"help": "hybrid merge: rrf or convex"})
+    rrf_k: int = field(default=60, metadata={"help": "RRF constant k in 1/(k + rank)"})
+    dense_weight: float = field(
+        default=0.5, metadata={"help": "convex fusion weight of dense (bm25 gets 1 - w)"}
+    )
+    norm: Norm = field(
+        default="zscore", metadata={"help": "convex fusion score normalisation: minmax or zscore"}
+    )
+    candidates: int = field(
+        default=100, metadata={"help": "depth of each list fused / re-ranked (hybrid, svm, mmr)"}
+    )
+    mmr_lambda: float = field(
+        default=0.7, metadata={"help": "MMR trade-off: 1 = relevance only, 0 = diversity only"}
+    )
+    svm_c: float = field(default=0.1, metadata={"help": "SVM regularisation C"})
+
+
+@dataclass
+class Hit:
+    chunk_id: int
+    doc_id: str
+    start: int
+    end: int
+    score: float
+    text: str
+
+
+class Searcher:
+    """Runs a retriever over a store; loads each index once, rebuilding it when the store has changed."""
+
+    def __init__(
+        self,
+        store: Store,
+        cfg: SearchConfig,
+        bm25: BM25Config | None = None,
+        ann: ANNConfig | None = None,
+        embedder: Embedder | None = None,
+    ) -> None:
+        """`embedder` (optional) is an already-loaded query embedder, shared between searchers; its name must be
+        the one the store's vectors were computed with."""
+        self.store, self.cfg = store, cfg
+        self.bm25_cfg, self.ann_cfg = bm25 or BM25Config(), ann or ANNConfig()
+        self._embedder = embedder
+        self._cache: dict[str, object] = {}
+
+    def _cached(self, key: str, make: Callable[[], object]):
+        key = f"{key}@{self.store.generation}"
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def bm25(self) -> BM25Index:
+        def make() -> BM25Index:
+            name = f"bm25-{self.bm25_cfg.fingerprint}"
+            path = self.store.root / name
+            if self.store.index_is_fresh(name) and path.exists():
+                return BM25Index.load(path, self.bm25_cfg)
+            index = BM25Index.build(self.store.chunks().texts, self.bm25_cfg)
+            index.save(path)
+            self.store.mark_index(name)
+            return index
+
+        return self._cached("bm25", make)
+
+    def embedder(self) -> Embedder:
+        if self._embedder is not None:
+            return self._embedder
+        return self._cached(f"embedder:{self.cfg.embedder}", lambda: self.store.embedder(self.cfg.embedder))
+
+    def matrix(self) -> np.ndarray:
+        return self._cached(f"matrix:{self.cfg.embedder}", lambda: self.store.vectors(self.embedder().name))
+
+    def hnsw(self) -> HNSWIndex:
+        def make() -> HNSWIndex:
+            a = self.ann_cfg
+            name = f"hnsw-{self.embedder().name.replace('/', '_')}-{self.cfg.metric}-M{a.hnsw_m}-ef{a.ef_construction}"
+            path = self.store.root / f"{name}.faiss"
+            if self.store.index_is_fresh(name) and path.exists():
+                return HNSWIndex.load(path)
+            index = HNSWIndex.build(self.matrix(), a, self.cfg.metric)
+            index.save(path)
+            self.store.mark_index(name)
+            return index
+
+        return self._cached("hnsw", make)
+
+    # each ranker: (queries, depth) -> one (chunk rows, scores) pair per query, best first
+
+    def _dense(self, queries: list[str], depth: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        q = self.embedder().encode(queries)
+        if self.ann_cfg.ann:
+            idx, sc = self.hnsw().search(q, depth, self.ann_cfg.ef_search, self.cfg.metric)
+        else:
+            idx, sc = exact_knn(q, self.matrix(), depth, self.cfg.metric)
+        return list(zip(idx, sc, strict=True))
+
+    def _bm25(self, queries: list[str], depth: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        index = self.bm25()
+        out = []
+        for query in queries:
+            idx, sc = top_k(index.scores(query), depth)
+            out.append((idx[0], sc[0]))
+        return out
+
+    def _hybrid(self, queries: list[str], depth: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        c, index = self.cfg, self.bm25()
+        dense = similarity(self.embedder().encode(queries), self.matrix(), c.metric)
+        out = []
+        for query, d in zip(queries, dense, strict=True):
+            b = index.scores(query)
+            if c.fusion == "rrf":
+                lists = [top_k(s, max(c.candidates, depth))[0][0] for s in (d, b)]
+                fused = rrf([list(map(int, r)) for r in lists], c.rrf_k)
+                items = sorted(fused, key=lambda i: -fused[i])[:depth]
+                out.append((np.array(items, dtype=np.int64), np.array([fused[i] for i in items])))
+            else:
+                idx, sc = top_k(
+                    convex([d, b], [c.dense_weight, 1 - c.dense_weight], c.norm, c.candidates), depth
+                )
+                out.append((idx[0], sc[0]))
+        return out
+
+    def _svm(self, queries: list[str], depth: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        X, out = self.matrix(), []
+        qv = self.embedder().encode(queries)
+        for q, (cand, _) in zip(qv, self._knn(qv, max(self.cfg.candidates, depth)), strict=True):
+            margins = svm_scores(q, X[cand], self.cfg.svm_c)
+            order = np.argsort(-margins)[:depth]
+            out.append((cand[order], margins[order]))
+        return out
+
+    def _mmr(self, queries: list[str], depth: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        X, out = self.matrix(), []
+        qv = self.embedder().encode(queries)
+        for q, (cand, _) in zip(qv, self._knn(qv, max(self.cfg.candidates, depth)), strict=True):
+            picked, sc = mmr(q, X[cand], depth, self.cfg.mmr_lambda)
+            out.append((cand[picked], sc))
+        return out
+
+    def _knn(self, qv: np.ndarray, depth: int):
+        idx, sc = exact_knn(qv, self.matrix(), depth, self.cfg.metric)
+        return list(zip(idx, sc, strict=True))
+
+    def rank(self, queries: list[str], depth: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Chunk rows (into `store.chunks()`) and scores, best first, for each query."""
+        if not self.store.chunks().texts:
+            raise LookupError(
+                f"the store {self.store.root} has no chunks: run `ragseek ingest PATH --store ...` first"
+            )
+        rankers = {
+            "dense": self._dense,
+            "bm25": self._bm25,
+            "hybrid": self._hybrid,
+            "svm": self._svm,
+            "mmr": self._mmr,
+        }
+        return rankers[self.cfg.retriever](queries, depth)
+
+    def search(self, query: str, k: int | None = None) -> list[Hit]:
+        table = self.store.chunks()
+        rows, scores = self.rank([query], k or self.cfg.k)[0]
+        return [
+            Hit(
+                int(table.ids[r]),
+                table.doc_ids[r],
+                int(table.starts[r]),
+                int(table.ends[r]),
+                float(s),
+                table.texts[r],
+            )
+            for r, s in zip(rows, scores, strict=True)
+        ]
