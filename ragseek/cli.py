@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="ragseek: RAG over your documents, a DeepSeek-style transformer, and post-training — on a CPU.",
+)
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate retrieval (beir) or a model (math).")
 app.add_typer(eval_app, name="eval")
 
@@ -52,5 +56,10 @@ def generate(
         sys.stdout.flush()
     sys.stdout.write("\n")
 
+
+# Each area registers its own commands.
+from ragseek.llm.cli import register as _register_llm  # noqa: E402
 from ragseek.rag.cli import register as _register_rag  # noqa: E402
+
 _register_rag(app, eval_app)
+_register_llm(app)

@@ -74,19 +74,32 @@ def load_llm(spec: str, base_url: str | None = None) -> LLM:
     openai: the API key comes from OPENAI_API_KEY, the base URL from `base_url` or OPENAI_BASE_URL.
     """
     kind, _, arg = spec.partition(":")
-    if kind == "local":
-        from ragseek.llm.local import LocalLLM
+    if kind not in _BACKENDS or (kind != "local" and not arg):
+        raise ValueError(f"unknown LLM spec {spec!r}: use {SPECS} (e.g. --llm hf:/models/qwen2.5-0.5b)")
+    if base_url and kind != "openai":
+        raise ValueError(f"--base-url applies to --llm openai:MODEL only, not to {spec!r}")
+    return _BACKENDS[kind](arg, base_url)
 
-        return LocalLLM.from_path(arg or None)
-    if kind in ("hf", "openai") and arg:
-        if kind == "hf":
-            from ragseek.llm.hf import HFLLM
 
-            return HFLLM.from_path(arg)
-        from ragseek.llm.openai_backend import OpenAILLM
+def _local(path: str, _: str | None) -> LLM:
+    from ragseek.llm.local import LocalLLM
 
-        return OpenAILLM(arg, base_url=base_url or os.environ.get("OPENAI_BASE_URL"))
-    raise ValueError(f"unknown LLM spec {spec!r}: use {SPECS} (e.g. --llm hf:/models/qwen2.5-0.5b)")
+    return LocalLLM.from_path(path or None)
+
+
+def _hf(path: str, _: str | None) -> LLM:
+    from ragseek.llm.hf import HFLLM
+
+    return HFLLM.from_path(path)
+
+
+def _openai(model: str, base_url: str | None) -> LLM:
+    from ragseek.llm.openai_backend import OpenAILLM
+
+    return OpenAILLM(model, base_url=base_url or os.environ.get("OPENAI_BASE_URL"))
+
+
+_BACKENDS: dict[str, Callable[[str, str | None], LLM]] = {"local": _local, "hf": _hf, "openai": _openai}
 
 
 def check_pairs(prompts: Sequence[Prompt], continuations: Sequence[str]) -> None:

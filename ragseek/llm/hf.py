@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ragseek.llm.base import Prompt, TokenLogprobs, check_pairs, sum_continuations, text_logprobs
-from ragseek.model.generate import _find_stop
+from ragseek.model.generate import find_stop
 
 if TYPE_CHECKING:
     import torch
@@ -135,7 +135,7 @@ class HFLLM:
 
 
 def _cut(text: str, stop: Sequence[str]) -> str:
-    at = _find_stop(text, stop)
+    at = find_stop(text, stop)
     return text if at is None else text[:at]
 
 

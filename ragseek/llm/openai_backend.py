@@ -1,9 +1,9 @@
 """`openai:MODEL`: any OpenAI-compatible HTTP endpoint (OpenAI, DeepSeek, vLLM, Ollama, llama.cpp, `ragseek serve`).
 
-Chats go to /v1/chat/completions (the server applies the chat template), raw prompts to /v1/completions (all of a
-batch in one request). Scoring uses /v1/completions with `echo` + `logprobs`, which `ragseek serve` and vLLM
-support and OpenAI's chat-only models do not; a chat cannot be scored this way, since its template lives on the
-server.
+Chats go to /v1/chat/completions (the server applies the chat template), raw prompts to /v1/completions; a batch
+is sent as concurrent requests, one per prompt (what every server accepts; vLLM batches them again). Scoring uses
+/v1/completions with `echo` + `logprobs`, which `ragseek serve` and vLLM support and OpenAI's chat-only models do
+not; a chat cannot be scored this way, since its template lives on the server.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class OpenAILLM:
             key = "none"  # local servers (vLLM, llama.cpp, ragseek serve) accept any key
         self.client = OpenAI(api_key=key, base_url=base_url, timeout=timeout)
         self.model, self.name = model, f"openai:{model}"
-        self.concurrency = concurrency  # chat requests in flight at once (servers batch concurrent requests)
+        self.concurrency = concurrency  # requests in flight at once
 
     def complete(
         self,
@@ -50,24 +50,8 @@ class OpenAILLM:
         temperature: float = 0.0,
         stop: list[str] | None = None,
     ) -> list[str]:
-        out: list[str] = [""] * len(prompts)
-        raw = [i for i, p in enumerate(prompts) if isinstance(p, str)]
-        if raw:
-            resp = self.client.completions.create(
-                model=self.model,
-                prompt=[prompts[i] for i in raw],
-                max_tokens=max_tokens,
-                temperature=temperature,
-                stop=stop or None,
-            )
-            for choice in resp.choices:
-                out[raw[choice.index]] = choice.text
-        chats = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
         with ThreadPoolExecutor(self.concurrency) as pool:
-            texts = pool.map(lambda i: self._chat(prompts[i], max_tokens, temperature, stop), chats)
-            for i, text in zip(chats, texts, strict=True):
-                out[i] = text
-        return out
+            return list(pool.map(lambda p: self._one(p, max_tokens, temperature, stop), prompts))
 
     def stream(
         self, prompt: Prompt, max_tokens: int = 256, temperature: float = 0.0, stop: list[str] | None = None
@@ -114,42 +98,34 @@ class OpenAILLM:
         return out
 
     def token_logprobs(self, texts: Sequence[str], top: int = 0) -> list[TokenLogprobs]:
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(lambda t: self._echo(t, top), texts))
+
+    def _echo(self, text: str, top: int) -> TokenLogprobs:
         from openai import APIStatusError
 
         try:  # max_tokens=1 and logprobs>=1: what servers accept most widely; the generated token is dropped below
             resp = self.client.completions.create(
-                model=self.model,
-                prompt=list(texts),
-                max_tokens=1,
-                temperature=0,
-                echo=True,
-                logprobs=max(top, 1),
+                model=self.model, prompt=text, max_tokens=1, temperature=0, echo=True, logprobs=max(top, 1)
             )
         except APIStatusError as err:
+            if err.status_code not in (404, 405, 501):  # a bad request (too long, ...) stays what it is
+                raise
             raise NotImplementedError(
-                f"{self.name}: the server refused /v1/completions with echo + logprobs ({err.status_code}: {err.message}); "
-                + SCORING_HELP
+                f"{self.name}: the server refused /v1/completions with echo + logprobs "
+                f"({err.status_code}: {err.message}); {SCORING_HELP}"
             ) from err
-        out: list[TokenLogprobs] = [None] * len(texts)  # type: ignore[list-item]
-        for choice in resp.choices:
-            lp = choice.logprobs
-            if lp is None or lp.token_logprobs is None or lp.text_offset is None:
-                raise NotImplementedError(
-                    f"{self.name}: the server returned no prompt logprobs for echo=true; {SCORING_HELP}"
-                )
-            n = sum(o < len(texts[choice.index]) for o in lp.text_offset)  # the echoed text's tokens
-            top_lp = lp.top_logprobs[:n] if top and lp.top_logprobs is not None else None
-            out[choice.index] = TokenLogprobs(
-                lp.tokens[:n], lp.text_offset[:n], lp.token_logprobs[:n], top_lp
+        lp = resp.choices[0].logprobs
+        if lp is None or lp.token_logprobs is None or lp.text_offset is None:
+            raise NotImplementedError(
+                f"{self.name}: the server returned no prompt logprobs for echo=true; {SCORING_HELP}"
             )
-        return out
+        n = sum(o < len(text) for o in lp.text_offset)  # the echoed text's tokens, not the generated one
+        top_lp = lp.top_logprobs[:n] if top and lp.top_logprobs is not None else None
+        return TokenLogprobs(lp.tokens[:n], lp.text_offset[:n], lp.token_logprobs[:n], top_lp)
 
-    def _chat(self, messages: list[dict], max_tokens: int, temperature: float, stop: list[str] | None) -> str:
-        resp = self.client.chat.completions.create(
-            model=self.model,
-            messages=messages,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            stop=stop or None,
-        )
-        return resp.choices[0].message.content or ""
+    def _one(self, prompt: Prompt, max_tokens: int, temperature: float, stop: list[str] | None) -> str:
+        args = dict(model=self.model, max_tokens=max_tokens, temperature=temperature, stop=stop or None)
+        if isinstance(prompt, str):
+            return self.client.completions.create(prompt=prompt, **args).choices[0].text
+        return self.client.chat.completions.create(messages=prompt, **args).choices[0].message.content or ""

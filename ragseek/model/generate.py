@@ -111,14 +111,14 @@ def generate_ids(
                 logps[i].append(float(lp[i]))
                 if t in eos_ids:
                     reason[i] = "eos"
-                elif cfg.stop and tokenizer is not None and _find_stop(tokenizer.decode(tokens[i]), cfg.stop) is not None:
+                elif cfg.stop and tokenizer is not None and find_stop(tokenizer.decode(tokens[i]), cfg.stop) is not None:
                     reason[i] = "stop"
             if all(r is not None for r in reason):
                 break
     out = []
     for i in range(B):
         text = tokenizer.decode(tokens[i]) if tokenizer is not None else ""
-        cut = _find_stop(text, cfg.stop) if cfg.stop else None
+        cut = find_stop(text, cfg.stop) if cfg.stop else None
         out.append(Generation(text if cut is None else text[:cut], tokens[i], logps[i], reason[i] or "length"))
     return out
 
@@ -151,7 +151,7 @@ def stream(
             break
         tokens.append(t)
         text = tokenizer.decode(tokens)
-        cut = _find_stop(text, cfg.stop) if cfg.stop else None
+        cut = find_stop(text, cfg.stop) if cfg.stop else None
         if cut is not None:
             yield text[emitted:cut]
             return
@@ -166,7 +166,7 @@ def stream(
         yield text[emitted:]
 
 
-def _find_stop(text: str, stops: Sequence[str]) -> int | None:
+def find_stop(text: str, stops: Sequence[str]) -> int | None:
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits) if hits else None
 

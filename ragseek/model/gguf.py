@@ -5,7 +5,8 @@
     ckpt.state_dict     # float32 tensors named as transformers names them (model.layers.0.self_attn.q_proj.weight)
     ckpt.tokenizer      # ragseek.model.tokenizer.Tokenizer, rebuilt from the tokenizer.ggml.* metadata
 
-Every tensor is dequantised with `gguf.quants.dequantize` (numpy, vectorised per tensor). llama.cpp's
+The header (metadata + tensor table) is parsed here with `struct`; every tensor is dequantised straight from
+a memory map with `gguf.quants.dequantize` (numpy, vectorised per tensor). llama.cpp's
 convert_hf_to_gguf permutes the rows of a llama q_proj / k_proj so that its rotary kernel can rotate
 adjacent pairs (x_2i, x_2i+1); we undo that as transformers' GGUF loader does (LlamaTensorProcessor),
 so that rotate_half pairs (x_i, x_i+d/2) again. qwen2 files are written unpermuted.
@@ -22,8 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader
-from gguf.quants import dequantize
+from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType
+from gguf.quants import dequantize, quant_shape_to_byte_shape
 
 from ragseek.model.tokenizer import Tokenizer, tokenizer_from_gguf_metadata
 
@@ -58,29 +59,6 @@ class GGUFCheckpoint:
     chat_template: str | None
 
 
-def _check_magic(path: Path) -> None:
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise ValueError(f"{path}: not a GGUF file (it starts with {magic!r}, expected b'GGUF')")
-
-
-def _corrupt(path: Path, e: Exception) -> ValueError:
-    return ValueError(
-        f"{path}: the GGUF file is truncated or corrupt ({type(e).__name__}: {e}); download it again"
-    )
-
-
-def open_gguf(path: str | Path) -> GGUFReader:
-    """A GGUFReader, or a ValueError naming the file when it is not a (complete) GGUF file."""
-    path = Path(path)
-    _check_magic(path)
-    try:
-        return GGUFReader(path)
-    except (ValueError, IndexError, OSError) as e:
-        raise _corrupt(path, e) from e
-
-
 # GGUF value types (gguf.GGUFValueType): struct formats of the scalars; 8 is a string, 9 an array.
 _SCALAR_FORMATS = {
     0: "<B",
@@ -98,33 +76,70 @@ _SCALAR_FORMATS = {
 _STRING, _ARRAY = 8, 9
 
 
-def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
-    """Every metadata key of a GGUF (v2/v3) file with its value: str, int, float, bool or a list of them.
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # numpy order (rows, cols): GGUF lists the dims innermost first
+    qtype: GGMLQuantizationType
+    start: int  # byte offset in the file
+    nbytes: int
 
-    Reads the key/value section alone with `struct`. GGUFReader parses it too, but builds a numpy view per
-    string (a million for a 49k vocabulary + merges: seconds); loading a tokenizer needs only this section.
+
+def read_gguf_header(path: str | Path) -> tuple[dict[str, Any], list[TensorInfo]]:
+    """The metadata (key -> str, int, float, bool or list) and the tensor table of a GGUF v2/v3 file.
+
+    Parsed with `struct`, not gguf.GGUFReader: the reader builds a numpy view per string (a million for a
+    49k vocabulary and its merges), which takes seconds; this takes 0.2 s. Errors name the file.
     """
     path = Path(path)
-    _check_magic(path)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        try:
-            version, _n_tensors, n_keys = struct.unpack_from("<IQQ", buf, 4)
-            if version not in (2, 3):
-                raise ValueError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
-            pos, meta = 24, {}
-            for _ in range(n_keys):
-                key, pos = _read_string(buf, pos)
-                (kind,) = struct.unpack_from("<I", buf, pos)
-                meta[key], pos = _read_value(buf, pos + 4, kind)
-        except (struct.error, UnicodeDecodeError, KeyError) as e:
-            raise _corrupt(path, e) from e
-    return meta
+    with open(path, "rb") as f:
+        magic = f.read(4)
+        if magic != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file (it starts with {magic!r}, expected b'GGUF')")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            try:
+                return _parse_header(buf)
+            except (struct.error, UnicodeDecodeError, KeyError, ValueError) as e:
+                raise ValueError(
+                    f"{path}: the GGUF file is truncated or corrupt ({type(e).__name__}: {e}); download it again"
+                ) from e
+
+
+def _parse_header(buf: mmap.mmap) -> tuple[dict[str, Any], list[TensorInfo]]:
+    version, n_tensors, n_keys = struct.unpack_from("<IQQ", buf, 4)
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} is not supported (2 and 3 are)")
+    pos, meta = 24, {}
+    for _ in range(n_keys):
+        key, pos = _read_string(buf, pos)
+        (kind,) = struct.unpack_from("<I", buf, pos)
+        meta[key], pos = _read_value(buf, pos + 4, kind)
+    table = []
+    for _ in range(n_tensors):
+        name, pos = _read_string(buf, pos)
+        (n_dims,) = struct.unpack_from("<I", buf, pos)
+        dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+        qtype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
+        table.append((name, tuple(reversed(dims)), GGMLQuantizationType(qtype), offset))
+        pos += 4 + 8 * n_dims + 12
+    align = meta.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+    data_start = -(-pos // align) * align
+    tensors = []
+    for name, shape, qtype, offset in table:
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        nbytes = int(np.prod(shape)) // block * type_size
+        if data_start + offset + nbytes > len(buf):
+            raise ValueError(
+                f"tensor {name} ends at byte {data_start + offset + nbytes}, past the file's {len(buf)}"
+            )
+        tensors.append(TensorInfo(name, shape, qtype, data_start + offset, nbytes))
+    return meta, tensors
 
 
 def _read_string(buf: mmap.mmap, pos: int) -> tuple[str, int]:
     (n,) = struct.unpack_from("<Q", buf, pos)
     if pos + 8 + n > len(buf):
-        raise struct.error(f"a string of {n} bytes runs past the end of the file")
+        raise ValueError(f"a string of {n} bytes at byte {pos} runs past the end of the file")
     return buf[pos + 8 : pos + 8 + n].decode("utf-8"), pos + 8 + n
 
 
@@ -139,7 +154,7 @@ def _read_value(buf: mmap.mmap, pos: int, kind: int) -> tuple[Any, int]:
     if item_kind in _SCALAR_FORMATS:  # one numpy read for e.g. 49k token types
         dtype = np.dtype(_SCALAR_FORMATS[item_kind])
         if pos + n * dtype.itemsize > len(buf):
-            raise struct.error(f"an array of {n} values runs past the end of the file")
+            raise ValueError(f"an array of {n} values at byte {pos} runs past the end of the file")
         return np.frombuffer(buf, dtype, n, pos).tolist(), pos + n * dtype.itemsize
     items = []
     for _ in range(n):
@@ -148,38 +163,36 @@ def _read_value(buf: mmap.mmap, pos: int, kind: int) -> tuple[Any, int]:
     return items, pos
 
 
+def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
+    """Every metadata key of a GGUF file with its value (what a tokenizer is rebuilt from)."""
+    return read_gguf_header(path)[0]
+
+
 def read_gguf(path: str | Path) -> GGUFCheckpoint:
     """Config, dequantised float32 weights (transformers names), tokenizer and chat template of a GGUF file."""
     path = Path(path)
-    reader = open_gguf(path)
-    meta = read_gguf_metadata(path)
+    meta, tensors = read_gguf_header(path)
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise ValueError(
             f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})"
         )
-    names = [t.name for t in reader.tensors]
-    config = hf_config_from_gguf(meta, names, path)
+    config = hf_config_from_gguf(meta, [t.name for t in tensors], path)
+    permuted = ARCHITECTURES[arch][1]
+    heads = {".attn_q.": config["num_attention_heads"], ".attn_k.": config["num_key_value_heads"]}
+    data = np.memmap(path, dtype=np.uint8, mode="r")
     state = {}
-    for tensor in reader.tensors:
-        name = _hf_name(tensor.name)
-        if name is None:
-            hint = (
-                " (llama 3.1 rope scaling baked into frequencies)"
-                if tensor.name.startswith("rope_freqs")
-                else ""
-            )
-            raise ValueError(f"{path}: tensor {tensor.name!r}{hint} has no place in a {arch} transformer")
-        w = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
-        expected = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dims innermost first
-        if tuple(w.shape) != expected:
+    for t in tensors:
+        name = _hf_name(t.name)
+        if name is None:  # e.g. rope_freqs.weight: Llama 3.1's rope scaling, baked into frequencies
             raise ValueError(
-                f"{path}: tensor {tensor.name} dequantised to {tuple(w.shape)}, expected {expected}"
+                f"{path}: tensor {t.name!r} has no place in a {arch} transformer (not supported)"
             )
-        if ARCHITECTURES[arch][1] and ".attn_q." in tensor.name:
-            w = unpermute_rotary(w, config["num_attention_heads"])
-        elif ARCHITECTURES[arch][1] and ".attn_k." in tensor.name:
-            w = unpermute_rotary(w, config["num_key_value_heads"])
+        raw = data[t.start : t.start + t.nbytes].reshape(quant_shape_to_byte_shape(t.shape, t.qtype))
+        w = torch.from_numpy(np.array(dequantize(raw, t.qtype), dtype=np.float32))
+        part = next((p for p in heads if p in t.name), None)
+        if permuted and part:
+            w = unpermute_rotary(w, heads[part])
         state[name] = w
     missing = sorted(set(_expected_names(config)) - set(state))
     if missing:

@@ -85,6 +85,16 @@ class Gate(nn.Module):
         return (weights * self.route_scale).type_as(x), indices, scores
 
 
+# Sorted dispatch pads every expert's token block to the largest one; past this much padded work (E * C rows for
+# S = N * k pairs) the routing is far from balanced and the per-expert loop of `forward_naive` is cheaper.
+MAX_PADDING = 2.0
+
+
+def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """FFN^(r)_i(x) = down_i(silu(gate_i x) * up_i x) with nn.Linear-layout weights; batched over a leading E."""
+    return (F.silu(x @ gate.mT) * (x @ up.mT)) @ down.mT
+
+
 class Experts(nn.Module):
     """N_r SwiGLU experts FFN^(r)_i, their nn.Linear weights stacked: gate/up (E, I, dim), down (E, dim, I)."""
 
@@ -95,35 +105,41 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(E, I, D).normal_(std=cfg.init_std))
         self.down_proj = nn.Parameter(torch.empty(E, D, I).normal_(std=cfg.init_std))
 
-    def expert(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """FFN^(r)_i(x) = down_i(silu(gate_i x) * up_i x) for the tokens x (n, dim) routed to expert i."""
-        return F.linear(
-            F.silu(F.linear(x, self.gate_proj[i])) * F.linear(x, self.up_proj[i]), self.down_proj[i]
-        )
-
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_i g_{i,t} FFN^(r)_i(u_t) by sorted dispatch: x (N, dim), indices/weights (N, k) -> (N, dim).
 
-        The N*k (token, expert) pairs are sorted by expert, so each expert runs once on one contiguous slice of
-        the gathered tokens; the weighted outputs are scattered back with index_add_.
+        The S = N*k (token, expert) pairs are sorted by expert and written into one (E, C, dim) block, C the
+        largest expert load, so all experts run as three batched matmuls; the weighted outputs are gathered
+        back in pair order and summed per token with index_add_. When padding would cost more than MAX_PADDING
+        times the real work, it runs `forward_naive` instead.
         """
-        k = indices.shape[1]
-        expert_of_pair = indices.flatten()  # (N*k,)
-        order = expert_of_pair.argsort(stable=True)  # (N*k,) pairs grouped by expert
-        token_of_pair = order // k  # (N*k,) token of each sorted pair
-        counts = torch.bincount(expert_of_pair, minlength=self.gate_proj.shape[0]).tolist()
-        slices = x[token_of_pair].split(counts)  # E slices (n_i, dim) of the tokens in expert order
-        out = torch.cat([self.expert(i, xi) for i, xi in enumerate(slices) if len(xi)])  # (N*k, dim)
+        (N, D), (E, k) = x.shape, (self.gate_proj.shape[0], indices.shape[1])
+        expert_of_pair = indices.flatten()  # (S,)
+        order = expert_of_pair.argsort(stable=True)  # (S,) pairs grouped by expert
+        expert, token = expert_of_pair[order], order // k  # (S,) expert and token of each sorted pair
+        counts = torch.bincount(expert_of_pair, minlength=E)  # (E,)
+        capacity = int(counts.max())
+        if E * capacity > MAX_PADDING * N * k:
+            return self.forward_naive(x, indices, weights)
+        slot = (
+            torch.arange(N * k, device=x.device) - (counts.cumsum(0) - counts)[expert]
+        )  # (S,) row in its block
+        blocks = x.new_zeros(E, capacity, D)
+        blocks[expert, slot] = x[token]  # (E, C, dim): expert i's tokens, then zero padding
+        out = swiglu(blocks, self.gate_proj, self.up_proj, self.down_proj)[expert, slot]  # (S, dim)
         out = out * weights.flatten()[order].unsqueeze(-1)
-        return torch.zeros_like(x).index_add_(0, token_of_pair, out.to(x.dtype))
+        return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
 
     def forward_naive(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Reference for `forward`: for each expert, mask the (token, slot) pairs routed to it."""
         y = torch.zeros_like(x)
-        for i in range(self.gate_proj.shape[0]):
+        experts = zip(self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0), strict=True)
+        for i, (gate, up, down) in enumerate(experts):
             token, slot = torch.where(indices == i)
             if len(token):
-                y.index_add_(0, token, (self.expert(i, x[token]) * weights[token, slot, None]).to(x.dtype))
+                y.index_add_(
+                    0, token, (swiglu(x[token], gate, up, down) * weights[token, slot, None]).to(x.dtype)
+                )
         return y
 
 

@@ -66,20 +66,11 @@ PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
 _CHATML_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*)<\|im_end\|>")
 
 
-def _chatml_jinja(default_system: str | None) -> str:
-    """The jinja source of ChatML (SmolLM2's template when `default_system` is its prompt), for `save`."""
-    system = ""
-    if default_system is not None:
-        system = (
-            "{% if loop.first and messages[0]['role'] != 'system' %}"
-            f"{{{{ '<|im_start|>system\n{default_system}<|im_end|>\n' }}}}{{% endif %}}"
-        )
-    return (
-        "{% for message in messages %}"
-        + system
-        + "{{'<|im_start|>' + message['role'] + '\n' + message['content']"
-        " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    )
+# Plain ChatML as jinja (no default system prompt): what `save` writes for a tokenizer that came without a template.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+    "'\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def _chatml_default_system(template: str) -> str | None:
@@ -183,7 +174,7 @@ class Tokenizer:
             "eos_token": self.eos_token,
             "pad_token": self.pad_token or self.eos_token,
             "add_bos_token": self.add_bos_token,
-            "chat_template": self.chat_template or _chatml_jinja(None),
+            "chat_template": self.chat_template or CHATML_TEMPLATE,
         }
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 

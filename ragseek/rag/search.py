@@ -352,7 +352,8 @@ class Searcher:
         return self._cached(f"embedder:{self.cfg.embedder}", lambda: self.store.embedder(self.cfg.embedder))
 
     def matrix(self) -> np.ndarray:
-        return self._cached(f"matrix:{self.cfg.embedder}", lambda: self.store.vectors(self.embedder().name))
+        name = self._embedder.name if self._embedder else self.store.embedder_name(self.cfg.embedder)
+        return self._cached(f"matrix:{name}", lambda: self.store.vectors(name))
 
     def hnsw(self) -> HNSWIndex:
         def make() -> HNSWIndex:
@@ -431,6 +432,8 @@ class Searcher:
             raise LookupError(
                 f"the store {self.store.root} has no chunks: run `ragseek ingest PATH --store ...` first"
             )
+        if self.cfg.retriever != "bm25":
+            self.matrix()  # fails fast, before a model loads, when the store has no vectors for this embedder
         rankers = {
             "dense": self._dense,
             "bm25": self._bm25,

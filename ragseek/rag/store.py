@@ -265,6 +265,17 @@ class Store:
             )
         return SentenceTransformerEmbedder(None if spec == "minilm" else spec, batch_size=batch_size)
 
+    def embedder_name(self, spec: str) -> str:
+        """The name `embedder(spec)` would have, without loading a model (word models: the last one trained here)."""
+        if spec in ("word2vec", "glove"):
+            stored = json.loads(self.get_meta(f"word-model:{spec}", "null") or "null")
+            if stored is None:
+                raise LookupError(
+                    f"no {spec} model in {self.root}: run `ragseek ingest ... --embedder {spec}`"
+                )
+            return stored["name"]
+        return "minilm" if spec == "minilm" else f"st:{Path(spec).resolve().name}"
+
     def _word_embedder(self, kind: str, cfg: WordVectorConfig | None) -> PooledWordEmbedder:
         key = f"word-model:{kind}"
         stored = json.loads(self.get_meta(key, "null") or "null")

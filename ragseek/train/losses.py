@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 Metrics = dict[str, float]
 SFTReduction = Literal["sequence", "token"]
@@ -27,23 +28,32 @@ AdvantageScale = Literal["group", "batch", "none"]
 GRPOLossType = Literal["grpo", "dr_grpo", "dapo"]
 
 
+def _masked(x: Tensor, mask: Tensor) -> Tensor:
+    """x where the mask is 1, else 0 (a select, not a product: inf or NaN on padding cannot leak in)."""
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def _sequence_mean(x: Tensor, mask: Tensor) -> Tensor:
     """(1/B') Σ_b (Σ_t m_bt x_bt) / (Σ_t m_bt), over the B' rows that have a masked token."""
-    mask = mask.to(x.dtype)
-    lengths = mask.sum(-1)
-    per_sequence = (x * mask).sum(-1) / lengths.clamp(min=1)
+    lengths = mask.to(x.dtype).sum(-1)
+    per_sequence = _masked(x, mask).sum(-1) / lengths.clamp(min=1)
     return per_sequence.sum() / (lengths > 0).sum().clamp(min=1)
 
 
 def _token_mean(x: Tensor, mask: Tensor) -> Tensor:
     """Σ m x / Σ m over the whole batch."""
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    return _masked(x, mask).sum() / mask.to(x.dtype).sum().clamp(min=1)
 
 
 def _upcast(x: Tensor) -> Tensor:
     """bf16 / fp16 -> fp32; fp32 and fp64 stay as they are."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    """z / τ, upcast; no copy at τ = 1 for fp32 / fp64 rows (this runs once per sequence over V = 49k columns)."""
+    logits = _upcast(logits)
+    return logits if temperature == 1.0 else logits / temperature
 
 
 def _check_shapes(**tensors: Tensor | None) -> None:
@@ -56,14 +66,44 @@ def _check_shapes(**tensors: Tensor | None) -> None:
 # Per-token log-probabilities and entropy
 
 
+class _LabelLogSoftmax(torch.autograd.Function):
+    """log_softmax(z / τ)[y], one sequence at a time in both passes: the backward recomputes each row's softmax,
+    ∂ log p_y / ∂z_v = (1[v = y] − p_v) / τ, so nothing of size (B, T, V) is kept beside the logits and their
+    gradient (autograd through log_softmax would save a full fp32 copy)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
+        logps = torch.stack(
+            [
+                F.log_softmax(_scaled(row, temperature), dim=-1).gather(-1, row_targets[:, None]).squeeze(-1)
+                for row, row_targets in zip(logits, targets, strict=True)
+            ]
+        )
+        ctx.save_for_backward(logits, targets)
+        ctx.temperature = temperature
+        return logps
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logps: Tensor) -> tuple[Tensor, None, None]:
+        logits, targets = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for b in range(logits.shape[0]):
+            probs = torch.softmax(_scaled(logits[b], ctx.temperature), dim=-1)  # (T, V), one sequence only
+            g = grad_logps[b, :, None].to(probs.dtype) / ctx.temperature
+            grad[b] = probs.mul_(-g).scatter_add_(-1, targets[b, :, None], g)
+        return grad, None, None
+
+
 def token_logps(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
     """log π(y_t | x, y_<t) = z_t[y_t] − logsumexp(z_t): logits (B, T, V) and labels (B, T) -> (B, T), fp32 or fp64.
 
-    Computed one sequence at a time as the logit at the label minus the logsumexp (bf16 / fp16 rows upcast to
-    fp32), so no (B, T, V) fp32 log-softmax copy exists at once: with SmolLM2's 49k vocabulary that copy is 200 kB
-    per token. `temperature` divides the logits first (the sampling distribution of GRPO rollouts). Labels < 0 (the
-    -100 ignore index) give 0 at their position. This is TRL's `selective_log_softmax` (trl/trainer/utils.py), which
-    also loops over rows; for bf16 it keeps a bf16 log_softmax where we upcast the row.
+    Computed one sequence at a time (bf16 / fp16 rows upcast to fp32) with a hand-written backward that recomputes
+    each row's softmax, so no (B, T, V) fp32 log-softmax copy exists in either pass: with SmolLM2's 49k vocabulary
+    that copy is 200 kB per token. `temperature` divides the logits first (the sampling distribution of GRPO
+    rollouts). Labels < 0 (the -100 ignore index) give 0 at their position. Same values as TRL's
+    `selective_log_softmax` (trl/trainer/utils.py), which loops over rows in the forward pass but lets autograd save
+    each row's intermediates for the backward.
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature}: it must be > 0")
@@ -71,19 +111,15 @@ def token_logps(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Ten
         raise ValueError(
             f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)}: expected (B, T, V) and (B, T)"
         )
-    targets = labels.clamp(min=0)
-    rows = []
-    for row_logits, row_targets in zip(logits, targets, strict=True):
-        z = _upcast(row_logits) / temperature  # (T, V), one row only
-        rows.append(z.gather(-1, row_targets[:, None]).squeeze(-1) - z.logsumexp(-1))
-    return torch.stack(rows).masked_fill(labels < 0, 0.0)
+    logps = _LabelLogSoftmax.apply(logits, labels.clamp(min=0), temperature)
+    return logps.masked_fill(labels < 0, 0.0)
 
 
 def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """H(π(· | x, y_<t)) = −Σ_v p_v log p_v per position, in nats: (B, T, V) -> (B, T), one sequence at a time."""
     rows = []
     for row_logits in logits:
-        logp = F.log_softmax(_upcast(row_logits) / temperature, dim=-1)  # (T, V)
+        logp = F.log_softmax(_scaled(row_logits, temperature), dim=-1)  # (T, V)
         rows.append(-(logp.exp() * logp).sum(-1))
     return torch.stack(rows)
 
@@ -169,9 +205,8 @@ def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor) -> tuple[Tensor, Me
 
 def _log_ratio(logps: Tensor, ref_logps: Tensor, mask: Tensor, length_normalize: bool) -> Tensor:
     """Σ_t log π_θ/π_ref over a sequence's masked tokens, divided by |y| when length_normalize: (B, T) -> (B,)."""
-    mask = mask.to(logps.dtype)
-    total = ((logps - ref_logps.detach()) * mask).sum(-1)
-    return total / mask.sum(-1).clamp(min=1) if length_normalize else total
+    total = _masked(logps - ref_logps.detach(), mask).sum(-1)
+    return total / mask.to(total.dtype).sum(-1).clamp(min=1) if length_normalize else total
 
 
 def dpo_loss(
@@ -231,8 +266,7 @@ def gae(
     0 (the episode ends there) and padded positions get 0. Both outputs are training targets, so no gradient.
     """
     _check_shapes(rewards=rewards, values=values, mask=mask)
-    mask = mask.to(values.dtype)
-    rewards, values = rewards * mask, values * mask
+    rewards, values, mask = _masked(rewards, mask), _masked(values, mask), mask.to(values.dtype)
     advantages = torch.zeros_like(values)
     next_value = values.new_zeros(values.shape[0])
     next_advantage = values.new_zeros(values.shape[0])
@@ -255,8 +289,8 @@ def kl_penalized_rewards(
     (B, T) out, 0 on padding; no gradient (these are GAE's inputs).
     """
     _check_shapes(logps=logps, ref_logps=ref_logps, mask=mask)
-    mask = mask.to(logps.dtype)
-    rewards = -beta * (logps - ref_logps) * mask
+    rewards = _masked(-beta * (logps - ref_logps), mask)
+    mask = mask.to(rewards.dtype)
     positions = torch.arange(1, mask.shape[1] + 1, device=mask.device, dtype=mask.dtype)
     last = (mask * positions).argmax(-1)  # index of each row's last masked token
     has_tokens = mask.sum(-1) > 0
@@ -332,7 +366,7 @@ def ppo_policy_loss(
     TRL's PPOTrainer takes one token mean instead of the sequence mean.
     """
     _check_shapes(logps=logps, old_logps=old_logps, advantages=advantages, mask=mask)
-    ratio = torch.exp(logps - old_logps.detach())
+    ratio = torch.exp(_masked(logps - old_logps.detach(), mask))  # padding: r = 1, whatever it holds
     objective, low, high = _clipped_surrogate(ratio, advantages.detach(), epsilon, epsilon)
     loss = _sequence_mean(-objective, mask)
     return loss, _policy_metrics(loss, logps, old_logps, low, high, mask, entropy)
@@ -412,16 +446,25 @@ def grpo_advantages(
     return centred.reshape(-1)
 
 
+def _grpo_mean(x: Tensor, mask: Tensor, max_completion_length: int) -> Tensor:
+    """DeepSeekMath eq. 3, the lecture's (1/G) Σ_i (1/|y_i|) Σ_t: a sequence mean."""
+    return _sequence_mean(x, mask)
+
+
+def _dapo_mean(x: Tensor, mask: Tensor, max_completion_length: int) -> Tensor:
+    """DAPO (Yu et al. 2025, arXiv:2503.14476): Σ_i Σ_t / Σ_i |y_i|, every token weighs the same."""
+    return _token_mean(x, mask)
+
+
 def _dr_grpo_mean(x: Tensor, mask: Tensor, max_completion_length: int) -> Tensor:
-    return (x * mask.to(x.dtype)).sum() / (x.shape[0] * max_completion_length)
+    """Dr. GRPO (Liu et al. 2025, arXiv:2503.20783): Σ_i Σ_t / (B · L_max), a constant, so no length bias."""
+    return _masked(x, mask).sum() / (x.shape[0] * max_completion_length)
 
 
 GRPO_AGGREGATION: dict[GRPOLossType, Callable[[Tensor, Tensor, int], Tensor]] = {
-    "grpo": lambda x, mask, _: _sequence_mean(x, mask),  # DeepSeekMath eq. 3: (1/G) Σ_i (1/|y_i|) Σ_t
-    "dapo": lambda x, mask, _: _token_mean(
-        x, mask
-    ),  # DAPO (Yu et al. 2025, arXiv:2503.14476): Σ_i Σ_t / Σ_i |y_i|
-    "dr_grpo": _dr_grpo_mean,  # Dr. GRPO (Liu et al. 2025): Σ_i Σ_t / (B · L_max), no length bias
+    "grpo": _grpo_mean,
+    "dapo": _dapo_mean,
+    "dr_grpo": _dr_grpo_mean,
 }
 
 
@@ -465,10 +508,10 @@ def grpo_loss(
             f"advantages {tuple(advantages.shape)}: expected one per sequence, ({logps.shape[0]},)"
         )
     old_logps = logps.detach() if old_logps is None else old_logps.detach()
-    ratio = torch.exp(logps - old_logps)
+    ratio = torch.exp(_masked(logps - old_logps, mask))  # padding: r = 1, whatever it holds
     eps_high = epsilon if epsilon_high is None else epsilon_high
     objective, low, high = _clipped_surrogate(ratio, advantages.detach()[:, None], epsilon, eps_high)
-    kl = kl_k3(logps, ref_logps.detach()) if beta != 0 else None
+    kl = kl_k3(_masked(logps, mask), _masked(ref_logps.detach(), mask)) if beta != 0 else None
     per_token = -objective if kl is None else -objective + beta * kl
     loss = GRPO_AGGREGATION[loss_type](per_token, mask, max_completion_length or mask.shape[-1])
     metrics = _policy_metrics(loss, logps, old_logps, low, high, mask, entropy)

@@ -148,10 +148,12 @@ def format_reward(prompts: Sequence[Any], completions: Sequence[Completion], **k
 
 # The child's own code, run before the model's: it sets the resource limits (soft = hard, so they stay), forbids new
 # processes and, when the kernel cannot take the network away, sockets (audit hooks, PEP 578). Then it executes the
-# solution and each test in one namespace and, after each test that passes, prints a secret token read from stdin
-# before any untrusted code runs: a program that exits early with status 0 scores nothing.
+# solution and each test in one namespace and, after each test that passes, writes a secret token (read from stdin
+# before any untrusted code runs) to a copy of stdout: a program that exits early with status 0, or that patches
+# builtins such as exec, scores nothing. Code that sets out to read the runner's frames or file descriptors can
+# still forge passes; for adversarial code, run each test in its own `run_sandboxed` call.
 _RUNNER = r"""
-import json, resource, sys
+import json, os, resource, sys
 
 _BLOCKED = ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty")
 _BLOCK_SOCKETS = sys.argv[1] == "1"
@@ -166,17 +168,18 @@ def _limit(memory_mb, cpu_s, output_bytes):
                          (resource.RLIMIT_FSIZE, output_bytes), (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(limit, (value, value))
 
-def _run(token, solution, tests):
+def _run(token, solution, tests, _exec=exec, _compile=compile, _write=os.write, _out=os.dup(1)):
+    # exec, compile and the result channel are bound here, before the solution can patch builtins or stdout
     sys.addaudithook(_guard)
     scope = {"__name__": "solution"}
-    exec(compile(solution, "solution.py", "exec"), scope)
+    _exec(_compile(solution, "solution.py", "exec"), scope)
     for i, test in enumerate(tests):
         try:
-            exec(compile(test, f"test_{i}.py", "exec"), scope)
+            _exec(_compile(test, f"test_{i}.py", "exec"), scope)
         except Exception as error:
             print(f"test {i} failed: {type(error).__name__}: {error}", file=sys.stderr)
         else:
-            print(f"{token} {i}", flush=True)
+            _write(_out, f"{token} {i}\n".encode())
 
 _job = json.loads(sys.stdin.read())
 sys.stdin.close()

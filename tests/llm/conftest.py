@@ -1,5 +1,5 @@
-"""Fixtures: a tiny random Llama (transformers) with the SmolLM2 tokenizer, loaded by both local backends, and a
-real uvicorn server on 127.0.0.1 serving the local one."""
+"""Fixtures: a tiny random model with the SmolLM2 tokenizer, which both the local (ragseek) and the hf (transformers)
+backends load, and real uvicorn servers on 127.0.0.1."""
 
 import socket
 import threading
@@ -9,39 +9,33 @@ import pytest
 import torch
 
 from ragseek.defaults import smollm2_gguf
-from ragseek.llm.hf import HFLLM
 from ragseek.llm.local import LocalLLM
 from ragseek.llm.server import create_app
 
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    """config.json + model.safetensors (LlamaForCausalLM, dim 32, vocab 49152) + the SmolLM2 tokenizer files."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """A tiny random ragseek model saved in the llama layout (so transformers' LlamaForCausalLM loads it too):
+    dim 32, 2 layers, GQA, vocab 49152, with the SmolLM2 tokenizer files beside it."""
+    from ragseek.model.config import ModelConfig
     from ragseek.model.tokenizer import load_tokenizer
+    from ragseek.model.transformer import Transformer
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     tok = load_tokenizer(smollm2_gguf())
     tok.save(folder)
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, tie_word_embeddings=True,
-        initializer_range=0.5, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+    cfg = ModelConfig(
+        model_type="llama", vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+        inter_dim=64, max_seq_len=256, init_std=0.5, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
     )  # fmt: skip
-    LlamaForCausalLM(cfg).save_pretrained(folder)
+    Transformer(cfg).save_pretrained(folder)
     return folder
 
 
 @pytest.fixture(scope="session")
 def local_llm(tiny_dir):
     return LocalLLM.from_path(tiny_dir)
-
-
-@pytest.fixture(scope="session")
-def hf_llm(tiny_dir):
-    return HFLLM.from_path(tiny_dir)
 
 
 def _serve(llm, name):

@@ -6,6 +6,12 @@ import torch
 
 from ragseek.llm.hf import HFLLM, _stream_until_stop
 
+
+@pytest.fixture(scope="module")
+def hf_llm(tiny_dir):
+    return HFLLM.from_path(tiny_dir)
+
+
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPTS = ["The capital of France is", CHAT, "a b c d e f g h i j k l m n o p", "x"]
 
@@ -54,6 +60,14 @@ def test_stream_until_stop_holds_back_a_split_stop_string():
         "orld. ",
     ]  # "EN" waited: it could start END
     assert "".join(_stream_until_stop(pieces, [])) == "Hello world. END and more"
+
+
+def test_hf_spec(tiny_dir):
+    from ragseek.llm import load_llm
+
+    llm = load_llm(f"hf:{tiny_dir}")
+    assert isinstance(llm, HFLLM) and llm.name == f"hf:{tiny_dir}"
+    assert type(llm.model).__name__ == "LlamaForCausalLM"
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):

@@ -1,4 +1,4 @@
-"""`load_llm` spec parsing and its errors; `ragseek serve` started as a real process."""
+"""`load_llm` spec parsing and its errors (the hf:PATH spec is in test_hf.py); `ragseek serve` as a real process."""
 
 import json
 import socket
@@ -10,16 +10,13 @@ import urllib.request
 import pytest
 
 from ragseek.llm import load_llm
-from ragseek.llm.hf import HFLLM
 from ragseek.llm.local import LocalLLM
 from ragseek.llm.openai_backend import OpenAILLM
 
 
-def test_local_and_hf_specs(tiny_dir):
+def test_local_spec(tiny_dir):
     local = load_llm(f"local:{tiny_dir}")
     assert isinstance(local, LocalLLM) and local.name == f"local:{tiny_dir}"
-    hf = load_llm(f"hf:{tiny_dir}")
-    assert isinstance(hf, HFLLM) and hf.name == f"hf:{tiny_dir}"
 
 
 def test_openai_spec_base_url_and_key(monkeypatch):
@@ -44,6 +41,11 @@ def test_openai_spec_base_url_and_key(monkeypatch):
 def test_bad_spec_says_what_is_accepted(spec):
     with pytest.raises(ValueError, match=r"use local, local:PATH, hf:PATH or openai:MODEL"):
         load_llm(spec)
+
+
+def test_base_url_without_openai_is_an_error(tiny_dir):
+    with pytest.raises(ValueError, match="--base-url applies to --llm openai:MODEL only"):
+        load_llm(f"local:{tiny_dir}", base_url="http://127.0.0.1:8000/v1")
 
 
 def test_serve_command_runs_a_server(tiny_dir, tmp_path):

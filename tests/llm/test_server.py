@@ -82,6 +82,11 @@ def test_completions_logprobs_equal_the_local_backend(client, local_llm, server_
     assert choice["logprobs"]["token_logprobs"] == pytest.approx(scored.token_logprobs[-n:], abs=1e-6)
 
 
+def test_a_prompt_ending_inside_a_token_is_a_clear_error(client):
+    with pytest.raises(ValueError, match="end the prompt on a token boundary"):
+        client.logprobs(["Answer: y"], ["es"])  # the server sees " yes" as one token
+
+
 def test_chat_scoring_is_not_implemented(client):
     with pytest.raises(NotImplementedError, match="local or hf:PATH"):
         client.logprobs([CHAT], ["yes"])

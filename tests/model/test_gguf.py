@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ragseek.defaults import smollm2_gguf
-from ragseek.model.gguf import read_gguf, read_gguf_metadata, unpermute_rotary
+from ragseek.model.gguf import hf_config_from_gguf, read_gguf, read_gguf_header, unpermute_rotary
 from ragseek.model.tokenizer import load_tokenizer
 
 F32, F16, Q8_0 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.Q8_0
@@ -211,13 +211,19 @@ def test_f16_and_q8_0_dequantise_close(tmp_path):
                 assert err > 0, f"{name} was not quantised"
 
 
-def test_metadata_reader_equals_gguf_reader(tmp_path):
+@pytest.mark.parametrize("qtype", [F32, Q8_0])
+def test_header_equals_gguf_reader(tmp_path, qtype):
     path = tmp_path / "tiny.gguf"
-    write_tiny_gguf(path, arch="qwen2")
-    ref = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if not k.startswith("GGUF.")}
-    meta = read_gguf_metadata(path)
+    write_tiny_gguf(path, arch="qwen2", qtype=qtype)
+    reader = gguf.GGUFReader(path)
+    ref = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    meta, tensors = read_gguf_header(path)
     assert meta == ref
     assert all(type(meta[k]) is type(ref[k]) for k in ref)
+    assert [(t.name, t.qtype, t.start, t.nbytes) for t in tensors] == [
+        (r.name, r.tensor_type, r.data_offset, r.n_bytes) for r in reader.tensors
+    ]
+    assert [t.shape for t in tensors] == [tuple(int(n) for n in reversed(r.shape)) for r in reader.tensors]
 
 
 def test_tiny_tokenizer_from_gguf(tmp_path):
@@ -231,6 +237,31 @@ def test_tiny_tokenizer_from_gguf(tmp_path):
     assert tok.special_ids == {0, 1, 2}  # <think> is user-defined: matched whole, but not special
     assert tok.decode(ids) == "hello world<think>"
     assert load_tokenizer(path).encode("hello world") == tok.encode("hello world")
+
+
+def test_rope_scaling_metadata():
+    meta = {
+        "general.architecture": "llama",
+        "llama.embedding_length": 64,
+        "llama.attention.head_count": 4,
+        "llama.feed_forward_length": 96,
+        "llama.block_count": 2,
+        "llama.attention.layer_norm_rms_epsilon": 1e-5,
+        "llama.context_length": 32768,
+        "llama.vocab_size": 10,
+        "llama.rope.scaling.type": "yarn",
+        "llama.rope.scaling.factor": 4.0,
+        "llama.rope.scaling.original_context_length": 8192,
+    }
+    config = hf_config_from_gguf(meta, [])
+    assert config["rope_scaling"] == {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    assert config["num_key_value_heads"] == 4 and config["head_dim"] == 16 and config["rope_theta"] == 10000.0
+    with pytest.raises(ValueError, match="rope scaling 'longrope' is not supported"):
+        hf_config_from_gguf(meta | {"llama.rope.scaling.type": "longrope"}, [])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -337,7 +368,12 @@ def test_tiny_q8_0_matches_transformers(tmp_path, arch):
     write_tiny_gguf(path, arch=arch, qtype=Q8_0, add_bos=arch == "llama")
     tok = assert_same_as_transformers(path).tokenizer
     hf = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
-    for text in ["hello world", "hello  world\n\n 12345 hello's", "<|im_start|>hello<|im_end|><think>", "é 👋"]:
+    for text in [
+        "hello world",
+        "hello  world\n\n 12345 hello's",
+        "<|im_start|>hello<|im_end|><think>",
+        "é 👋",
+    ]:
         assert tok.encode(text) == hf.encode(text, add_special_tokens=False), text
         assert tok.encode(text, add_special_tokens=True) == hf.encode(text), text
 

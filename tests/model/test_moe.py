@@ -9,8 +9,9 @@ from transformers import DeepseekV2Config, DeepseekV3Config
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
+import ragseek.model.moe as moe_module
 from ragseek.model.config import ModelConfig
-from ragseek.model.moe import GROUP_SCORE, MoE, max_violation, sequence_balance_loss
+from ragseek.model.moe import GROUP_SCORE, Experts, MoE, max_violation, sequence_balance_loss
 
 
 def _cfg(**kw) -> ModelConfig:
@@ -124,22 +125,46 @@ def _naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("n_shared", [0, 2])
-def test_sorted_dispatch_matches_naive(score_func, n_shared):
+def test_sorted_dispatch_matches_naive(monkeypatch, score_func, n_shared):
+    monkeypatch.setattr(moe_module, "MAX_PADDING", float("inf"))  # always the padded batched path
     torch.manual_seed(2)
     cfg = _cfg(n_routed_experts=16, n_activated_experts=3, score_func=score_func, n_shared_experts=n_shared)
     moe = MoE(cfg)
     with torch.no_grad():
         moe.gate.bias.normal_(std=0.1)
-    x = torch.randn(2, 5, 32)  # 30 pairs over 16 experts: some experts get no token
+    x = torch.randn(4, 16, 32)  # 192 pairs over 16 experts
     with torch.no_grad():
-        assert (torch.bincount(moe.gate(x.view(-1, 32))[1].flatten(), minlength=16) == 0).any()
-        torch.testing.assert_close(moe(x), _naive_moe(moe, x), atol=1e-6, rtol=0)
+        torch.testing.assert_close(moe(x), _naive_moe(moe, x), atol=1e-6, rtol=1e-6)
     assert (moe.shared_experts is None) == (n_shared == 0)
 
 
-def test_sorted_dispatch_gradients_match_naive():
+def _skewed(moe: MoE) -> None:
+    with torch.no_grad():
+        moe.gate.bias[:2] = 5.0  # experts 0 and 1 take every token; most others get none
+
+
+def test_skewed_routing_falls_back_to_the_per_expert_loop(monkeypatch):
+    torch.manual_seed(8)
+    moe = MoE(_cfg(n_routed_experts=16, n_activated_experts=3, n_expert_groups=1, n_limited_groups=1))
+    _skewed(moe)
+    x = torch.randn(20, 32)
+    w, i, _ = moe.gate(x)
+    with torch.no_grad():
+        naive = moe.experts.forward_naive(x, i, w)
+        monkeypatch.setattr(Experts, "forward_naive", lambda *args: "naive")
+        assert moe.experts(x, i, w) == "naive"  # 16 experts * 20 rows > MAX_PADDING * 60 pairs
+        monkeypatch.setattr(moe_module, "MAX_PADDING", float("inf"))
+        torch.testing.assert_close(moe.experts(x, i, w), naive, atol=1e-6, rtol=0)  # the padded path
+    assert (torch.bincount(i.flatten(), minlength=16) == 0).sum() >= 3  # empty experts are padding only
+
+
+@pytest.mark.parametrize("skewed", [False, True])
+def test_sorted_dispatch_gradients_match_naive(monkeypatch, skewed):
+    monkeypatch.setattr(moe_module, "MAX_PADDING", float("inf"))  # always the padded batched path
     torch.manual_seed(3)
     moe = MoE(_cfg(n_routed_experts=16, n_activated_experts=4))
+    if skewed:
+        _skewed(moe)
     x = torch.randn(3, 6, 32)
     probe = torch.randn(3, 6, 32)
 

@@ -236,7 +236,14 @@ def test_saved_folder_reads_in_transformers(tok, tmp_path):
         assert hf.encode(text, add_special_tokens=False) == tok.encode(text), text
         assert hf.encode(text) == tok.encode(text, add_special_tokens=True), text
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    plain = Tokenizer(
+        tok.backend, eos_token="<|im_end|>"
+    )  # no template: plain ChatML, saved as CHATML_TEMPLATE
+    plain.save(tmp_path / "plain")
+    hf_plain = AutoTokenizer.from_pretrained(str(tmp_path / "plain"))
     for conv in CONVERSATIONS:
         for gen in (True, False):
             theirs = hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
             assert tok.apply_chat_template(conv, add_generation_prompt=gen) == theirs
+            theirs = hf_plain.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+            assert plain.apply_chat_template(conv, add_generation_prompt=gen) == theirs

@@ -72,24 +72,35 @@ def test_token_logps_hand_worked_and_ignore_index():
 
 
 def test_token_logps_matches_log_softmax_loop_and_its_gradient():
-    logits, labels, _, _ = random_batch()
+    logits, labels, _, g = random_batch()
     ours = token_logps(logits, labels)
     for b in range(logits.shape[0]):
         for i in range(logits.shape[1]):
             assert abs(ours[b, i].item() - log_softmax_row(logits[b, i].tolist())[labels[b, i]]) < ATOL
-    a, c = logits.clone().requires_grad_(), logits.clone().requires_grad_()
-    token_logps(a, labels).sum().backward()
-    F.log_softmax(c, -1).gather(-1, labels[..., None]).sum().backward()
-    torch.testing.assert_close(a.grad, c.grad, atol=ATOL, rtol=0)
+    weights = torch.randn(labels.shape, generator=g, dtype=torch.float64)  # any upstream gradient
+    for temperature in (1.0, 0.7):
+        a, c = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        (token_logps(a, labels, temperature) * weights).sum().backward()
+        reference = F.log_softmax(c / temperature, -1).gather(-1, labels[..., None]).squeeze(-1)
+        (reference * weights).sum().backward()
+        torch.testing.assert_close(a.grad, c.grad, atol=ATOL, rtol=0)
 
 
 def test_token_logps_bf16_rows_are_upcast():
     logits, labels, _, _ = random_batch()
-    low = logits.to(torch.bfloat16)
+    low = logits.to(torch.bfloat16).requires_grad_()
     ours = token_logps(low, labels)
     assert ours.dtype == torch.float32
-    reference = F.log_softmax(low.double(), -1).gather(-1, labels[..., None]).squeeze(-1)
+    reference = F.log_softmax(low.detach().double(), -1).gather(-1, labels[..., None]).squeeze(-1)
     torch.testing.assert_close(ours.double(), reference, atol=1e-5, rtol=0)
+    ours.sum().backward()
+    exact = (
+        torch.softmax(low.detach().double(), -1)
+        .neg()
+        .scatter_add(-1, labels[..., None], torch.ones(labels.shape + (1,), dtype=torch.float64))
+    )
+    assert low.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(low.grad.double(), exact, atol=1e-2, rtol=0)
 
 
 def test_entropy_hand_worked():
@@ -454,6 +465,13 @@ def test_grpo_loss_hand_worked_loss_types_and_clipping():
     )  # B · T
     dr = grpo_loss(logps, old, None, advantages, mask, loss_type="dr_grpo", max_completion_length=8)[0]
     close(dr, -(2.9 - 4.2) / (2 * 8))
+    # padding may hold anything (here π_old = e^-10000, so r = inf): neither the loss nor the gradient sees it
+    garbage = logps.clone().requires_grad_()
+    old_garbage, ref_garbage = old.clone(), old.clone()
+    old_garbage[1, 2], ref_garbage[1, 2] = -1e4, 1e4
+    loss = grpo_loss(garbage, old_garbage, ref_garbage, advantages, mask, epsilon=0.2, beta=0.1)[0]
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(garbage.grad).all() and garbage.grad[1, 2] == 0
     # clip-higher ε_high = 0.6: row 0 t0 min(1.5, 1.6) = 1.5 -> sum 3.2; row 1 t1 clip(1.3) = 1.3 stays -> −4.2
     close(grpo_loss(logps, old, None, advantages, mask, epsilon_high=0.6)[0], -(3.2 / 3 + -4.2 / 2) / 2)
 

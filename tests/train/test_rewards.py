@@ -143,6 +143,13 @@ def test_no_new_processes_no_early_exit_and_a_clean_temp_dir(monkeypatch):
     # exiting with status 0 before the tests run scores nothing
     early = run_sandboxed("import os\nos._exit(0)", ["assert False"], timeout_s=10)
     assert early.returncode == 0 and early.score == 0.0
+    # patching exec does not turn failing tests into passes; swallowing stdout does not hide real passes
+    patched = run_sandboxed(
+        "import builtins\nbuiltins.exec = lambda *a, **k: None", ["assert False"], timeout_s=10
+    )
+    assert patched.score == 0.0
+    quiet = run_sandboxed(f"import io, sys\nsys.stdout = io.StringIO()\n{ADD}", TESTS, timeout_s=10)
+    assert quiet.score == 1.0
     probe = "import os\ncwd, env = os.getcwd(), dict(os.environ)"
     monkeypatch.setenv("RAGSEEK_TEST_SECRET", "must not leak")
     tests = [
