@@ -60,9 +60,8 @@ class Gate(nn.Module):
         self.score_func: ScoreFunc = cfg.score_func
         self.norm_topk_prob = cfg.norm_topk_prob
         self.route_scale = cfg.route_scale
-        self.weight = nn.Parameter(
-            torch.empty(cfg.n_routed_experts, cfg.dim).normal_(std=cfg.init_std)
-        )  # e_i
+        # e_i: the centroid of expert i (eq. 15)
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim).normal_(std=cfg.init_std))
         # b_i of eq. 16 (transformers: e_score_correction_bias); changed by MoE.update_bias, never by gradients.
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
@@ -73,9 +72,8 @@ class Gate(nn.Module):
         biased = scores + self.bias  # s + b: chooses the experts, never weighs them
         if self.n_groups > 1:
             grouped = biased.view(N, self.n_groups, E // self.n_groups)  # (N, G, E/G)
-            best = (
-                GROUP_SCORE[self.score_func](grouped).topk(self.topk_groups, dim=-1).indices
-            )  # (N, topk_groups)
+            group_scores = GROUP_SCORE[self.score_func](grouped)  # (N, G)
+            best = group_scores.topk(self.topk_groups, dim=-1).indices  # (N, topk_groups)
             dropped = torch.ones(N, self.n_groups, dtype=torch.bool, device=x.device).scatter_(1, best, False)
             biased = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)  # (N, E)
         indices = biased.topk(self.topk, dim=-1).indices  # (N, k)
@@ -121,12 +119,11 @@ class Experts(nn.Module):
         capacity = int(counts.max())
         if E * capacity > MAX_PADDING * N * k:
             return self.forward_naive(x, indices, weights)
-        slot = (
-            torch.arange(N * k, device=x.device) - (counts.cumsum(0) - counts)[expert]
-        )  # (S,) row in its block
+        first = counts.cumsum(0) - counts  # (E,) position of each expert's first pair in sorted order
+        row = torch.arange(N * k, device=x.device) - first[expert]  # (S,) row of each pair in its block
         blocks = x.new_zeros(E, capacity, D)
-        blocks[expert, slot] = x[token]  # (E, C, dim): expert i's tokens, then zero padding
-        out = swiglu(blocks, self.gate_proj, self.up_proj, self.down_proj)[expert, slot]  # (S, dim)
+        blocks[expert, row] = x[token]  # (E, C, dim): expert i's tokens, then zero padding
+        out = swiglu(blocks, self.gate_proj, self.up_proj, self.down_proj)[expert, row]  # (S, dim)
         out = out * weights.flatten()[order].unsqueeze(-1)
         return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
 
