@@ -111,10 +111,14 @@ def quality(data: Path, queries, qrels) -> dict:
     _, out["build_bm25_plain_s"] = timed(lambda: BM25Index.build(texts, PLAIN_BM25))
     _, out["build_bm25_porter_s"] = timed(lambda: BM25Index.build(texts, BM25Config()))
     # the corpus is small (1.2M words): a 5-word window, words seen 3+ times, 5 epochs (gensim's default)
-    word = WordVectorConfig(window=5, min_count=3, epochs=5)
-    out["word_vectors"] = asdict(word)
-    for kind in ("word2vec", "glove"):
-        emb, t_train = timed(lambda kind=kind: doc.embedder(kind, word_cfg=word))
+    # GloVe's batched Adagrad needs more passes: 10 epochs at lr 0.1 (0.18 nDCG@10 at 5 epochs, lr 0.05)
+    words = {
+        "word2vec": WordVectorConfig(window=5, min_count=3, epochs=5),
+        "glove": WordVectorConfig(window=5, min_count=3, epochs=10, lr=0.1),
+    }
+    out["word_vectors"] = {kind: asdict(cfg) for kind, cfg in words.items()}
+    for kind, word in words.items():
+        emb, t_train = timed(lambda kind=kind, word=word: doc.train_word_model(kind, word))
         _, t_emb = timed(lambda emb=emb: doc.embed(emb))
         out[f"build_{kind}_train_s"], out[f"build_{kind}_embed_s"] = round(t_train, 1), round(t_emb, 1)
         log(f"{kind}: trained {t_train:.0f}s, embedded {t_emb:.0f}s")

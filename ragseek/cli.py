@@ -63,3 +63,5 @@ from ragseek.rag.cli import register as _register_rag  # noqa: E402
 
 _register_rag(app, eval_app)
 _register_llm(app)
+from ragseek.train.cli import register as _register_train  # noqa: E402
+_register_train(app)

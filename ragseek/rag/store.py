@@ -283,8 +283,13 @@ class Store:
             path = self.root / "models" / f"{stored['name']}.npz"
             if self.index_is_fresh(key) and path.exists():
                 return PooledWordEmbedder.load(path)
-        cfg = cfg or (WordVectorConfig(**stored["cfg"]) if stored else WordVectorConfig())
-        emb = train_word_embedder(kind, self.chunks().texts, cfg)
+        return self.train_word_model(
+            kind, cfg or (WordVectorConfig(**stored["cfg"]) if stored else WordVectorConfig())
+        )
+
+    def train_word_model(self, kind: str, cfg: WordVectorConfig) -> PooledWordEmbedder:
+        """Train `kind` (word2vec, glove) on this store's chunks, save it under DIR/models, make it the current one."""
+        emb, key = train_word_embedder(kind, self.chunks().texts, cfg), f"word-model:{kind}"
         path = self.root / "models" / f"{emb.name}.npz"
         path.parent.mkdir(exist_ok=True)
         emb.save(path)

@@ -1,0 +1,58 @@
+"""`ragseek train sft|distill|rm|dpo` (and the RL recipes' `grpo|ppo`): one command per recipe, same flags.
+
+    ragseek train sft --config configs/sft.yaml --set loop.max_steps=50 --set batch_size=4 --out runs/sft1
+    ragseek train sft --config configs/sft.yaml --out runs/sft1 --resume          # after a crash or kill -9
+
+Every field of the recipe's config dataclass (its help text is the documentation) can be set in the YAML file or
+with --set key=value (loop.key=value for the loop's); --out and --resume are shortcuts for loop.out_dir and
+loop.resume. The resolved config is written to <out>/config.json and inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Annotated, Any
+
+import typer
+
+RECIPES = {  # command -> (module, what it does)
+    "sft": ("ragseek.train.sft", "Supervised fine-tuning on prompt/response JSONL (prompt tokens masked)."),
+    "distill": (
+        "ragseek.train.distill",
+        "Distillation: kind=data (teacher writes SFT data) or kind=logit (soft targets).",
+    ),
+    "rm": ("ragseek.train.reward_model", "A Bradley-Terry reward model (value head) on preference pairs."),
+    "dpo": ("ragseek.train.dpo", "DPO on preference pairs against a frozen reference model."),
+}
+
+
+def _command(module: str, help: str) -> Any:
+    def command(
+        config: Annotated[
+            str | None, typer.Option(help="YAML file of the recipe's config (configs/NAME.yaml)")
+        ] = None,
+        set_: Annotated[
+            list[str] | None, typer.Option("--set", help="override a field: key=value or loop.key=value")
+        ] = None,
+        out: Annotated[str | None, typer.Option(help="output folder (sets loop.out_dir)")] = None,
+        resume: Annotated[
+            bool, typer.Option(help="continue from the latest checkpoint in the output folder")
+        ] = False,
+    ) -> None:
+        importlib.import_module(module).main(config, set_ or [], out, resume)
+
+    command.__doc__ = help
+    return command
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `train` group to the `ragseek` app."""
+    train_app = typer.Typer(
+        no_args_is_help=True, help="Post-training recipes: sft, distill, rm, dpo, grpo, ppo."
+    )
+    for name, (module, help) in RECIPES.items():
+        train_app.command(name)(_command(module, help))
+    from ragseek.train.grpo import register_rl
+
+    register_rl(train_app)
+    app.add_typer(train_app, name="train")

@@ -1,0 +1,156 @@
+"""What the post-training I recipes (sft, distill, reward_model, dpo) share: config files, model loading, the run
+skeleton around their explicit loops. Each recipe's loop itself stays in its own file.
+
+    cfg = load_config(SFTConfig, "configs/sft.yaml", ["loop.max_steps=20", "batch_size=4"])
+    run = start_run(cfg, cfg.loop, model, optimizer, sampler)       # resume, config.json, metrics log, progress
+    for step in range(run.start, cfg.loop.max_steps): ... run.log(step + 1, metrics, tokens); run.checkpoint(...)
+    run.close(plot_keys)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import torch
+import yaml
+from torch import nn
+
+from ragseek.model import Tokenizer, Transformer, load_tokenizer
+from ragseek.train.data import EpochSampler, collate_preference
+from ragseek.train.loop import Checkpointer, LoopConfig, MetricsLog, Progress, plot_metrics, save_config
+
+MODEL_HELP = "HF folder or .gguf file (empty: the embedded SmolLM2-135M-Instruct)"
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with help text; lists, dicts and LoopConfigs are copied per instance."""
+    if isinstance(default, (list, dict, LoopConfig)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def nested_loop(loop: LoopConfig | Mapping[str, Any]) -> LoopConfig:
+    """The `loop:` block of a config: a LoopConfig, or its fields as a mapping (YAML, JSON)."""
+    return LoopConfig(**loop) if isinstance(loop, Mapping) else loop
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: Sequence[str] = ()) -> Any:
+    """A config dataclass from a YAML file, then `key=value` / `loop.key=value` overrides (values parsed as YAML)."""
+    data: dict[str, Any] = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: write key=value, e.g. --set loop.max_steps=10")
+        *parents, leaf = key.strip().split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
+    hints = get_type_hints(cls)
+    for name, value in data.items():
+        if is_dataclass(hints[name]) and isinstance(value, Mapping):
+            data[name] = hints[name](**value)
+    return cls(**data)
+
+
+def with_run_flags(cfg: Any, out: str | None = None, resume: bool = False) -> Any:
+    """The CLI's --out DIR and --resume, applied last to cfg.loop."""
+    if out:
+        cfg.loop.out_dir = str(out)
+    if resume:
+        cfg.loop.resume = True
+    return cfg
+
+
+def load_model(path: str) -> tuple[Transformer, Tokenizer]:
+    """A ragseek Transformer and its tokenizer from an HF folder or .gguf file ("" = the embedded SmolLM2)."""
+    from ragseek.defaults import smollm2_gguf
+
+    path = path or str(smollm2_gguf())
+    return Transformer.from_pretrained(path), load_tokenizer(path)
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """A model in eval mode with no gradient: a reference or a teacher."""
+    return model.eval().requires_grad_(False)
+
+
+def preference_micro_batches(
+    pairs: Sequence[dict], loop: LoopConfig, pad_id: int
+) -> list[dict[str, torch.Tensor]]:
+    """loop.grad_accum equal micro-batches of preference pairs, each collated on its own (`collate_preference`:
+    its chosen rows, then its rejected rows), so a pair never straddles two micro-batches."""
+    k, n = loop.grad_accum, len(pairs)
+    if n % k:
+        raise ValueError(f"{n} pairs per step do not split into loop.grad_accum={k} equal micro-batches")
+    return [collate_preference(pairs[i * n // k : (i + 1) * n // k], pad_id) for i in range(k)]
+
+
+@dataclass
+class Run:
+    """One recipe run's bookkeeping: resumed position, metrics JSONL, progress line, checkpoints."""
+
+    cfg: Any
+    loop: LoopConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    sampler: EpochSampler
+    start: int
+    ckpt: Checkpointer
+    metrics: MetricsLog
+    progress: Progress
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.loop.out_dir)
+
+    def log(self, step: int, metrics: Mapping[str, Any], tokens: int) -> None:
+        """Count `tokens`; every loop.log_every steps write a JSONL row and print the progress line."""
+        self.progress.update(tokens)
+        if step % self.loop.log_every == 0:
+            self.metrics.log(step, metrics)
+            self.rows.append({"step": step, **metrics})
+            print(self.progress.line(step, metrics), flush=True)
+
+    def checkpoint(self, step: int) -> None:
+        if self.ckpt.due(step):
+            self.ckpt.save(step, self.model, self.optimizer, self.sampler.state_dict(), self.cfg)
+
+    def close(self, plot_keys: Sequence[str]) -> None:
+        self.metrics.close()
+        if self.rows or self.start:
+            plot_metrics(self.metrics.path, self.out / "metrics.png", plot_keys)
+
+
+def start_run(
+    cfg: Any, loop: LoopConfig, model: nn.Module, optimizer: torch.optim.Optimizer, sampler: EpochSampler
+) -> Run:
+    """Restore the latest checkpoint when loop.resume (weights, AdamW, RNG, data position), save the resolved config,
+    open the metrics log (truncated to the resumed step)."""
+    out = Path(loop.out_dir)
+    ckpt = Checkpointer(out, loop.ckpt_every, loop.keep_last)
+    start = 0
+    if loop.resume:
+        resumed = ckpt.load(model, optimizer)
+        sampler.load_state_dict(resumed.data)
+        start = resumed.step
+        print(f"resumed from {resumed.path} at step {start}", flush=True)
+    save_config(cfg, out / "config.json")
+    log = MetricsLog(out / "metrics.jsonl", resume_step=start if loop.resume else None)
+    return Run(cfg, loop, model, optimizer, sampler, start, ckpt, log, Progress(loop.max_steps, start))
+
+
+def save_final(model: Transformer, tokenizer: Tokenizer, folder: Path) -> Path:
+    """The trained model with its tokenizer, a folder `Transformer.from_pretrained` and `load_tokenizer` read."""
+    model.save_pretrained(folder)
+    tokenizer.save(folder)
+    return folder

@@ -1,0 +1,100 @@
+"""`ragseek eval math`: accuracy of a model on {"question", "answer"} JSONL rows, greedy decoding, batched.
+
+    ragseek eval math --model runs/grpo/final --data addition_eval.jsonl --n 100 --json
+
+A row is correct when the completion's final number (`rewards.extract_answer`: <answer>, \\boxed{}, #### N, else the
+last number) equals the answer's; the answer may be a number or GSM8K's "… #### N". Each question goes through the
+model's chat template, as in GRPO training (`data.load_prompts`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from ragseek.model import SamplingConfig, Tokenizer, Transformer
+from ragseek.model.generate import generate_ids
+from ragseek.train.data import load_prompts
+from ragseek.train.rewards import numbers_match
+
+
+def evaluate_math(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    rows: Sequence[dict[str, Any]],
+    max_new_tokens: int = 64,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """Greedy completions for `rows` (from `load_prompts`: prompt_ids + answer), scored by numeric match.
+
+    Returns {"accuracy", "n", "tokens_generated", "completions"}.
+    """
+    if not rows:
+        raise ValueError("no rows to evaluate: the data file is empty (or every prompt was too long)")
+    missing = [i for i, r in enumerate(rows) if r.get("answer") is None]
+    if missing:
+        raise ValueError(
+            f"rows {missing[:5]} have no 'answer': eval math needs {{'question', 'answer'}} rows"
+        )
+    was_training = model.training
+    model.eval()
+    greedy = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+    completions, tokens = [], 0
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        for g in generate_ids(model, [r["prompt_ids"] for r in chunk], greedy, {tokenizer.eos_id}, tokenizer):
+            completions.append(g.text)
+            tokens += len(g.tokens)
+    model.train(was_training)
+    correct = sum(numbers_match(c, r["answer"]) for c, r in zip(completions, rows, strict=True))
+    return {
+        "accuracy": correct / len(rows),
+        "n": len(rows),
+        "tokens_generated": tokens,
+        "completions": completions,
+    }
+
+
+def evaluate_file(
+    model_path: str,
+    data: str,
+    n: int | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 32,
+    max_prompt_len: int = 512,
+) -> dict[str, Any]:
+    """Load the model and the first n rows of `data`, and run `evaluate_math`."""
+    from ragseek.train.common import load_model
+
+    model, tokenizer = load_model(model_path)
+    rows = load_prompts(data, tokenizer, max_prompt_len)
+    return evaluate_math(model, tokenizer, rows[:n] if n else rows, max_new_tokens, batch_size)
+
+
+def register_math(eval_app: Any) -> None:
+    """Add `math` to the `ragseek eval` group."""
+    import typer
+
+    def math(
+        model: str = typer.Option(
+            None, help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)"
+        ),
+        data: str = typer.Option(
+            ..., help='JSONL with {"question", "answer"} rows (GSM8K\'s "… #### N" works)'
+        ),
+        n: int = typer.Option(None, help="score only the first n rows"),
+        max_new_tokens: int = typer.Option(64, help="completion length cap"),
+        batch_size: int = typer.Option(32, help="questions decoded together"),
+        json_out: bool = typer.Option(False, "--json", help='print {"accuracy", "n", ...} as JSON'),
+    ) -> None:
+        """Accuracy on maths questions: greedy decoding, the final number compared with the answer."""
+        result = evaluate_file(model or "", data, n, max_new_tokens, batch_size)
+        if json_out:
+            print(json.dumps({k: v for k, v in result.items() if k != "completions"}))
+        else:
+            print(
+                f"accuracy {result['accuracy']:.4f} on n={result['n']} ({result['tokens_generated']} tokens)"
+            )
+
+    eval_app.command("math")(math)

@@ -1,0 +1,289 @@
+"""Pretraining a DeepSeek-style model from scratch: next-token CE + MTP, MoE load balancing, val perplexity.
+
+    ragseek train pretrain --config configs/pretrain_tiny.yaml [--set key=value ...] [--out DIR] [--resume]
+    python -m ragseek.train.pretrain --config configs/pretrain_tiny.yaml [--set loop.max_steps=50]
+
+The recipe, top to bottom (`train`):
+  data     the corpus (.txt / .jsonl files or folders; default SciFact + GSM8K from ../shared/data) tokenised once
+           into out_dir/data/{train,val}.bin by a byte-level BPE trained on it (saved in out_dir/tokenizer) or a
+           given tokenizer; batches are random contiguous windows of seq_len tokens from train.bin
+  loss     L = L_main + lambda/D sum_k L_MTP^k (DeepSeek-V3 eq. 25; `Transformer.loss`)
+           + sum over MoE layers of alpha sum_i f_i P_i when balance=aux (eq. 17)
+  balance  bias: after each optimizer step every MoE layer does b_i += gamma * sign(mean load - load_i) on the
+           load of that step (aux-loss-free, Wang et al. 2024); aux: the sequence-wise loss above; none: neither
+  metrics  per step: loss, loss_main, loss_mtp, per-layer expert load and MaxVio = max_i load_i / mean load - 1
+           (their mean: maxvio), tok/s; every eval_every steps val_loss (main head) and val_ppl = exp(val_loss)
+  output   checkpoints (weights, AdamW, RNG: --resume continues exactly), metrics.jsonl, loss.png, and at the end
+           out_dir/model: a `Transformer.from_pretrained` + `load_tokenizer` folder
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from ragseek.defaults import shared_data_dir
+from ragseek.model.config import ModelConfig
+from ragseek.model.moe import max_violation
+from ragseek.model.tokenizer import Tokenizer, load_tokenizer
+from ragseek.model.transformer import Transformer
+from ragseek.train.grpo import load_config
+from ragseek.train.loop import (
+    Checkpointer,
+    LoopConfig,
+    MetricsLog,
+    Progress,
+    build_optimizer,
+    micro_batches,
+    plot_metrics,
+    save_config,
+    set_seed,
+    train_step,
+)
+from ragseek.train.tokenize_corpus import (
+    TokenSplit,
+    load_split,
+    open_tokens,
+    read_documents,
+    tokenize_to_memmap,
+    train_bpe,
+)
+
+Balance = Literal["bias", "aux", "none"]
+BALANCES: tuple[Balance, ...] = ("bias", "aux", "none")
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+def default_corpus() -> list[str]:
+    """SciFact abstracts (title + text) and GSM8K train (question + answer) from ../shared/data."""
+    root = shared_data_dir()
+    if root is None:
+        raise FileNotFoundError("no ../shared/data (or RAGSEEK_DATA): set `data` to .txt / .jsonl files or folders")
+    return [str(root / "scifact" / "corpus.jsonl"), str(root / "gsm8k" / "train.jsonl")]
+
+
+@dataclass
+class PretrainConfig:
+    model: dict = _f(dict, "ModelConfig fields; vocab_size is taken from the tokenizer")
+    data: list[str] = _f(list, ".txt / .jsonl files or folders ([] = SciFact corpus + GSM8K train in ../shared)")
+    data_dir: str = _f("", "where the tokenizer and token files go, reused when present ('' = out_dir/data)")
+    tokenizer: str = _f("bpe", "bpe (train a byte-level BPE on the corpus) or a tokenizer folder / .gguf file")
+    vocab_size: int = _f(4096, "BPE vocabulary size (tokenizer=bpe)")
+    max_docs: int = _f(0, "use only the first this many documents (0 = all)")
+    val_fraction: float = _f(0.05, "last fraction of the documents held out for validation")
+    seq_len: int = _f(256, "tokens per training window")
+    batch_size: int = _f(8, "windows per optimizer step (split into loop.grad_accum micro-batches)")
+    balance: Balance = _f("bias", "MoE balancing: bias (aux-loss-free, speed model.bias_update_speed), aux, none")
+    val_windows: int = _f(32, "validation windows of seq_len tokens, evenly spaced over val.bin")
+    num_threads: int = _f(0, "torch CPU threads (0 = torch's default); 1 is much faster on a busy shared CPU")
+    loop: LoopConfig = _f(LoopConfig, "lr, schedule, steps, checkpoints, eval_every, out_dir, resume")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.loop, dict):
+            self.loop = LoopConfig(**self.loop)
+        if self.balance not in BALANCES:
+            raise ValueError(f"balance={self.balance!r}: choose one of {BALANCES}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# data
+
+
+def prepare_data(cfg: PretrainConfig) -> tuple[Tokenizer, TokenSplit]:
+    """The tokenizer and token files in data_dir, built on first use (BPE training + one tokenisation pass)."""
+    folder = Path(cfg.data_dir or Path(cfg.loop.out_dir) / "data")
+    split = load_split(folder)
+    if split is not None:
+        return load_tokenizer(folder / "tokenizer"), split
+    docs = list(read_documents(cfg.data or default_corpus()))
+    if cfg.max_docs:
+        docs = docs[: cfg.max_docs]
+    tokenizer = train_bpe(docs, cfg.vocab_size) if cfg.tokenizer == "bpe" else load_tokenizer(cfg.tokenizer)
+    tokenizer.save(folder / "tokenizer")
+    return tokenizer, tokenize_to_memmap(docs, tokenizer, folder, cfg.val_fraction)
+
+
+def random_windows(tokens: np.ndarray, batch_size: int, seq_len: int) -> torch.Tensor:
+    """batch_size windows of seq_len contiguous tokens at uniform random starts (torch's global RNG)."""
+    if len(tokens) <= seq_len:
+        raise ValueError(f"{len(tokens)} training tokens cannot fill a window of seq_len={seq_len}: add data")
+    starts = torch.randint(0, len(tokens) - seq_len + 1, (batch_size,)).tolist()
+    return torch.from_numpy(np.stack([tokens[s : s + seq_len].astype(np.int64) for s in starts]))
+
+
+def val_windows(tokens: np.ndarray, n: int, seq_len: int) -> torch.Tensor:
+    """n windows evenly spaced over the validation tokens (the same every evaluation)."""
+    if len(tokens) < seq_len:
+        raise ValueError(f"{len(tokens)} validation tokens cannot fill seq_len={seq_len}: raise val_fraction")
+    starts = np.linspace(0, len(tokens) - seq_len, n).astype(int)
+    return torch.from_numpy(np.stack([tokens[s : s + seq_len].astype(np.int64) for s in starts]))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# model, loss, balancing
+
+
+def build_model(cfg: PretrainConfig, vocab_size: int, eos_id: int) -> Transformer:
+    """A freshly initialised model; aux_loss_alpha is zeroed unless balance=aux (so no routing is kept for it)."""
+    model_cfg = ModelConfig.from_dict({**cfg.model, "vocab_size": vocab_size, "eos_token_id": eos_id})
+    if cfg.balance != "aux":
+        model_cfg = replace(model_cfg, aux_loss_alpha=0.0)
+    elif model_cfg.n_routed_experts and model_cfg.aux_loss_alpha <= 0:
+        raise ValueError("balance=aux needs model.aux_loss_alpha > 0 (DeepSeek-V3 uses 1e-4; Wang et al. 1e-2)")
+    return Transformer(model_cfg)
+
+
+def pretrain_loss(model: Transformer, tokens: torch.Tensor, balance: Balance) -> tuple[torch.Tensor, dict]:
+    """model.loss (L_main + lambda/D sum_k L_MTP^k), plus sum over MoE layers of L_Bal when balance=aux."""
+    loss, parts = model.loss(tokens)
+    if balance == "aux" and model.moe_layers:
+        bal = torch.stack([m.balance_loss() for m in model.moe_layers]).sum()
+        loss = loss + bal
+        parts = {**parts, "loss": loss.detach(), "loss_bal": bal.detach()}
+    return loss, parts
+
+
+def balance_step(model: Transformer, balance: Balance) -> dict[str, Any]:
+    """Per-layer expert load of the step just taken and its MaxVio; then the bias update (bias) or a load reset."""
+    if not model.moe_layers:
+        return {}
+    loads = [m.load.clone() for m in model.moe_layers]
+    for m in model.moe_layers:
+        m.update_bias() if balance == "bias" else m.reset_load()
+    maxvio = [max_violation(c) for c in loads]
+    return {"maxvio": sum(maxvio) / len(maxvio), "maxvio_layers": maxvio, "expert_load": [c.tolist() for c in loads]}
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, windows: torch.Tensor, batch_size: int) -> dict[str, float]:
+    """Mean main-head CE over the validation windows (and MTP CE when the model has MTP), and exp of it."""
+    model.eval()
+    main, mtp = [], []
+    for i in range(0, len(windows), batch_size):
+        _, parts = model.loss(windows[i : i + batch_size])
+        main.append(float(parts["loss_main"]))
+        if "loss_mtp" in parts:
+            mtp.append(float(parts["loss_mtp"].mean()))
+    for m in model.moe_layers:
+        m.reset_load()  # validation routing is not training load
+    model.train()
+    out = {"val_loss": sum(main) / len(main)}
+    out["val_ppl"] = math.exp(out["val_loss"])
+    if mtp:
+        out["val_loss_mtp"] = sum(mtp) / len(mtp)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(cfg: PretrainConfig, model: Transformer | None = None) -> dict[str, Any]:
+    """Pretrain (a fresh model, or `model` as given, e.g. with a deliberately skewed router); return a summary."""
+    loop = cfg.loop
+    out_dir = Path(loop.out_dir)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    tokenizer, split = prepare_data(cfg)
+    train_tokens, val_tokens = open_tokens(split, "train"), open_tokens(split, "val")
+    set_seed(loop.seed)
+    if model is None:
+        model = build_model(cfg, tokenizer.vocab_size, tokenizer.eos_id)
+    model.train()
+    optimizer = build_optimizer(model, loop)
+    ckpt = Checkpointer(out_dir, loop.ckpt_every, loop.keep_last)
+    resumed = ckpt.load(model, optimizer) if loop.resume else None
+    start = resumed.step if resumed else 0
+    if resumed:
+        print(f"resumed from {resumed.path} at step {start}", flush=True)
+    save_config(cfg, out_dir / "config.json")
+    log = MetricsLog(out_dir / "metrics.jsonl", resume_step=start if resumed else None)
+    progress = Progress(loop.max_steps, start)
+    val = val_windows(val_tokens, cfg.val_windows, cfg.seq_len)
+    print(
+        f"pretrain: {model.num_params():,} params ({model.num_params(active=True):,} active), "
+        f"{split.meta['train_tokens']:,} train / {split.meta['val_tokens']:,} val tokens, vocab {tokenizer.vocab_size}",
+        flush=True,
+    )
+
+    def loss_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        return pretrain_loss(model, batch["tokens"], cfg.balance)
+
+    row: dict[str, Any] = {}
+    for step in range(start, loop.max_steps):
+        t0 = time.perf_counter()
+        tokens = random_windows(train_tokens, cfg.batch_size, cfg.seq_len)
+        row = train_step(optimizer, micro_batches({"tokens": tokens}, loop.grad_accum), loss_fn, loop, step)
+        row.update(balance_step(model, cfg.balance))
+        row["tok_s"] = tokens.numel() / (time.perf_counter() - t0)
+        progress.update(tokens.numel())
+        done = step + 1
+        if loop.eval_every and (done % loop.eval_every == 0 or done == loop.max_steps):
+            row.update(evaluate(model, val, cfg.batch_size))
+        if done % loop.log_every == 0 or "val_loss" in row:
+            log.log(done, row)
+            shown = {k: v for k, v in row.items() if k not in ("maxvio_layers", "expert_load")}
+            print(progress.line(done, shown), flush=True)
+        if ckpt.due(done):
+            print(f"checkpoint {ckpt.save(done, model, optimizer, {}, cfg)}", flush=True)
+    log.close()
+    keys = ["loss", "loss_main", "loss_mtp", "val_loss", "maxvio", "lr"]
+    plot_metrics(log.path, out_dir / "loss.png", keys)
+    model.save_pretrained(out_dir / "model")
+    tokenizer.save(out_dir / "model")
+    return {
+        "params": model.num_params(),
+        "active_params": model.num_params(active=True),
+        "train_tokens_seen": loop.max_steps * cfg.batch_size * cfg.seq_len,
+        **{k: v for k, v in row.items() if k not in ("expert_load",)},
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _load(config: str | None, overrides: list[str], out: str | None, resume: bool) -> PretrainConfig:
+    extra = [*overrides, *([f"loop.out_dir={out}"] if out else []), *(["loop.resume=true"] if resume else [])]
+    return load_config(PretrainConfig, config, extra)
+
+
+def register_pretrain(train_app: Any) -> None:
+    """Add `pretrain` to the `ragseek train` group."""
+    import typer
+
+    def pretrain(
+        config: str = typer.Option(None, help="YAML file with PretrainConfig fields (see configs/pretrain_tiny.yaml)"),
+        set_: list[str] = typer.Option([], "--set", help="override a field: key=value, model.key=value, loop.key=value"),
+        out: str = typer.Option(None, help="output folder (loop.out_dir)"),
+        resume: bool = typer.Option(False, help="continue from the latest checkpoint in the output folder"),
+    ) -> None:
+        """Pretrain a DeepSeek-style model from scratch (BPE, MTP, MoE balancing bias|aux|none, val perplexity)."""
+        train(_load(config, set_, out, resume))
+
+    train_app.command("pretrain")(pretrain)
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args()
+    train(_load(args.config, args.overrides, args.out, args.resume))
+
+
+if __name__ == "__main__":
+    main()

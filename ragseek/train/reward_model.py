@@ -1,0 +1,175 @@
+"""A Bradley-Terry reward model: a scalar value head on a ragseek Transformer, trained on preference pairs.
+
+    ragseek train rm --config configs/rm.yaml [--set loop.max_steps=200] [--out DIR] [--resume]
+
+r_φ(x, y) = w · norm(h_L)[last token of x + y] + b, the trunk's final hidden state (after its final RMSNorm) at the
+last non-pad token, through a Linear(dim, 1). Trained on JSONL {"prompt", "chosen", "rejected"} with the lecture's
+
+    L(φ) = −E_{(x, y_b, y_w)~D} [ log σ(r_φ(x, y_b) − r_φ(x, y_w)) ]          (`losses.bradley_terry_loss`)
+
+and scored by held-out accuracy (the share of pairs with r(chosen) > r(rejected)). Saved to `<out_dir>/final`:
+the trunk with `save_pretrained`, its tokenizer, and the head in value_head.safetensors; `load_reward_model(path)`
+reads it back (PPO scores its rollouts with it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ragseek.model import Tokenizer, Transformer
+from ragseek.train.common import (
+    MODEL_HELP,
+    _f,
+    load_config,
+    load_model,
+    nested_loop,
+    preference_micro_batches,
+    start_run,
+    with_run_flags,
+)
+from ragseek.train.data import EpochSampler, collate_preference, load_preference
+from ragseek.train.loop import LoopConfig, build_optimizer, set_seed, train_step
+from ragseek.train.losses import bradley_terry_loss
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+PLOT_KEYS = ("loss", "accuracy", "margin", "eval_accuracy", "lr")
+
+
+class RewardModel(nn.Module):
+    """A Transformer trunk and a Linear(dim, 1) value head read at each sequence's last non-pad token."""
+
+    def __init__(self, trunk: Transformer):
+        super().__init__()
+        self.trunk = trunk
+        self.value_head = nn.Linear(trunk.cfg.dim, 1)
+        nn.init.normal_(self.value_head.weight, std=trunk.cfg.dim**-0.5)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, T) right-padded ids and their attention mask -> one reward per sequence (B,)."""
+        h, _, _ = self.trunk.hidden_states(input_ids, attention_mask=attention_mask)  # (B, T, d)
+        last = attention_mask.sum(-1) - 1  # (B,) index of the last real token
+        h_last = self.trunk.norm(h[torch.arange(h.shape[0], device=h.device), last])  # (B, d)
+        return self.value_head(h_last).squeeze(-1).float()
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """The trunk as an HF folder (save_pretrained) plus value_head.safetensors beside it."""
+        self.trunk.save_pretrained(path)
+        save_file(
+            {k: v.contiguous() for k, v in self.value_head.state_dict().items()},
+            str(Path(path) / VALUE_HEAD_FILE),
+        )
+
+
+def load_reward_model(path: str | Path) -> RewardModel:
+    """A reward model saved by `RewardModel.save_pretrained` (safetensors only, no pickle)."""
+    path = Path(path)
+    head = path / VALUE_HEAD_FILE
+    if not head.is_file():
+        raise FileNotFoundError(
+            f"{head} is missing: {path} is not a reward model folder (train one with `ragseek train rm`)"
+        )
+    model = RewardModel(Transformer.from_pretrained(path))
+    model.value_head.load_state_dict(load_file(str(head)))
+    return model
+
+
+@dataclass
+class RewardModelConfig:
+    model: str = _f("", f"the trunk to start from: {MODEL_HELP}")
+    data: str = _f("", 'JSONL preference pairs {"prompt", "chosen", "rejected"}')
+    eval_data: str = _f(
+        "", "held-out pairs for accuracy (empty: the last eval_fraction of data, never trained on)"
+    )
+    eval_fraction: float = _f(0.1, "share of data held out when eval_data is empty")
+    max_len: int = _f(512, "tokens per prompt + response (the end is cut)")
+    batch_size: int = _f(8, "pairs per optimizer step")
+    eval_batch_size: int = _f(16, "pairs per forward pass when evaluating")
+    loop: LoopConfig = _f(
+        LoopConfig(lr=1e-5, max_steps=100, out_dir="runs/rm"), "optimizer, schedule, checkpoints"
+    )
+
+    def __post_init__(self) -> None:
+        self.loop = nested_loop(self.loop)
+        if not self.data:
+            raise ValueError("set data: a JSONL file of {'prompt', 'chosen', 'rejected'} rows")
+        if not self.eval_data and not 0 < self.eval_fraction < 1:
+            raise ValueError(
+                f"eval_fraction={self.eval_fraction}: hold out a share in (0, 1), or set eval_data"
+            )
+
+
+def pair_rewards(model: RewardModel, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """r(x, y_chosen), r(x, y_rejected) for a `collate_preference` batch (chosen rows first)."""
+    return model(batch["input_ids"], batch["attention_mask"]).chunk(2)
+
+
+@torch.no_grad()
+def evaluate(model: RewardModel, pairs: list[dict], pad_id: int, batch_size: int) -> dict[str, float]:
+    """Held-out accuracy P(r(chosen) > r(rejected)), mean margin and Bradley-Terry loss over all pairs."""
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    for i in range(0, len(pairs), batch_size):
+        c, r = pair_rewards(model, collate_preference(pairs[i : i + batch_size], pad_id))
+        chosen.append(c)
+        rejected.append(r)
+    model.train(was_training)
+    _, metrics = bradley_terry_loss(torch.cat(chosen), torch.cat(rejected))
+    return {
+        "eval_accuracy": metrics["accuracy"],
+        "eval_margin": metrics["margin"],
+        "eval_loss": metrics["loss"],
+    }
+
+
+def split_pairs(cfg: RewardModelConfig, tokenizer: Tokenizer) -> tuple[list[dict], list[dict]]:
+    pairs = load_preference(cfg.data, tokenizer, cfg.max_len)
+    if cfg.eval_data:
+        return pairs, load_preference(cfg.eval_data, tokenizer, cfg.max_len)
+    n_eval = max(1, round(len(pairs) * cfg.eval_fraction))
+    if n_eval >= len(pairs):
+        raise ValueError(f"{len(pairs)} pairs in {cfg.data}: too few to hold out {n_eval}; set eval_data")
+    return pairs[:-n_eval], pairs[-n_eval:]
+
+
+def train(cfg: RewardModelConfig) -> list[dict]:
+    """Train the reward model as configured; returns this run's metrics rows (also in `<out_dir>/metrics.jsonl`)."""
+    set_seed(cfg.loop.seed)
+    trunk, tokenizer = load_model(cfg.model)
+    model = RewardModel(trunk).train()
+    train_pairs, eval_pairs = split_pairs(cfg, tokenizer)
+    sampler = EpochSampler(len(train_pairs), cfg.batch_size, seed=cfg.loop.seed)
+    optimizer = build_optimizer(model, cfg.loop)
+    run = start_run(cfg, cfg.loop, model, optimizer, sampler)
+
+    def loss_fn(batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        return bradley_terry_loss(*pair_rewards(model, batch))
+
+    for step in range(run.start, cfg.loop.max_steps):
+        micro = preference_micro_batches(
+            [train_pairs[i] for i in sampler.next_batch()], cfg.loop, tokenizer.pad_id
+        )
+        metrics = train_step(optimizer, micro, loss_fn, cfg.loop, step)
+        done = step + 1
+        if done == cfg.loop.max_steps or (cfg.loop.eval_every and done % cfg.loop.eval_every == 0):
+            metrics.update(evaluate(model, eval_pairs, tokenizer.pad_id, cfg.eval_batch_size))
+        run.log(done, metrics, sum(int(mb["attention_mask"].sum()) for mb in micro))
+        run.checkpoint(done)
+    run.close(PLOT_KEYS)
+    final = run.out / "final"
+    model.save_pretrained(final)
+    tokenizer.save(final)
+    return run.rows
+
+
+def main(
+    config_path: str | None, overrides: list[str], out: str | None = None, resume: bool = False
+) -> list[dict]:
+    """`ragseek train rm`: the config file, then the --set overrides, then --out and --resume."""
+    return train(with_run_flags(load_config(RewardModelConfig, config_path, overrides), out, resume))
