@@ -4,8 +4,7 @@
 
 Every row is one `ragseek train pretrain` run (its exact command is in the table) on the same tokens (SciFact +
 GSM8K, BPE 4096, runs/pretrain_data), with the same seed, batch, sequence length and number of steps, so equal
-training tokens; rows of one group have (nearly) equal active parameters, listed per row. A row whose run folder
-already holds a finished model is read back instead of retrained. Then, on the trained models: KV-cache bytes per
+training tokens; rows of one group have (nearly) equal active parameters, listed per row. Then, on the trained models: KV-cache bytes per
 token from `make_cache(...).nbytes`, greedy decode tok/s at 1k and 4k context (MLA naive vs absorbed), and MTP
 self-speculative decoding (acceptance of the drafted 2nd token, tokens per main forward, speedup vs plain greedy).
 One torch thread (the 2-core CPU is shared with other jobs: compare rows, not absolute speeds).
@@ -24,8 +23,8 @@ import torch
 from ragseek.model.generate import SamplingConfig, generate_ids, speculative_generate
 from ragseek.model.transformer import Transformer
 from ragseek.train.grpo import load_config
-from ragseek.train.loop import read_metrics
-from ragseek.train.pretrain import PretrainConfig, open_tokens, prepare_data, train
+from ragseek.train.loop import read_metrics, set_seed
+from ragseek.train.pretrain import PretrainConfig, build_model, open_tokens, prepare_data, train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,9 +42,19 @@ ROWS: dict[str, list[tuple[str, str, str, list[str]]]] = {
         ("moe_b_none", "no balancing", MOE, ["balance=none"]),
     ],
     "experts": [
-        ("moe_a", "(a) 4 experts x 128, top-1", MOE, ["model.n_routed_experts=4", "model.n_activated_experts=1", "model.moe_inter_dim=128"]),
+        (
+            "moe_a",
+            "(a) 4 experts x 128, top-1",
+            MOE,
+            ["model.n_routed_experts=4", "model.n_activated_experts=1", "model.moe_inter_dim=128"],
+        ),
         ("moe_b_bias", "(b) 8 experts x 64, top-2", MOE, ["balance=bias"]),
-        ("moe_c", "(c) 7 routed x 64 top-1 + 1 shared x 64", MOE, ["model.n_routed_experts=7", "model.n_activated_experts=1", "model.n_shared_experts=1"]),
+        (
+            "moe_c",
+            "(c) 7 routed x 64 top-1 + 1 shared x 64",
+            MOE,
+            ["model.n_routed_experts=7", "model.n_activated_experts=1", "model.n_shared_experts=1"],
+        ),
     ],
     "mtp": [
         ("moe_b_mtp0", "D=0 (no MTP)", MOE, ["model.mtp_depth=0"]),
@@ -62,20 +71,23 @@ ROWS: dict[str, list[tuple[str, str, str, list[str]]]] = {
 
 def command(base: str, overrides: list[str], name: str, steps: int) -> str:
     sets = [*overrides, f"loop.max_steps={steps}"]
-    return f"ragseek train pretrain --config {base} " + " ".join(f"--set {s}" for s in sets) + f" --out {RUNS}/{name}"
+    return (
+        f"ragseek train pretrain --config {base} "
+        + " ".join(f"--set {s}" for s in sets)
+        + f" --out {RUNS}/{name}"
+    )
 
 
-def run_row(name: str, base: str, overrides: list[str], steps: int) -> dict:
-    """Train (or read back) one row; return its final numbers and curves."""
+def run_row(name: str, base: str, overrides: list[str], steps: int) -> tuple[dict, Transformer]:
+    """Train one row; return its final numbers and curves, and the trained model (kept in memory for inference)."""
     out = Path(RUNS) / name
     cfg = load_config(PretrainConfig, base, [*overrides, f"loop.max_steps={steps}", f"loop.out_dir={out}"])
-    summary_path = out / "summary.json"
-    if not summary_path.exists():
-        t0 = time.perf_counter()
-        summary = train(cfg)
-        summary["train_s"] = time.perf_counter() - t0
-        summary_path.write_text(json.dumps(summary, indent=2))
-    summary = json.loads(summary_path.read_text())
+    tokenizer, _ = prepare_data(cfg)
+    set_seed(cfg.loop.seed)
+    model = build_model(cfg, tokenizer.vocab_size, tokenizer.eos_id)
+    t0 = time.perf_counter()
+    summary = train(cfg, model)
+    summary["train_s"] = time.perf_counter() - t0
     rows = read_metrics(out / "metrics.jsonl")
     vio = [r["maxvio"] for r in rows if "maxvio" in r]
     tail = vio[len(vio) * 4 // 5 :]
@@ -90,7 +102,7 @@ def run_row(name: str, base: str, overrides: list[str], steps: int) -> dict:
         "maxvio_all": sum(vio) / len(vio) if vio else None,
         "curve_val": [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r],
         "curve_maxvio": [(r["step"], r["maxvio"]) for r in rows if "maxvio" in r],
-    }
+    }, model
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -120,9 +132,13 @@ def decode_tok_s(model: Transformer, context: int, new: int = 32, chunk: int = 5
     return new / (time.perf_counter() - t0), cache.nbytes // (context + new)
 
 
-def attention_inference(name: str) -> list[dict]:
-    model = Transformer.from_pretrained(Path(RUNS) / name / "model").eval()
-    variants = [("absorbed", with_impl(model, "absorbed")), ("naive", with_impl(model, "naive"))] if model.cfg.attention == "mla" else [("", model)]
+def attention_inference(model: Transformer) -> list[dict]:
+    model = model.eval()
+    variants = (
+        [("absorbed", with_impl(model, "absorbed")), ("naive", with_impl(model, "naive"))]
+        if model.cfg.attention == "mla"
+        else [("", model)]
+    )
     out = []
     for impl, m in variants:
         row = {"impl": impl}
@@ -135,10 +151,10 @@ def attention_inference(name: str) -> list[dict]:
 
 
 @torch.inference_mode()
-def speculative(name: str, n_prompts: int = 6, prompt_len: int = 32, new: int = 64) -> dict:
+def speculative(model: Transformer, n_prompts: int = 6, prompt_len: int = 32, new: int = 64) -> dict:
     """Self-speculative (MTP) vs plain greedy on validation prompts: acceptance, tokens/step, wall-time speedup."""
-    model = Transformer.from_pretrained(Path(RUNS) / name / "model").eval()
-    cfg = load_config(PretrainConfig, MOE, [f"loop.out_dir={RUNS}/{name}"])
+    model = model.eval()
+    cfg = load_config(PretrainConfig, MOE)
     _, split = prepare_data(cfg)
     val = open_tokens(split, "val")
     starts = torch.linspace(0, len(val) - prompt_len - 1, n_prompts).long().tolist()
@@ -154,7 +170,11 @@ def speculative(name: str, n_prompts: int = 6, prompt_len: int = 32, new: int = 
         plain = generate_ids(model, [p], SamplingConfig(max_new_tokens=new, temperature=0.0), set())[0].tokens
         t_plain += time.perf_counter() - t0
         identical &= spec == plain
-        accepted, drafted, steps = accepted + stats.accepted[0], drafted + stats.drafted[0], steps + stats.steps
+        accepted, drafted, steps = (
+            accepted + stats.accepted[0],
+            drafted + stats.drafted[0],
+            steps + stats.steps,
+        )
     return {
         "acceptance_2nd_token": accepted / drafted,
         "tokens_per_step": (steps + accepted) / steps,
@@ -220,7 +240,10 @@ def report(results: dict, extra: dict, steps: int, load: float) -> str:
         head = "| row | active params | val loss | val ppl | MaxVio (last 20%) |"
         sep = "|---|---:|---:|---:|---:|"
         if group == "attention":
-            head, sep = head.replace(" MaxVio (last 20%) |", " KV bytes/token | decode tok/s @1k | @4k |"), sep + "---:|---:|"
+            head, sep = (
+                head.replace(" MaxVio (last 20%) |", " KV bytes/token | decode tok/s @1k | @4k |"),
+                sep + "---:|---:|",
+            )
         lines += [head + " command |", sep + "---|"]
         for name, label, base, overrides in done:
             r = results[name]
@@ -251,37 +274,45 @@ def report(results: dict, extra: dict, steps: int, load: float) -> str:
 
 
 def main() -> None:
+    global RUNS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="balance,experts,mtp,attention")
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument(
+        "--runs", default="runs/ablations", help="folder of the run folders (a smoke test uses a scratch one)"
+    )
     args = ap.parse_args()
+    RUNS = args.runs
     torch.set_num_threads(1)
     os.chdir(ROOT)
     OUT.mkdir(parents=True, exist_ok=True)
     results: dict = {}
     extra: dict = {}
+    models: dict[str, Transformer] = {}
     loads = []
 
     def write() -> None:
         loads.append(os.getloadavg()[0])
         load = sum(loads) / len(loads)
         curves = {k: {n: v for n, v in r.items()} for k, r in results.items()}
-        (OUT / "ablations.json").write_text(json.dumps({"steps": args.steps, "rows": curves, "inference": extra, "load_avg": load}, indent=2))
+        (OUT / "ablations.json").write_text(
+            json.dumps({"steps": args.steps, "rows": curves, "inference": extra, "load_avg": load}, indent=2)
+        )
         (OUT / "ablations.md").write_text(report(results, extra, args.steps, load))
 
     for group in args.only.split(","):
         for name, label, base, overrides in ROWS[group]:
             if name not in results:
                 print(f"== {group}: {name} ({label})", flush=True)
-                results[name] = run_row(name, base, overrides, args.steps)
+                results[name], models[name] = run_row(name, base, overrides, args.steps)
                 write()
         if group == "attention":
             for name, *_ in ROWS[group]:
-                extra[f"attention/{name}"] = attention_inference(name)
+                extra[f"attention/{name}"] = attention_inference(models[name])
                 print(name, extra[f"attention/{name}"], flush=True)
                 write()
         if group == "mtp":
-            extra["speculative"] = speculative("moe_b_bias")
+            extra["speculative"] = speculative(models["moe_b_bias"])
             print(extra["speculative"], flush=True)
             write()
     for group in args.only.split(","):

@@ -148,15 +148,14 @@ def addition_story(args: argparse.Namespace, step_s: float) -> dict:
     )
     del model
 
-    # one step here: 4 prompts × 8 completions ≈ 4× the 8-completion bench step, plus the periodic evaluation
-    per_step = 4 * step_s * 1.3
-    steps = max(5, int(args.grpo_minutes * 60 / per_step))
+    # one step here: 4 prompts × 4 completions ≈ 2× the 8-completion bench step (+30% margin)
+    steps = args.grpo_steps or max(5, int(args.grpo_minutes * 60 / (2 * step_s * 1.3)))
     out_dir = RUNS / "bench_grpo_addition"
     cfg = grpo.GRPOConfig(
         model="",
         data=str(train_file),
         rewards=["numeric_match"],
-        group_size=8,
+        group_size=4,
         prompts_per_step=4,
         max_new_tokens=args.eval_tokens,
         loop=LoopConfig(lr=args.lr, warmup_steps=3, max_steps=steps, ckpt_every=5, out_dir=str(out_dir)),
@@ -177,7 +176,7 @@ def addition_story(args: argparse.Namespace, step_s: float) -> dict:
         "grpo_steps": steps,
         "grpo_lr": args.lr,
         "grpo_wall_s": train_s,
-        "grpo_tokens_generated": sum(r["response_length"] * 32 for r in logged),
+        "grpo_tokens_generated": sum(r["response_length"] * 16 for r in logged),
         "reward_first5": sum(r["reward_mean"] for r in logged[:5]) / min(5, len(logged)),
         "reward_last5": sum(r["reward_mean"] for r in logged[-5:]) / min(5, len(logged)),
         "length_first5": sum(r["response_length"] for r in logged[:5]) / min(5, len(logged)),
@@ -203,7 +202,7 @@ def plot(jsonl: Path, png: Path) -> None:
         ax.plot([r["step"] for r in rows], [r[key] for r in rows])
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[-1].set_xlabel("GRPO step (4 prompts × 8 completions)")
+    axes[-1].set_xlabel("GRPO step (4 prompts × 4 completions)")
     fig.suptitle("GRPO, SmolLM2-135M-Instruct, 2-digit addition, answer-only reward")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
@@ -217,8 +216,9 @@ def write_md(r: dict, command: str) -> None:
     lines = [
         "## RL: GRPO step vs TRL, and the addition story",
         "",
-        f"`{command}` — SmolLM2-135M-Instruct fp32 on CPU ({r['threads']} torch threads; the machine is shared, so "
-        "absolute times vary between runs, the ratio less so).",
+        f"`{command}` — SmolLM2-135M-Instruct fp32 on CPU, {r['threads']} torch thread(s), load average "
+        f"{r['load_average']:.1f} on 2 cores when it started (the machine is shared with other jobs: absolute times "
+        "are several times an idle machine's; both implementations ran in the same process, one after the other).",
         "",
         "One GRPO step: 2 prompts × 4 completions, 32 new tokens, one update, β = 0, loss_type grpo (the 2nd of 2 "
         "steps timed). TRL: GRPOTrainer, `bf16=False, use_cpu=True, gradient_checkpointing=False`.",
@@ -245,7 +245,7 @@ def write_md(r: dict, command: str) -> None:
             f"| + GRPO, {a['grpo_steps']} steps, answer-only reward | first {a['after_n']} | "
             f"{a['accuracy_after_subset']:.1%} |",
             "",
-            f"GRPO: 4 prompts × 8 completions per step, lr {a['grpo_lr']:g}, β = 0, {a['grpo_steps']} steps in "
+            f"GRPO: 4 prompts × 4 completions per step, lr {a['grpo_lr']:g}, β = 0, {a['grpo_steps']} steps in "
             f"{a['grpo_wall_s'] / 60:.1f} min, {a['grpo_tokens_generated']:,.0f} completion tokens; mean reward "
             f"{a['reward_first5']:.2f} (first 5 steps) → {a['reward_last5']:.2f} (last 5); mean response length "
             f"{a['length_first5']:.1f} → {a['length_last5']:.1f} tokens. Curves: `docs/img/grpo_addition.png`.",
@@ -267,8 +267,16 @@ def main() -> None:
     ap.add_argument("--after-n", type=int, default=200, help="held-out problems scored after GRPO")
     ap.add_argument("--eval-tokens", type=int, default=32, help="new tokens per answer (eval and GRPO)")
     ap.add_argument("--lr", type=float, default=1e-5, help="learning rate of the addition GRPO run")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the shared 2-core machine)")
+    ap.add_argument(
+        "--grpo-steps", type=int, default=0, help="GRPO steps of the story (0: from --grpo-minutes)"
+    )
     ap.add_argument("--skip-story", action="store_true", help="only the one-step comparison")
+    ap.add_argument(
+        "--reuse-step", action="store_true", help="keep the one-step comparison of bench/results/rl.json"
+    )
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     command = ".venv/bin/python bench/bench_rl.py " + " ".join(sys.argv[1:])
     RESULTS.mkdir(parents=True, exist_ok=True)
 
@@ -276,17 +284,23 @@ def main() -> None:
 
     model_dir = gguf_to_folder(smollm2_gguf())
     data = write_grpo_jsonl(RUNS / "data" / "addition_bench_step.jsonl", train_problems(16, seed=7))
-    result: dict = {
-        "threads": torch.get_num_threads(),
-        "trl_version": trl.__version__,
-        "step": STEP,
-        "eval_tokens": args.eval_tokens,
-    }
-    result["ragseek"] = ragseek_step(model_dir, data)
-    print("ragseek", result["ragseek"], flush=True)
-    result["trl"] = trl_step(model_dir, data)
-    print("trl", result["trl"], flush=True)
-    result["ratio"] = result["ragseek"]["step_s"] / result["trl"]["step_s"]
+    if args.reuse_step:
+        result = json.loads((RESULTS / "rl.json").read_text())
+        command = result["command"] + f"  (story: {command})"
+    else:
+        result = {
+            "command": command,
+            "load_average": os.getloadavg()[0],
+            "threads": torch.get_num_threads(),
+            "trl_version": trl.__version__,
+            "step": STEP,
+        }
+        result["ragseek"] = ragseek_step(model_dir, data)
+        print("ragseek", result["ragseek"], flush=True)
+        result["trl"] = trl_step(model_dir, data)
+        print("trl", result["trl"], flush=True)
+        result["ratio"] = result["ragseek"]["step_s"] / result["trl"]["step_s"]
+    result["eval_tokens"] = args.eval_tokens
     (RESULTS / "rl.json").write_text(json.dumps(result, indent=2))
     write_md(result, command)
     if not args.skip_story:

@@ -2,7 +2,7 @@
 skeleton around their explicit loops. Each recipe's loop itself stays in its own file.
 
     cfg = load_config(SFTConfig, "configs/sft.yaml", ["loop.max_steps=20", "batch_size=4"])
-    run = start_run(cfg, cfg.loop, model, optimizer, sampler)       # resume, config.json, metrics log, progress
+    run = start_run(cfg, cfg.loop, model, optimizer, sampler)   # resume, config.json, metrics log, progress
     for step in range(run.start, cfg.loop.max_steps): ... run.log(step + 1, metrics, tokens); run.checkpoint(...)
     run.close(plot_keys)
 """
@@ -114,8 +114,10 @@ class Run:
         return Path(self.loop.out_dir)
 
     def log(self, step: int, metrics: Mapping[str, Any], tokens: int) -> None:
-        """Count `tokens`; every loop.log_every steps write a JSONL row and print the progress line."""
+        """Count `tokens` (the step's non-pad tokens, logged as seq_tokens); every loop.log_every steps write a
+        JSONL row and print the progress line."""
         self.progress.update(tokens)
+        metrics = {**metrics, "seq_tokens": tokens}
         if step % self.loop.log_every == 0:
             self.metrics.log(step, metrics)
             self.rows.append({"step": step, **metrics})
@@ -134,8 +136,8 @@ class Run:
 def start_run(
     cfg: Any, loop: LoopConfig, model: nn.Module, optimizer: torch.optim.Optimizer, sampler: EpochSampler
 ) -> Run:
-    """Restore the latest checkpoint when loop.resume (weights, AdamW, RNG, data position), save the resolved config,
-    open the metrics log (truncated to the resumed step)."""
+    """Restore the latest checkpoint when loop.resume (weights, AdamW, RNG, data position), save the resolved config
+    `cfg` (whose loop block is `loop`), open the metrics log (truncated to the resumed step)."""
     out = Path(loop.out_dir)
     ckpt = Checkpointer(out, loop.ckpt_every, loop.keep_last)
     start = 0

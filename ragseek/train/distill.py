@@ -39,7 +39,7 @@ from ragseek.train.common import (
     with_run_flags,
 )
 from ragseek.train.data import EpochSampler, collate_sft, load_sft, read_jsonl
-from ragseek.train.loop import LoopConfig, build_optimizer, micro_batches, set_seed, train_step
+from ragseek.train.loop import LoopConfig, build_optimizer, micro_batches, save_config, set_seed, train_step
 from ragseek.train.losses import SFTReduction, distill_loss
 from ragseek.train.tasks.addition import write_jsonl
 
@@ -130,6 +130,7 @@ def train_data(cfg: DistillConfig) -> list[dict]:
         llm = teacher_llm(cfg.teacher, cfg.teacher_base_url)
         generate_sft_data(llm, cfg.data, generated, cfg.max_new_tokens, cfg.gen_temperature)
         print(f"teacher answers written to {generated}", flush=True)
+    save_config(cfg, Path(cfg.loop.out_dir) / "distill_config.json")  # sft.train saves its own config.json
     student_cfg = sft.SFTConfig(
         model=cfg.student,
         data=str(generated),

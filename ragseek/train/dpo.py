@@ -15,7 +15,7 @@ rejected responses in one forward (`rollout.response_logps`), `losses.dpo_loss`.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -99,20 +99,11 @@ def with_ref_logps(micro: dict[str, Tensor], refs: Sequence[dict]) -> dict[str, 
     return {**micro, "ref_logps": padded}
 
 
-def train(cfg: DPOConfig) -> list[dict]:
-    """Train with DPO as configured; returns this run's metrics rows (also in `<out_dir>/metrics.jsonl`)."""
-    set_seed(cfg.loop.seed)
-    model, tokenizer = load_model(cfg.model)
-    # the reference: the starting policy (before any resume) or ref_model, frozen
-    reference = frozen(load_model(cfg.ref_model)[0] if cfg.ref_model else copy.deepcopy(model))
-    model.train()
-    pairs = load_preference(cfg.data, tokenizer, cfg.max_len)
-    refs = None
-    if cfg.precompute_ref:
-        refs, reference = reference_logps(reference, pairs, tokenizer.pad_id, cfg.batch_size), None
-    sampler = EpochSampler(len(pairs), cfg.batch_size, seed=cfg.loop.seed)
-    optimizer = build_optimizer(model, cfg.loop)
-    run = start_run(cfg, cfg.loop, model, optimizer, sampler)
+def dpo_loss_fn(
+    model: nn.Module, reference: nn.Module | None, cfg: DPOConfig
+) -> Callable[[dict[str, Tensor]], tuple[Tensor, dict[str, float]]]:
+    """The step's loss on a micro-batch: the policy's logps against the live reference's, or against the
+    precomputed "ref_logps" of the micro-batch when `reference` is None."""
 
     def loss_fn(mb: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         chosen, rejected, chosen_mask, rejected_mask = pair_logps(model, mb)
@@ -132,6 +123,24 @@ def train(cfg: DPOConfig) -> list[dict]:
             cfg.length_normalize,
         )
 
+    return loss_fn
+
+
+def train(cfg: DPOConfig) -> list[dict]:
+    """Train with DPO as configured; returns this run's metrics rows (also in `<out_dir>/metrics.jsonl`)."""
+    set_seed(cfg.loop.seed)
+    model, tokenizer = load_model(cfg.model)
+    # the reference: the starting policy (before any resume) or ref_model, frozen
+    reference = frozen(load_model(cfg.ref_model)[0] if cfg.ref_model else copy.deepcopy(model))
+    model.train()
+    pairs = load_preference(cfg.data, tokenizer, cfg.max_len)
+    refs = None
+    if cfg.precompute_ref:
+        refs, reference = reference_logps(reference, pairs, tokenizer.pad_id, cfg.batch_size), None
+    sampler = EpochSampler(len(pairs), cfg.batch_size, seed=cfg.loop.seed)
+    optimizer = build_optimizer(model, cfg.loop)
+    run = start_run(cfg, cfg.loop, model, optimizer, sampler)
+    loss_fn = dpo_loss_fn(model, reference, cfg)
     for step in range(run.start, cfg.loop.max_steps):
         indices = sampler.next_batch()
         micro = preference_micro_batches([pairs[i] for i in indices], cfg.loop, tokenizer.pad_id)

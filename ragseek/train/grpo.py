@@ -42,7 +42,14 @@ from ragseek.train.common import (
 )
 from ragseek.train.data import EpochSampler, load_prompts, pad_right
 from ragseek.train.loop import LoopConfig, build_optimizer, micro_batches, set_seed, train_step
-from ragseek.train.losses import AdvantageScale, GRPOLossType, grpo_advantages, grpo_loss
+from ragseek.train.losses import (
+    ADVANTAGE_STD,
+    GRPO_AGGREGATION,
+    AdvantageScale,
+    GRPOLossType,
+    grpo_advantages,
+    grpo_loss,
+)
 from ragseek.train.rewards import code_reward, format_reward, numeric_match_reward
 from ragseek.train.rollout import response_logps
 
@@ -96,6 +103,13 @@ class GRPOConfig:
 
     def __post_init__(self) -> None:
         self.loop = nested_loop(self.loop)
+        if not self.data:
+            raise ValueError('set data: a JSONL file of {"prompt"} or {"question", "answer"} rows')
+        if self.loss_type not in GRPO_AGGREGATION or self.scale_rewards not in ADVANTAGE_STD:
+            raise ValueError(
+                f"loss_type={self.loss_type!r}, scale_rewards={self.scale_rewards!r}: choose loss_type from "
+                f"{sorted(GRPO_AGGREGATION)} and scale_rewards from {sorted(ADVANTAGE_STD)}"
+            )
         if self.reward_weights and len(self.reward_weights) != len(self.rewards):
             raise ValueError(
                 f"{len(self.reward_weights)} reward_weights for {len(self.rewards)} rewards: give one per reward"
@@ -286,7 +300,7 @@ def train(cfg: GRPOConfig) -> list[dict]:
             metrics["eval_accuracy"] = evaluate_math(model, tokenizer, eval_rows, cfg.max_new_tokens)[
                 "accuracy"
             ]
-        run.log(step + 1, metrics, generated)
+        run.log(step + 1, metrics, int(batch["attention_mask"].sum()))
         run.checkpoint(step + 1)
     run.close(PLOT_KEYS)
     save_final(model, tokenizer, run.out / "final")

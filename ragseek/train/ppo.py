@@ -84,6 +84,8 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         self.loop = nested_loop(self.loop)
+        if not self.data:
+            raise ValueError('set data: a JSONL file of {"prompt"} or {"question", "answer"} rows')
         if (self.prompts_per_step * self.samples_per_prompt) % self.loop.grad_accum:
             raise ValueError(
                 f"{self.prompts_per_step * self.samples_per_prompt} sequences per step do not split into "
@@ -190,7 +192,7 @@ def train(cfg: PPOConfig) -> list[dict]:
         }
         if each:
             metrics["accuracy"] = (each[0] >= 1).float().mean().item()
-        run.log(step + 1, metrics, generated)
+        run.log(step + 1, metrics, int(batch["attention_mask"].sum()))
         run.checkpoint(step + 1)
     run.close(PLOT_KEYS)
     save_final(policy, tokenizer, run.out / "final")

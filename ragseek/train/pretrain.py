@@ -23,10 +23,11 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+import typer
 
 from ragseek.defaults import shared_data_dir
 from ragseek.model.config import ModelConfig
@@ -67,22 +68,30 @@ def default_corpus() -> list[str]:
     """SciFact abstracts (title + text) and GSM8K train (question + answer) from ../shared/data."""
     root = shared_data_dir()
     if root is None:
-        raise FileNotFoundError("no ../shared/data (or RAGSEEK_DATA): set `data` to .txt / .jsonl files or folders")
+        raise FileNotFoundError(
+            "no ../shared/data (or RAGSEEK_DATA): set `data` to .txt / .jsonl files or folders"
+        )
     return [str(root / "scifact" / "corpus.jsonl"), str(root / "gsm8k" / "train.jsonl")]
 
 
 @dataclass
 class PretrainConfig:
     model: dict = _f(dict, "ModelConfig fields; vocab_size is taken from the tokenizer")
-    data: list[str] = _f(list, ".txt / .jsonl files or folders ([] = SciFact corpus + GSM8K train in ../shared)")
+    data: list[str] = _f(
+        list, ".txt / .jsonl files or folders ([] = SciFact corpus + GSM8K train in ../shared)"
+    )
     data_dir: str = _f("", "where the tokenizer and token files go, reused when present ('' = out_dir/data)")
-    tokenizer: str = _f("bpe", "bpe (train a byte-level BPE on the corpus) or a tokenizer folder / .gguf file")
+    tokenizer: str = _f(
+        "bpe", "bpe (train a byte-level BPE on the corpus) or a tokenizer folder / .gguf file"
+    )
     vocab_size: int = _f(4096, "BPE vocabulary size (tokenizer=bpe)")
     max_docs: int = _f(0, "use only the first this many documents (0 = all)")
     val_fraction: float = _f(0.05, "last fraction of the documents held out for validation")
     seq_len: int = _f(256, "tokens per training window")
     batch_size: int = _f(8, "windows per optimizer step (split into loop.grad_accum micro-batches)")
-    balance: Balance = _f("bias", "MoE balancing: bias (aux-loss-free, speed model.bias_update_speed), aux, none")
+    balance: Balance = _f(
+        "bias", "MoE balancing: bias (aux-loss-free, speed model.bias_update_speed), aux, none"
+    )
     val_windows: int = _f(32, "validation windows of seq_len tokens, evenly spaced over val.bin")
     num_threads: int = _f(0, "torch CPU threads (0 = torch's default); 1 is much faster on a busy shared CPU")
     loop: LoopConfig = _f(LoopConfig, "lr, schedule, steps, checkpoints, eval_every, out_dir, resume")
@@ -138,7 +147,9 @@ def build_model(cfg: PretrainConfig, vocab_size: int, eos_id: int) -> Transforme
     if cfg.balance != "aux":
         model_cfg = replace(model_cfg, aux_loss_alpha=0.0)
     elif model_cfg.n_routed_experts and model_cfg.aux_loss_alpha <= 0:
-        raise ValueError("balance=aux needs model.aux_loss_alpha > 0 (DeepSeek-V3 uses 1e-4; Wang et al. 1e-2)")
+        raise ValueError(
+            "balance=aux needs model.aux_loss_alpha > 0 (DeepSeek-V3 uses 1e-4; Wang et al. 1e-2)"
+        )
     return Transformer(model_cfg)
 
 
@@ -158,9 +169,16 @@ def balance_step(model: Transformer, balance: Balance) -> dict[str, Any]:
         return {}
     loads = [m.load.clone() for m in model.moe_layers]
     for m in model.moe_layers:
-        m.update_bias() if balance == "bias" else m.reset_load()
+        if balance == "bias":
+            m.update_bias()  # uses and then resets the load accumulated over this step's micro-batches
+        else:
+            m.reset_load()
     maxvio = [max_violation(c) for c in loads]
-    return {"maxvio": sum(maxvio) / len(maxvio), "maxvio_layers": maxvio, "expert_load": [c.tolist() for c in loads]}
+    return {
+        "maxvio": sum(maxvio) / len(maxvio),
+        "maxvio_layers": maxvio,
+        "expert_load": [c.tolist() for c in loads],
+    }
 
 
 @torch.no_grad()
@@ -257,18 +275,25 @@ def _load(config: str | None, overrides: list[str], out: str | None, resume: boo
     return load_config(PretrainConfig, config, extra)
 
 
-def register_pretrain(train_app: Any) -> None:
+def register_pretrain(train_app: typer.Typer) -> None:
     """Add `pretrain` to the `ragseek train` group."""
-    import typer
 
     def pretrain(
-        config: str = typer.Option(None, help="YAML file with PretrainConfig fields (see configs/pretrain_tiny.yaml)"),
-        set_: list[str] = typer.Option([], "--set", help="override a field: key=value, model.key=value, loop.key=value"),
-        out: str = typer.Option(None, help="output folder (loop.out_dir)"),
-        resume: bool = typer.Option(False, help="continue from the latest checkpoint in the output folder"),
+        config: Annotated[
+            str | None,
+            typer.Option(help="YAML file with PretrainConfig fields (see configs/pretrain_tiny.yaml)"),
+        ] = None,
+        set_: Annotated[
+            list[str] | None,
+            typer.Option("--set", help="override a field: key=value, model.key=value, loop.key=value"),
+        ] = None,
+        out: Annotated[str | None, typer.Option(help="output folder (loop.out_dir)")] = None,
+        resume: Annotated[
+            bool, typer.Option(help="continue from the latest checkpoint in the output folder")
+        ] = False,
     ) -> None:
         """Pretrain a DeepSeek-style model from scratch (BPE, MTP, MoE balancing bias|aux|none, val perplexity)."""
-        train(_load(config, set_, out, resume))
+        train(_load(config, set_ or [], out, resume))
 
     train_app.command("pretrain")(pretrain)
 

@@ -8,7 +8,7 @@ last non-pad token, through a Linear(dim, 1). Trained on JSONL {"prompt", "chose
     L(φ) = −E_{(x, y_b, y_w)~D} [ log σ(r_φ(x, y_b) − r_φ(x, y_w)) ]          (`losses.bradley_terry_loss`)
 
 and scored by held-out accuracy (the share of pairs with r(chosen) > r(rejected)). Saved to `<out_dir>/final`:
-the trunk with `save_pretrained`, its tokenizer, and the head in value_head.safetensors; `load_reward_model(path)`
+the trunk with `save_pretrained`, its tokenizer, and the head in value_head/value_head.safetensors; `load_reward_model(path)`
 reads it back (PPO scores its rollouts with it).
 """
 
@@ -36,7 +36,9 @@ from ragseek.train.data import EpochSampler, collate_preference, load_preference
 from ragseek.train.loop import LoopConfig, build_optimizer, set_seed, train_step
 from ragseek.train.losses import bradley_terry_loss
 
-VALUE_HEAD_FILE = "value_head.safetensors"
+VALUE_HEAD_FILE = (
+    "value_head/value_head.safetensors"  # a subfolder: the trunk's loader reads every *.safetensors
+)
 PLOT_KEYS = ("loss", "accuracy", "margin", "eval_accuracy", "lr")
 
 
@@ -58,8 +60,9 @@ class RewardModel(nn.Module):
         return self.value_head(h_last).squeeze(-1).float()
 
     def save_pretrained(self, path: str | Path) -> None:
-        """The trunk as an HF folder (save_pretrained) plus value_head.safetensors beside it."""
+        """The trunk as an HF folder (save_pretrained) plus value_head/value_head.safetensors inside it."""
         self.trunk.save_pretrained(path)
+        (Path(path) / VALUE_HEAD_FILE).parent.mkdir(exist_ok=True)
         save_file(
             {k: v.contiguous() for k, v in self.value_head.state_dict().items()},
             str(Path(path) / VALUE_HEAD_FILE),

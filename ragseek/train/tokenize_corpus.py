@@ -112,10 +112,14 @@ def load_split(folder: str | Path) -> TokenSplit | None:
     folder = Path(folder)
     if not (folder / "meta.json").is_file():
         return None
-    return TokenSplit(folder / "train.bin", folder / "val.bin", json.loads((folder / "meta.json").read_text()))
+    return TokenSplit(
+        folder / "train.bin", folder / "val.bin", json.loads((folder / "meta.json").read_text())
+    )
 
 
 def open_tokens(split: TokenSplit, name: str) -> np.memmap:
     """The `name` ("train" / "val") token file as a read-only memmap of exactly its token count."""
     path = {"train": split.train, "val": split.val}[name]
-    return np.memmap(path, dtype=np.dtype(split.meta["dtype"]), mode="r", shape=(split.meta[f"{name}_tokens"],))
+    return np.memmap(
+        path, dtype=np.dtype(split.meta["dtype"]), mode="r", shape=(split.meta[f"{name}_tokens"],)
+    )

@@ -68,11 +68,12 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tokenizer) -> dict[str, Path]:
-    """Tiny random models (dim 32, 2 layers) saved with SmolLM2's tokenizer beside them."""
+    """Tiny random models (dim 32, 2 layers) saved with SmolLM2's tokenizer beside them; "teacher" is a dense one
+    with large initial weights, so its next-token distributions are far from uniform."""
     root = tmp_path_factory.mktemp("models")
     out = {}
-    for name, kw in MODELS.items():
-        torch.manual_seed(0)
+    for name, kw in {**MODELS, "teacher": {**MODELS["dense_gqa"], "init_std": 0.5}}.items():
+        torch.manual_seed(len(out))
         model = Transformer(
             ModelConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, max_seq_len=128, **kw)
         )
@@ -218,7 +219,7 @@ def logit_cfg(
 def test_logit_distillation_moves_the_student_to_the_teacher(models, toy, tmp_path):
     """α = 0: only the soft targets, L = T²·KL(teacher ‖ student); the KL to the teacher falls."""
     rows = distill.train(logit_cfg(models, toy, tmp_path, alpha=0.0))
-    assert rows[0]["kl"] > 0.1 and rows[-1]["kl"] < 0.7 * rows[0]["kl"]
+    assert rows[0]["kl"] > 0.1 and rows[-1]["kl"] < 0.8 * rows[0]["kl"]
     assert rows[0]["loss"] == pytest.approx(4 * rows[0]["kl"], rel=1e-6)
     assert changed(models["dense_gqa"], tmp_path / "final")
 
