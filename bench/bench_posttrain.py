@@ -8,7 +8,8 @@ greedy, through the chat template, by the final number of the completion (`ragse
   base        SmolLM2-135M-Instruct as shipped (the lecture: ~18%)
   sft_worked  v0 SFT on worked solutions ("units: 2 + 9 = 11, write 1 carry 1; tens: ...")
   sft_answer  SFT on the answers only
-  dpo         DPO from the base model on (correct answer, the base model's own wrong answer) pairs
+  dpo         DPO from the base model on (correct answer, the base model's own wrong answer) pairs; the chosen
+              response is the model's own text with its final number corrected, so only the sum differs
   distill_*   a tiny random ragseek model (same tokenizer) distilled from sft_worked: kind=data (the teacher writes
               worked solutions for training prompts, then SFT) and kind=logit (α·CE + (1−α)·T²·KL on the fly)
 and one DPO step on SmolLM2 (4 pairs, 128 tokens, fp32, CPU), ragseek against TRL's DPOTrainer, same settings.
@@ -21,6 +22,7 @@ import argparse
 import json
 import math
 import random
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -117,6 +119,17 @@ def own_wrong_answers(model_dir: str, problems: list, work: Path, batch: int) ->
         (p, c) for p, c in zip(problems, out["completions"], strict=True) if not addition.is_correct(c, p)
     ]
     return [p for p, _ in wrong], [c for _, c in wrong]
+
+
+def corrected(completion: str, problem: addition.Problem) -> str:
+    """The model's own wrong answer with its final number replaced by a + b: same style, right sum."""
+    numbers = list(re.finditer(r"-?\d+(?:\.\d+)?", completion))
+    if numbers:
+        last = numbers[-1]
+        fixed = completion[: last.start()] + str(problem.answer) + completion[last.end() :]
+        if addition.is_correct(fixed, problem):
+            return fixed
+    return str(problem.answer)
 
 
 def student_init(teacher_dir: str, path: Path) -> str:
@@ -302,7 +315,13 @@ def main() -> None:
     dpo_problems, rejected = own_wrong_answers(
         base, addition.train_problems(sizes.dpo_problems, seed=2), work, sizes.eval_batch
     )
-    pairs = addition.write_dpo_jsonl(work / "dpo_pairs.jsonl", dpo_problems, rejected, "answer")
+    pairs = addition.write_jsonl(
+        work / "dpo_pairs.jsonl",
+        (
+            {"prompt": p.question, "chosen": corrected(bad, p), "rejected": bad}
+            for p, bad in zip(dpo_problems, rejected, strict=True)
+        ),
+    )
     cfg = dpo.DPOConfig(
         model=base,
         data=str(pairs),
@@ -352,14 +371,15 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
     lines = [
         "## Post-training I: the addition story (SFT, DPO, distillation)",
         "",
-        "`.venv/bin/python bench/bench_posttrain.py`" + (" --quick" if args.quick else ""),
+        "`.venv/bin/python bench/bench_posttrain.py" + (" --quick`" if args.quick else "`"),
         "",
         f'SmolLM2-135M-Instruct (fp32, CPU, {results["threads"]} threads) on "What is a + b?" (two 2-digit numbers), '
         f"greedy, chat template, accuracy on the first {s['n_eval']} of the 500 held-out problems "
         "(`addition.eval_problems()`, a seed never used for training). What was run:",
         f"- **sft_worked**: v0 SFT on worked solutions, {s['sft_steps']} steps × {s['sft_batch']} examples "
         f"(of {s['sft_problems']} training problems), lr {s['sft_lr']}; **sft_answer**: the same on the answers only.",
-        f"- **dpo**: from the base model, pairs (correct answer, the base model's own wrong greedy answer) on "
+        f"- **dpo**: from the base model, pairs (chosen: the model's own answer with its final number corrected, "
+        f"rejected: the base model's own wrong greedy answer) on "
         f"{s['dpo_problems']} training problems (the wrong ones kept), {s['dpo_steps']} steps × {s['dpo_batch']} "
         f"pairs, β = {s['dpo_beta']}, length-normalised, precomputed reference, lr {s['dpo_lr']}.",
         f"- **distill_data / distill_logit**: a random tiny ragseek student (dim {STUDENT.dim}, {STUDENT.n_layers} "
