@@ -48,11 +48,13 @@ def _command(module: str, help: str) -> Any:
 def register(app: typer.Typer) -> None:
     """Add the `train` group to the `ragseek` app."""
     train_app = typer.Typer(
-        no_args_is_help=True, help="Post-training recipes: sft, distill, rm, dpo, grpo, ppo."
+        no_args_is_help=True, help="Training recipes: pretrain, sft, distill, rm, dpo, grpo, ppo."
     )
     for name, (module, help) in RECIPES.items():
         train_app.command(name)(_command(module, help))
     from ragseek.train.grpo import register_rl
+    from ragseek.train.pretrain import register_pretrain
 
     register_rl(train_app)
+    register_pretrain(train_app)
     app.add_typer(train_app, name="train")
