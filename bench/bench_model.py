@@ -78,10 +78,15 @@ def speed_rows() -> list[dict]:
         for B in (1, 8):
             t_hf = best_of(hf_decode(B))
             t_ours = best_of(ragseek_decode(ours, B))
-            rows.append(dict(metric=f"decode tok/s, batch {B}", transformers=B * NEW / t_hf, ragseek=B * NEW / t_ours))
+            rows.append(
+                dict(metric=f"decode tok/s, batch {B}", transformers=B * NEW / t_hf, ragseek=B * NEW / t_ours)
+            )
         rows.append(
-            dict(metric=f"prefill tok/s, {PREFILL} tokens", transformers=PREFILL / best_of(prefill(hf)),
-                 ragseek=PREFILL / best_of(prefill(ours)))
+            dict(
+                metric=f"prefill tok/s, {PREFILL} tokens",
+                transformers=PREFILL / best_of(prefill(hf)),
+                ragseek=PREFILL / best_of(prefill(ours)),
+            )
         )
         quantize_weights(ours, "int8")
         for i, B in enumerate((1, 8)):
@@ -99,13 +104,25 @@ def kv_rows() -> list[dict]:
     from ragseek.model.config import ModelConfig
 
     n_h, d_h, d_c, d_r, n_g = 128, 128, 512, 64, 8
-    base = dict(dim=7168, n_heads=n_h, head_dim=d_h, kv_lora_rank=d_c, qk_rope_head_dim=d_r, qk_nope_head_dim=128,
-                v_head_dim=128, q_lora_rank=1536)
+    base = dict(
+        dim=7168,
+        n_heads=n_h,
+        head_dim=d_h,
+        kv_lora_rank=d_c,
+        qk_rope_head_dim=d_r,
+        qk_nope_head_dim=128,
+        v_head_dim=128,
+        q_lora_rank=1536,
+    )
     cases = [
         ("MHA", dict(attention="mha", n_kv_heads=n_h), 2 * n_h * d_h),
         (f"GQA ({n_g} groups)", dict(attention="gqa", n_kv_heads=n_g), 2 * n_g * d_h),
         ("MQA", dict(attention="mqa", n_kv_heads=1), 2 * d_h),
-        ("MLA naive (full per-head K/V)", dict(attention="mla", n_kv_heads=n_h, mla_impl="naive"), n_h * (128 + d_r + 128)),
+        (
+            "MLA naive (full per-head K/V)",
+            dict(attention="mla", n_kv_heads=n_h, mla_impl="naive"),
+            n_h * (128 + d_r + 128),
+        ),
         ("MLA absorbed (latent only)", dict(attention="mla", n_kv_heads=n_h, mla_impl="absorbed"), d_c + d_r),
     ]
     rows = []
@@ -114,9 +131,16 @@ def kv_rows() -> list[dict]:
         with torch.device("meta"):  # the weights are never needed: only the cache layout
             attn = ATTENTION[cfg.attention](cfg)
         per_token = LayerCache(attn.cache_shapes(), 1, 1, torch.bfloat16).nbytes
-        rows.append(dict(attention=name, bytes_per_token_layer_bf16=per_token, formula_elements=formula,
-                         formula_bytes_bf16=2 * formula, matches=per_token == 2 * formula,
-                         v3_61_layers_128k_ctx_GiB=per_token * 61 * 131072 / 2**30))
+        rows.append(
+            dict(
+                attention=name,
+                bytes_per_token_layer_bf16=per_token,
+                formula_elements=formula,
+                formula_bytes_bf16=2 * formula,
+                matches=per_token == 2 * formula,
+                v3_61_layers_128k_ctx_GiB=per_token * 61 * 131072 / 2**30,
+            )
+        )
     return rows
 
 
@@ -125,7 +149,9 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     speed = speed_rows()
     kv = kv_rows()
-    (OUT / "model.json").write_text(json.dumps({"threads": THREADS, "speed": speed, "kv_cache": kv}, indent=2))
+    (OUT / "model.json").write_text(
+        json.dumps({"threads": THREADS, "speed": speed, "kv_cache": kv}, indent=2)
+    )
     lines = [
         "## Model: SmolLM2-135M speed and KV-cache memory",
         "",
@@ -136,8 +162,10 @@ def main() -> None:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in speed:
-        lines.append(f"| {r['metric']} | {r['transformers']:.1f} | {r['ragseek']:.1f} | {r['speedup']:.2f}x | "
-                     f"{r['ragseek_int8']:.1f} | {r['speedup_int8']:.2f}x |")
+        lines.append(
+            f"| {r['metric']} | {r['transformers']:.1f} | {r['ragseek']:.1f} | {r['speedup']:.2f}x | "
+            f"{r['ragseek_int8']:.1f} | {r['speedup_int8']:.2f}x |"
+        )
     lines += [
         "",
         "Batch-1 fp32 decoding reads all 540 MB of weights per token, so on this 2-core machine both libraries sit at "
@@ -150,8 +178,10 @@ def main() -> None:
         "|---|---:|---:|---|---:|",
     ]
     for r in kv:
-        lines.append(f"| {r['attention']} | {r['bytes_per_token_layer_bf16']:,} | {r['formula_elements']:,} | "
-                     f"{'yes' if r['matches'] else 'NO'} | {r['v3_61_layers_128k_ctx_GiB']:.1f} GiB |")
+        lines.append(
+            f"| {r['attention']} | {r['bytes_per_token_layer_bf16']:,} | {r['formula_elements']:,} | "
+            f"{'yes' if r['matches'] else 'NO'} | {r['v3_61_layers_128k_ctx_GiB']:.1f} GiB |"
+        )
     (OUT / "model.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

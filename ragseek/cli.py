@@ -16,7 +16,9 @@ app.add_typer(eval_app, name="eval")
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="the user message (or raw text with --raw)"),
-    model: str = typer.Option(None, help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)"),
+    model: str = typer.Option(
+        None, help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)"
+    ),
     max_new_tokens: int = typer.Option(128, help="tokens generated at most"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
     top_k: int = typer.Option(0, help="keep the k most likely tokens (0 = all)"),
@@ -25,17 +27,20 @@ def generate(
     stop: list[str] = typer.Option(None, help="stop string (repeatable)"),
     system: str = typer.Option(None, help="system message (default: the model's chat template default)"),
     raw: bool = typer.Option(False, help="feed the prompt as is, without the chat template"),
-    quantize: str = typer.Option(None, help="'int8': int8 weights for the linear layers (faster decoding on CPU)"),
-    json_out: bool = typer.Option(False, "--json", help='print {"text", "tokens", "logprobs"} instead of streaming'),
+    quantize: str = typer.Option(
+        None, help="'int8': int8 weights for the linear layers (faster decoding on CPU)"
+    ),
+    json_out: bool = typer.Option(
+        False, "--json", help='print {"text", "tokens", "logprobs"} instead of streaming'
+    ),
 ) -> None:
     """Generate text with ragseek's own Transformer (streams to the terminal)."""
     import json
     import sys
 
-    from ragseek.model import SamplingConfig, Transformer, load_tokenizer
-    from ragseek.model import generate as run_generate
-    from ragseek.model import stream
     from ragseek.defaults import smollm2_gguf
+    from ragseek.model import SamplingConfig, Transformer, load_tokenizer, stream
+    from ragseek.model import generate as run_generate
     from ragseek.model.quant import quantize_weights
 
     path = model or str(smollm2_gguf())
@@ -43,13 +48,25 @@ def generate(
     if quantize:
         quantize_weights(net, quantize)
     tok = load_tokenizer(path)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
     text = prompt if raw else tok.apply_chat_template(messages, add_generation_prompt=True)
-    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                         stop=list(stop or []))
+    cfg = SamplingConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop=list(stop or []),
+    )
     if json_out:
         g = run_generate(net, tok, text, cfg)[0]
-        print(json.dumps({"text": g.text, "tokens": g.tokens, "logprobs": g.logprobs, "finish_reason": g.finish_reason}))
+        print(
+            json.dumps(
+                {"text": g.text, "tokens": g.tokens, "logprobs": g.logprobs, "finish_reason": g.finish_reason}
+            )
+        )
         return
     for piece in stream(net, tok, text, cfg):
         sys.stdout.write(piece)
@@ -60,7 +77,6 @@ def generate(
 # Each area registers its own commands.
 from ragseek.llm.cli import register as _register_llm  # noqa: E402
 from ragseek.rag.cli import register as _register_rag  # noqa: E402
-
 from ragseek.train.cli import register as _register_train  # noqa: E402
 from ragseek.train.evaluate_math import register_math as _register_math  # noqa: E402
 

@@ -5,4 +5,13 @@ from ragseek.model.generate import Generation, SamplingConfig, generate, stream
 from ragseek.model.tokenizer import Tokenizer, load_tokenizer
 from ragseek.model.transformer import Transformer
 
-__all__ = ["ModelConfig", "Transformer", "Tokenizer", "load_tokenizer", "generate", "stream", "Generation", "SamplingConfig"]
+__all__ = [
+    "ModelConfig",
+    "Transformer",
+    "Tokenizer",
+    "load_tokenizer",
+    "generate",
+    "stream",
+    "Generation",
+    "SamplingConfig",
+]

@@ -40,7 +40,8 @@ class LayerCache:
         self.max_seq_len = max_seq_len
         store_dtype = torch.int8 if quantize else dtype
         self.data = {
-            name: torch.zeros(batch_size, g, max_seq_len, d, dtype=store_dtype) for name, (g, d) in shapes.items()
+            name: torch.zeros(batch_size, g, max_seq_len, d, dtype=store_dtype)
+            for name, (g, d) in shapes.items()
         }
         self.scale = (
             {name: torch.zeros(batch_size, g, max_seq_len, 1, dtype=dtype) for name, (g, _) in shapes.items()}
@@ -57,7 +58,9 @@ class LayerCache:
         """Write each new (B, G, T, D) tensor at positions [start, start + T); return all of [0, start + T)."""
         end = start + next(iter(new.values())).shape[2]
         if end > self.max_seq_len:
-            raise ValueError(f"the KV cache holds {self.max_seq_len} positions, {end} needed: make a larger cache")
+            raise ValueError(
+                f"the KV cache holds {self.max_seq_len} positions, {end} needed: make a larger cache"
+            )
         out = {}
         for name, x in new.items():
             if self.quantize:
@@ -221,9 +224,13 @@ class MLAttention(nn.Module):
         wkv_b = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = wkv_b[:, : self.nope], wkv_b[:, self.nope :]  # (H, nope, d_c), (H, v_dim, d_c)
         q_latent = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # W_UK^T q_C: (B, H, T, d_c)
-        latent = cache.update(start_pos, latent=torch.cat([c_kv, k_rope], dim=-1))["latent"]  # (B, 1, S, d_c + rope)
+        latent = cache.update(start_pos, latent=torch.cat([c_kv, k_rope], dim=-1))[
+            "latent"
+        ]  # (B, 1, S, d_c + rope)
         q = torch.cat([q_latent, q_rope], dim=-1)
-        out_latent = grouped_attention(q, latent, latent[..., : self.kv_lora_rank], mask, self.scale)  # (B,H,T,d_c)
+        out_latent = grouped_attention(
+            q, latent, latent[..., : self.kv_lora_rank], mask, self.scale
+        )  # (B,H,T,d_c)
         return torch.einsum("bhtc,hdc->bhtd", out_latent, w_uv)  # W_UV applied after attention
 
 

@@ -26,7 +26,10 @@ from ragseek.model.transformer import Transformer
 
 _EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _MTP_OWN = {"enorm", "hnorm", "eh_proj", "shared_head.norm"}
-_MTP_SHARED_COPIES = ("embed_tokens.weight", "shared_head.head.weight")  # V3 stores copies of the shared weights
+_MTP_SHARED_COPIES = (
+    "embed_tokens.weight",
+    "shared_head.head.weight",
+)  # V3 stores copies of the shared weights
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
@@ -38,9 +41,15 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Transfor
             f"{path}: expected a folder with config.json and *.safetensors (a transformers checkpoint) or a .gguf file"
         )
     hf = json.loads((path / "config.json").read_text())
-    cfg = ModelConfig.from_dict(hf["ragseek"]) if hf.get("model_type") == "ragseek" else ModelConfig.from_hf_config(hf)
+    cfg = (
+        ModelConfig.from_dict(hf["ragseek"])
+        if hf.get("model_type") == "ragseek"
+        else ModelConfig.from_hf_config(hf)
+    )
     tensors = _read_safetensors(path)
-    if cfg.model_type == "deepseek_v3":  # load the MTP modules a V3 checkpoint carries as layers n_layers, n_layers+1..
+    if (
+        cfg.model_type == "deepseek_v3"
+    ):  # load the MTP modules a V3 checkpoint carries as layers n_layers, n_layers+1..
         depth = 0
         while f"model.layers.{cfg.n_layers + depth}.eh_proj.weight" in tensors:
             depth += 1
@@ -50,7 +59,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Transfor
     state = hf_to_ragseek(tensors, cfg)
     _check_state(model, state, path)
     model.load_state_dict(state, strict=False, assign=True)
-    model.rotary = type(model.rotary)(cfg)  # buffers are not in the checkpoint: rebuild them off the meta device
+    model.rotary = type(model.rotary)(
+        cfg
+    )  # buffers are not in the checkpoint: rebuild them off the meta device
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     for moe in model.moe_layers:
@@ -64,7 +75,11 @@ def save_model(model: Transformer, path: str | Path) -> None:
     cfg = model.cfg
     (path / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2) + "\n")
     tensors = ragseek_to_hf(model.state_dict(), cfg)
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"), {"format": "pt"})
+    save_file(
+        {k: v.detach().contiguous() for k, v in tensors.items()},
+        str(path / "model.safetensors"),
+        {"format": "pt"},
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -147,7 +162,11 @@ def _check_state(model: Transformer, state: dict[str, torch.Tensor], path: Path)
         expected.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs config {tuple(s)}" for k, s in expected.items() if k in state and state[k].shape != s]
+    wrong = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs config {tuple(s)}"
+        for k, s in expected.items()
+        if k in state and state[k].shape != s
+    ]
     if missing or unexpected or wrong:
         lines = [f"{path}: the weights do not match config.json"]
         if missing:
@@ -168,7 +187,9 @@ def gguf_to_folder(gguf_path: Path) -> Path:
     from ragseek.model.gguf import read_gguf
 
     stat = gguf_path.stat()
-    digest = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    digest = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[
+        :12
+    ]
     folder = cache_dir() / "gguf" / f"{gguf_path.stem}-{digest}"
     if (folder / "model.safetensors").is_file():
         return folder
@@ -176,7 +197,11 @@ def gguf_to_folder(gguf_path: Path) -> Path:
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "config.json").write_text(json.dumps(ckpt.hf_config, indent=2) + "\n")
-    save_file({k: v.contiguous() for k, v in ckpt.state_dict.items()}, str(tmp / "model.safetensors"), {"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in ckpt.state_dict.items()},
+        str(tmp / "model.safetensors"),
+        {"format": "pt"},
+    )
     ckpt.tokenizer.save(tmp)
     tmp.replace(folder)  # atomic: a killed conversion leaves only the .tmp folder, redone next time
     return folder

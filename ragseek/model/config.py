@@ -43,11 +43,15 @@ class ModelConfig:
     max_seq_len: int = _f(8192, "longest sequence the rotary table and KV caches are built for")
     tie_embeddings: bool = _f(True, "share the token embedding matrix with the output head")
     init_std: float = _f(0.02, "std of the normal init for freshly built (not loaded) weights")
-    bos_token_id: int | None = _f(None, "begin-of-sequence id (metadata only: the model never owns the tokenizer)")
+    bos_token_id: int | None = _f(
+        None, "begin-of-sequence id (metadata only: the model never owns the tokenizer)"
+    )
     eos_token_id: int | None = _f(None, "end-of-sequence id (metadata only)")
 
     # --- attention
-    attention: AttentionKind = _f("gqa", "mha, gqa, mqa (set by n_kv_heads) or mla (multi-head latent attention)")
+    attention: AttentionKind = _f(
+        "gqa", "mha, gqa, mqa (set by n_kv_heads) or mla (multi-head latent attention)"
+    )
     attention_bias: bool = _f(False, "bias on the q/k/v projections (qwen2 has it)")
     rope_theta: float = _f(10000.0, "rotary base")
     rope_scaling: dict | None = _f(
@@ -63,7 +67,9 @@ class ModelConfig:
     q_lora_rank: int = _f(0, "MLA query low-rank width d_c' (0 = full-rank query projection)")
     kv_lora_rank: int = _f(512, "MLA latent width d_c: the only per-token state cached besides k_rope")
     qk_nope_head_dim: int = _f(128, "MLA per-head query/key width without rotary")
-    qk_rope_head_dim: int = _f(64, "MLA decoupled rotary query/key width d_h^R (the rotary key is shared by heads)")
+    qk_rope_head_dim: int = _f(
+        64, "MLA decoupled rotary query/key width d_h^R (the rotary key is shared by heads)"
+    )
     v_head_dim: int = _f(128, "MLA per-head value width")
     mla_impl: MLAImpl = _f(
         "absorbed", "naive caches full per-head K/V; absorbed folds W_UK into q and W_UV after attention"
@@ -81,7 +87,9 @@ class ModelConfig:
     n_limited_groups: int = _f(1, "groups a token may route to")
     route_scale: float = _f(1.0, "scale on the routing weights (V3: 2.5)")
     norm_topk_prob: bool = _f(True, "renormalise the top-k weights to sum to 1 before route_scale")
-    bias_update_speed: float = _f(1e-3, "gamma of the aux-loss-free bias update b_i += gamma * sign(mean load - load_i)")
+    bias_update_speed: float = _f(
+        1e-3, "gamma of the aux-loss-free bias update b_i += gamma * sign(mean load - load_i)"
+    )
     aux_loss_alpha: float = _f(1e-4, "alpha of the sequence-wise balance loss alpha * sum_i f_i P_i")
 
     # --- multi-token prediction (DeepSeek-V3 §2.2)
@@ -99,13 +107,17 @@ class ModelConfig:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.n_routed_experts:
             if not 0 < self.n_activated_experts <= self.n_routed_experts:
-                raise ValueError("set n_activated_experts to the top-k (1..n_routed_experts) of the MoE layers")
+                raise ValueError(
+                    "set n_activated_experts to the top-k (1..n_routed_experts) of the MoE layers"
+                )
             if self.moe_inter_dim <= 0:
                 raise ValueError("set moe_inter_dim (the width of each expert) for an MoE model")
             if self.n_routed_experts % self.n_expert_groups or self.n_limited_groups > self.n_expert_groups:
                 raise ValueError("n_expert_groups must divide n_routed_experts and be >= n_limited_groups")
         if self.rope_scaling and self.rope_scaling.get("type") not in ROPE_SCALING_TYPES:
-            raise ValueError(f"rope_scaling type must be one of {ROPE_SCALING_TYPES}, got {self.rope_scaling}")
+            raise ValueError(
+                f"rope_scaling type must be one of {ROPE_SCALING_TYPES}, got {self.rope_scaling}"
+            )
 
     # --- derived
     @property
@@ -175,7 +187,9 @@ def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:
     if kind == "default":
         return theta, None
     if kind not in ROPE_SCALING_TYPES:
-        raise ValueError(f"rope scaling {kind!r} is not supported (supported: default, {', '.join(ROPE_SCALING_TYPES)})")
+        raise ValueError(
+            f"rope scaling {kind!r} is not supported (supported: default, {', '.join(ROPE_SCALING_TYPES)})"
+        )
     return theta, {"type": kind, **params}
 
 
@@ -304,9 +318,13 @@ def _llama_to_hf(c: ModelConfig) -> dict:
 
 def _deepseek_v3_to_hf(c: ModelConfig) -> dict:
     if c.attention != "mla":
-        raise ValueError("a deepseek_v3 checkpoint needs attention='mla': use model_type='ragseek' for GQA + MoE")
+        raise ValueError(
+            "a deepseek_v3 checkpoint needs attention='mla': use model_type='ragseek' for GQA + MoE"
+        )
     if c.n_routed_experts and c.score_func != "sigmoid":
-        raise ValueError("transformers' DeepseekV3 routes with sigmoid scores: use model_type='ragseek' for softmax")
+        raise ValueError(
+            "transformers' DeepseekV3 routes with sigmoid scores: use model_type='ragseek' for softmax"
+        )
     hf = _common_to_hf(c, "deepseek_v3", "DeepseekV3ForCausalLM")
     moe = bool(c.n_routed_experts)
     hf.update(

@@ -26,11 +26,17 @@ FinishReason = Literal["eos", "stop", "length"]
 @dataclass
 class SamplingConfig:
     max_new_tokens: int = field(default=128, metadata={"help": "tokens generated at most per prompt"})
-    temperature: float = field(default=0.0, metadata={"help": "0 = greedy; otherwise logits are divided by it"})
+    temperature: float = field(
+        default=0.0, metadata={"help": "0 = greedy; otherwise logits are divided by it"}
+    )
     top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens (0 = all)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus: keep the smallest set with mass >= top_p"})
-    seed: int | None = field(default=None, metadata={"help": "seed of the sampling generator (None = random)"})
-    stop: list[str] = field(default_factory=list, metadata={"help": "stop strings; the text is cut before them"})
+    seed: int | None = field(
+        default=None, metadata={"help": "seed of the sampling generator (None = random)"}
+    )
+    stop: list[str] = field(
+        default_factory=list, metadata={"help": "stop strings; the text is cut before them"}
+    )
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_new_tokens < 0:
@@ -74,7 +80,9 @@ def decode_steps(
     B, P = len(prompts), max(len(p) for p in prompts)
     total = P + cfg.max_new_tokens
     if total > model.cfg.max_seq_len:
-        raise ValueError(f"prompt ({P}) + max_new_tokens ({cfg.max_new_tokens}) exceeds max_seq_len {model.cfg.max_seq_len}")
+        raise ValueError(
+            f"prompt ({P}) + max_new_tokens ({cfg.max_new_tokens}) exceeds max_seq_len {model.cfg.max_seq_len}"
+        )
     pad = next(iter(eos_ids), 0)
     ids = torch.full((B, P), pad, dtype=torch.long)
     mask = torch.zeros(B, total, dtype=torch.long)
@@ -94,7 +102,11 @@ def decode_steps(
 
 
 def generate_ids(
-    model: Transformer, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, eos_ids: set[int], tokenizer: Tokenizer | None = None
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    cfg: SamplingConfig,
+    eos_ids: set[int],
+    tokenizer: Tokenizer | None = None,
 ) -> list[Generation]:
     """Generate for token-id prompts. Rows end at an EOS id, a stop string (needs the tokenizer) or max_new_tokens."""
     B = len(prompts)
@@ -111,7 +123,11 @@ def generate_ids(
                 logps[i].append(float(lp[i]))
                 if t in eos_ids:
                     reason[i] = "eos"
-                elif cfg.stop and tokenizer is not None and find_stop(tokenizer.decode(tokens[i]), cfg.stop) is not None:
+                elif (
+                    cfg.stop
+                    and tokenizer is not None
+                    and find_stop(tokenizer.decode(tokens[i]), cfg.stop) is not None
+                ):
                     reason[i] = "stop"
             if all(r is not None for r in reason):
                 break
@@ -119,7 +135,9 @@ def generate_ids(
     for i in range(B):
         text = tokenizer.decode(tokens[i]) if tokenizer is not None else ""
         cut = find_stop(text, cfg.stop) if cfg.stop else None
-        out.append(Generation(text if cut is None else text[:cut], tokens[i], logps[i], reason[i] or "length"))
+        out.append(
+            Generation(text if cut is None else text[:cut], tokens[i], logps[i], reason[i] or "length")
+        )
     return out
 
 
@@ -144,7 +162,9 @@ def stream(
     cfg = _resolve(cfg, overrides)
     tokens: list[int] = []
     emitted = 0
-    hold = max((len(s) for s in cfg.stop), default=0)  # keep back text that might be the start of a stop string
+    hold = max(
+        (len(s) for s in cfg.stop), default=0
+    )  # keep back text that might be the start of a stop string
     for nxt, _ in decode_steps(model, [tokenizer.encode(prompt)], cfg, {tokenizer.eos_id}):
         t = int(nxt[0])
         if t == tokenizer.eos_id:
@@ -188,7 +208,7 @@ class SpeculativeStats:
     @property
     def acceptance(self) -> list[float]:
         """Acceptance rate of the draft at each depth (depth 1 = the 2nd token of a step, as DeepSeek-V3 reports)."""
-        return [a / d if d else 0.0 for a, d in zip(self.accepted, self.drafted)]
+        return [a / d if d else 0.0 for a, d in zip(self.accepted, self.drafted, strict=False)]
 
     @property
     def tokens_per_step(self) -> float:
@@ -217,7 +237,9 @@ def speculative_generate(
     P = len(prompt)
     total = P + max_new_tokens + D + 1
     if total > cfg.max_seq_len:
-        raise ValueError(f"prompt + max_new_tokens + mtp_depth + 1 = {total} exceeds max_seq_len {cfg.max_seq_len}")
+        raise ValueError(
+            f"prompt + max_new_tokens + mtp_depth + 1 = {total} exceeds max_seq_len {cfg.max_seq_len}"
+        )
     dtype = next(model.parameters()).dtype
     cache = model.make_cache(1, total, dtype=dtype, mtp=True)
     main_caches, mtp_caches = cache.layers[: cfg.n_layers], cache.layers[cfg.n_layers :]
@@ -227,7 +249,9 @@ def speculative_generate(
     exact = [0] * D  # module k+1 has exact cache entries and outputs for positions < exact[k]
 
     def main_forward(start: int, n: int) -> torch.Tensor:
-        h = _run_blocks(model.layers, model.embed_tokens(tokens[:, start : start + n]), model, start, main_caches)
+        h = _run_blocks(
+            model.layers, model.embed_tokens(tokens[:, start : start + n]), model, start, main_caches
+        )
         hbuf[0, :, start : start + n] = h
         return model.lm_head(model.norm(h))[0].argmax(-1)  # greedy choice after each position
 
@@ -266,6 +290,6 @@ def _run_blocks(blocks, x: torch.Tensor, model: Transformer, start: int, caches)
     n = x.shape[1]
     positions, mask = model._positions_and_mask(1, n, start, None, x.device)
     rope = model.rotary(positions)
-    for block, c in zip(blocks, caches):
+    for block, c in zip(blocks, caches, strict=False):
         x = block(x, rope, mask, c, start)
     return x

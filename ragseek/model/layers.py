@@ -62,7 +62,9 @@ def _yarn_inv_freq(dim: int, base: float, rs: dict) -> tuple[torch.Tensor, float
     if attention_factor is None:
         mscale, mscale_all = rs.get("mscale"), rs.get("mscale_all_dim")
         attention_factor = (
-            get_mscale(factor, mscale) / get_mscale(factor, mscale_all) if mscale and mscale_all else get_mscale(factor)
+            get_mscale(factor, mscale) / get_mscale(factor, mscale_all)
+            if mscale and mscale_all
+            else get_mscale(factor)
         )
 
     def correction_dim(n_rot: float) -> float:

@@ -20,7 +20,9 @@ def quantize_weights(model: Transformer, kind: str = "int8") -> Transformer:
     if kind != "int8":
         raise ValueError(f"quantize must be 'int8', got {kind!r}")
     if next(model.parameters()).dtype != torch.float32:
-        raise ValueError("int8 weight quantisation starts from an fp32 model: load it with dtype=torch.float32")
+        raise ValueError(
+            "int8 weight quantisation starts from an fp32 model: load it with dtype=torch.float32"
+        )
     if model.cfg.tie_embeddings:  # the head gets its own quantised copy; the embedding keeps the fp32 one
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
     with warnings.catch_warnings():

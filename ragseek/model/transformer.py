@@ -108,7 +108,9 @@ class Transformer(nn.Module):
         if attention_mask is None:
             return q_idx.expand(B, T), causal.expand(B, T, S)
         if attention_mask.shape != (B, S):
-            raise ValueError(f"attention_mask must be (batch, start_pos + seq) = {(B, S)}, got {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"attention_mask must be (batch, start_pos + seq) = {(B, S)}, got {tuple(attention_mask.shape)}"
+            )
         am = attention_mask.bool()
         positions = (am.long().cumsum(-1) - 1).clamp_min(0)[:, start_pos:]
         mask = causal[None] & am[:, None, :]
@@ -154,7 +156,9 @@ class Transformer(nn.Module):
         predicts t_{i+1} from h_i; MTP module k predicts t_{i+k+1} from h^k_i (i < T - k - 1).
         """
         h, rope, mask = self.hidden_states(tokens)
-        main = _ce(self.lm_head(self.norm(h[:, :-1])), tokens[:, 1:], None if loss_mask is None else loss_mask[:, 1:])
+        main = _ce(
+            self.lm_head(self.norm(h[:, :-1])), tokens[:, 1:], None if loss_mask is None else loss_mask[:, 1:]
+        )
         parts = {"loss_main": main.detach()}
         total = main
         if self.cfg.mtp_depth:
@@ -164,7 +168,12 @@ class Transformer(nn.Module):
                 if T - k - 1 <= 0:
                     break
                 # h^{k-1}_i for i < T - k, combined with Emb(t_{i+k})
-                h = module(h[:, : T - k], self.embed_tokens(tokens[:, k:]), _crop(rope, T - k), mask[:, : T - k, : T - k])
+                h = module(
+                    h[:, : T - k],
+                    self.embed_tokens(tokens[:, k:]),
+                    _crop(rope, T - k),
+                    mask[:, : T - k, : T - k],
+                )
                 logits = self.lm_head(module.norm(h[:, :-1]))
                 target_mask = None if loss_mask is None else loss_mask[:, k + 1 :]
                 mtp_losses.append(_ce(logits, tokens[:, k + 1 :], target_mask))

@@ -12,17 +12,45 @@ VOCAB = 97
 def tiny(attention: str, **kw) -> Transformer:
     n_kv = {"mha": 4, "gqa": 2, "mqa": 1, "mla": 4}[attention]
     cfg = ModelConfig(
-        vocab_size=VOCAB, dim=48, n_layers=2, n_heads=4, n_kv_heads=n_kv, head_dim=12, inter_dim=64,
-        max_seq_len=64, attention=attention, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
-        v_head_dim=8, q_lora_rank=12, init_std=0.2, **kw,
+        vocab_size=VOCAB,
+        dim=48,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=n_kv,
+        head_dim=12,
+        inter_dim=64,
+        max_seq_len=64,
+        attention=attention,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        q_lora_rank=12,
+        init_std=0.2,
+        **kw,
     )
     torch.manual_seed(0)
     return Transformer(cfg).eval()
 
 
-KINDS = [("mha", {}), ("gqa", {}), ("mqa", {}), ("mla", {"mla_impl": "naive"}), ("mla", {"mla_impl": "absorbed"}),
-         ("mla", {"mla_impl": "absorbed", "n_routed_experts": 4, "n_activated_experts": 2, "moe_inter_dim": 16,
-                  "n_shared_experts": 1, "n_dense_layers": 1})]
+KINDS = [
+    ("mha", {}),
+    ("gqa", {}),
+    ("mqa", {}),
+    ("mla", {"mla_impl": "naive"}),
+    ("mla", {"mla_impl": "absorbed"}),
+    (
+        "mla",
+        {
+            "mla_impl": "absorbed",
+            "n_routed_experts": 4,
+            "n_activated_experts": 2,
+            "moe_inter_dim": 16,
+            "n_shared_experts": 1,
+            "n_dense_layers": 1,
+        },
+    ),
+]
 IDS = ["mha", "gqa", "mqa", "mla-naive", "mla-absorbed", "mla-absorbed-moe"]
 
 

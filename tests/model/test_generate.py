@@ -16,8 +16,17 @@ def tok():
 @pytest.fixture(scope="module")
 def model(tok):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-                      inter_dim=64, max_seq_len=128, init_std=0.5)
+    cfg = ModelConfig(
+        vocab_size=tok.vocab_size,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+        inter_dim=64,
+        max_seq_len=128,
+        init_std=0.5,
+    )
     return Transformer(cfg).eval()
 
 
@@ -30,9 +39,13 @@ def argmax_loop(model, prompt, n):
 
 
 def test_batched_greedy_equals_plain_loop_and_logprobs(model):
-    prompts = [[5, 17, 300, 42], [9, 8], [1000, 2000, 3000, 4000, 5000, 6000]]  # left padding inside the batch
+    prompts = [
+        [5, 17, 300, 42],
+        [9, 8],
+        [1000, 2000, 3000, 4000, 5000, 6000],
+    ]  # left padding inside the batch
     gens = generate_ids(model, prompts, SamplingConfig(max_new_tokens=10), eos_ids=set())
-    for p, g in zip(prompts, gens):
+    for p, g in zip(prompts, gens, strict=False):
         assert g.tokens == argmax_loop(model, p, 10)
         assert g.finish_reason == "length"
         with torch.no_grad():
@@ -52,7 +65,10 @@ def test_sampling_seed_top_k_top_p(model, tok):
     a, b = generate(model, tok, "hello", cfg)[0], generate(model, tok, "hello", cfg)[0]
     assert a.tokens == b.tokens
     greedy = generate(model, tok, "hello", max_new_tokens=8)[0]
-    assert generate(model, tok, "hello", max_new_tokens=8, temperature=1.5, top_k=1, seed=1)[0].tokens == greedy.tokens
+    assert (
+        generate(model, tok, "hello", max_new_tokens=8, temperature=1.5, top_k=1, seed=1)[0].tokens
+        == greedy.tokens
+    )
     # top_p: with p(top) = 0.7 >= top_p only the top token survives; with top_p = 0.8 the second may be drawn
     logits = torch.log(torch.tensor([[0.7, 0.25, 0.05]])).repeat(2000, 1)
     g = torch.Generator().manual_seed(0)

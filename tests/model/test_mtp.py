@@ -9,8 +9,17 @@ from ragseek.model import ModelConfig, Transformer
 
 def tiny(**kw):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, inter_dim=48,
-                      max_seq_len=64, **kw)
+    cfg = ModelConfig(
+        vocab_size=50,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+        inter_dim=48,
+        max_seq_len=64,
+        **kw,
+    )
     return Transformer(cfg)
 
 
@@ -23,7 +32,9 @@ def test_mtp_loss_matches_a_direct_computation():
     main = F.cross_entropy(model.lm_head(model.norm(h[:, :-1])).flatten(0, 1), tokens[:, 1:].flatten())
     T, mtp = tokens.shape[1], []
     for k, module in enumerate(model.mtp, start=1):
-        x = module.eh_proj(torch.cat([module.enorm(model.embed_tokens(tokens[:, k:])), module.hnorm(h[:, : T - k])], -1))
+        x = module.eh_proj(
+            torch.cat([module.enorm(model.embed_tokens(tokens[:, k:])), module.hnorm(h[:, : T - k])], -1)
+        )
         h = module.block(x, (rope[0][:, : T - k], rope[1][:, : T - k]), mask[:, : T - k, : T - k])
         logits = model.lm_head(module.norm(h[:, :-1]))
         mtp.append(F.cross_entropy(logits.flatten(0, 1), tokens[:, k + 1 :].flatten()))
@@ -43,7 +54,9 @@ def test_mtp_module_is_causal():
     for t in (a, b):
         h, rope, mask = model.hidden_states(t)
         m = model.mtp[0]
-        outs.append(m(h[:, :9], model.embed_tokens(t[:, 1:]), (rope[0][:, :9], rope[1][:, :9]), mask[:, :9, :9]))
+        outs.append(
+            m(h[:, :9], model.embed_tokens(t[:, 1:]), (rope[0][:, :9], rope[1][:, :9]), mask[:, :9, :9])
+        )
     # module input i combines h_i and Emb(t_{i+1}): positions i < 6 see only tokens <= 6
     assert torch.allclose(outs[0][:, :6], outs[1][:, :6], atol=1e-6)
     assert not torch.allclose(outs[0][:, 6], outs[1][:, 6], atol=1e-6)

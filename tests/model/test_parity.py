@@ -11,8 +11,15 @@ TOL = 1e-4
 
 
 def _tiny(kind: str, **kw):
-    common = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                  max_position_embeddings=256, rms_norm_eps=1e-6)
+    common = dict(
+        vocab_size=211,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+    )
     if kind == "llama":
         cfg = transformers.LlamaConfig(**{**common, "num_key_value_heads": 2, **kw})
         return transformers.LlamaForCausalLM(cfg)
@@ -47,7 +54,9 @@ def _randomise(model):
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.3 if "norm" not in name else 0.2) + (1.0 if "norm" in name else 0.0))
+            p.copy_(
+                torch.randn_like(p) * (0.3 if "norm" not in name else 0.2) + (1.0 if "norm" in name else 0.0)
+            )
         for name, b in model.named_buffers():
             if "e_score_correction_bias" in name:
                 b.copy_(torch.randn_like(b) * 0.5)
@@ -57,11 +66,36 @@ def _randomise(model):
 CASES = {
     "llama": ("llama", {}),
     "llama-tied-mqa": ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 1}),
-    "llama-mha-yarn": ("llama", {"num_key_value_heads": 4, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0}}),
+    "llama-mha-yarn": (
+        "llama",
+        {
+            "num_key_value_heads": 4,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "rope_theta": 10000.0,
+            },
+        },
+    ),
     "qwen2": ("qwen2", {}),
     "deepseek_v3": ("deepseek_v3", {}),
     "deepseek_v3-no-qlora-halves": ("deepseek_v3", {"q_lora_rank": None, "rope_interleave": False}),
-    "deepseek_v3-yarn": ("deepseek_v3", {"rope_parameters": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "rope_theta": 10000.0, "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}}),
+    "deepseek_v3-yarn": (
+        "deepseek_v3",
+        {
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "factor": 8.0,
+                "original_max_position_embeddings": 32,
+                "rope_theta": 10000.0,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+                "beta_fast": 32,
+                "beta_slow": 1,
+            }
+        },
+    ),
 }
 
 

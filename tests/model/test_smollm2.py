@@ -23,7 +23,9 @@ def pair():
 
     gguf = smollm2_gguf()
     hf = transformers.AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, quantization_config=transformers.GgufConfig(dequantize=True),
+        gguf.parent,
+        gguf_file=gguf.name,
+        quantization_config=transformers.GgufConfig(dequantize=True),
         dtype=torch.float32,
     ).eval()
     return Transformer.from_pretrained(gguf), load_tokenizer(gguf), hf
@@ -33,7 +35,7 @@ def test_greedy_continuations_are_token_identical(pair):
     model, tok, hf = pair
     chats = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
     ours = generate(model, tok, chats, SamplingConfig(max_new_tokens=32))  # one left-padded batch of 5
-    for chat, g in zip(chats, ours):
+    for chat, g in zip(chats, ours, strict=False):
         ids = torch.tensor([tok.encode(chat)])
         with torch.no_grad():
             ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False)

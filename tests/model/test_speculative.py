@@ -9,8 +9,20 @@ from ragseek.model.generate import generate_ids, speculative_generate
 
 def tiny(depth: int, **kw) -> Transformer:
     torch.manual_seed(0)
-    base = dict(vocab_size=40, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, inter_dim=64, max_seq_len=128,
-                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+    base = dict(
+        vocab_size=40,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+        inter_dim=64,
+        max_seq_len=128,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+    )
     cfg = ModelConfig(**{**base, **kw}, mtp_depth=depth)
     return Transformer(cfg)
 
