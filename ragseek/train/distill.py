@@ -82,7 +82,9 @@ class DistillConfig:
         if self.kind not in DISTILL:
             raise ValueError(f"kind={self.kind!r}: choose one of {sorted(DISTILL)}")
         if not self.data:
-            raise ValueError(f"set data: {self.__dataclass_fields__['data'].metadata['help']}")
+            raise ValueError(
+                "set data: prompts JSONL for kind=data, SFT rows {'prompt', 'response'} for kind=logit"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
