@@ -27,8 +27,10 @@ $(VENV)/.dev: $(VENV)/.installed
 install: $(VENV)/.installed
 dev: $(VENV)/.dev
 
+# The main job: ingest the project's own docs/ into a SQLite store, then answer a question with cited sources.
 demo: $(VENV)/.installed
-	$(BIN)/ragseek generate "Explain in two sentences what a KV cache is." --max-new-tokens 80
+	$(BIN)/ragseek ingest docs --store runs/demo-store
+	$(BIN)/ragseek ask "How many bytes per token does the MLA absorbed KV cache take?" --store runs/demo-store
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q

@@ -15,27 +15,39 @@ from pathlib import Path
 
 import typer
 
+from ragseek.llm.cli import BASE_URL_HELP, LLM_HELP
 from ragseek.rag.embedders import WordVectorConfig
 from ragseek.rag.splitters import SplitterConfig
 
 if typing.TYPE_CHECKING:
+    from ragseek.rag.pipeline import AskConfig
     from ragseek.rag.search import ANNConfig, BM25Config, SearchConfig
     from ragseek.rag.store import StoreConfig
 
 
 def _config_classes() -> dict[str, type]:
-    # search.py / store.py are light (numpy + sqlite); their heavy imports are inside functions
+    # search.py / store.py / pipeline.py are light (numpy + sqlite); their heavy imports are inside functions
+    from ragseek.rag.pipeline import AskConfig
     from ragseek.rag.search import ANNConfig, BM25Config, SearchConfig
     from ragseek.rag.store import StoreConfig
 
     return {
         c.__name__: c
-        for c in (SplitterConfig, StoreConfig, WordVectorConfig, SearchConfig, BM25Config, ANNConfig)
+        for c in (
+            SplitterConfig,
+            StoreConfig,
+            WordVectorConfig,
+            SearchConfig,
+            BM25Config,
+            ANNConfig,
+            AskConfig,
+        )
     }
 
 
-def with_configs(fn):
-    """Replace each parameter of `fn` typed with a config dataclass by one `--flag` per field of that class."""
+def with_configs(fn, **defaults):
+    """Replace each parameter of `fn` typed with a config dataclass by one `--flag` per field of that class;
+    `defaults` overrides a field's default for this command (e.g. k=4)."""
     classes = _config_classes()
     sig = inspect.signature(fn)
     params, groups, seen = [], {}, set()
@@ -52,7 +64,8 @@ def with_configs(fn):
                     f"{fn.__name__}: the flag --{f.name} comes from two config classes; rename one field"
                 )
             seen.add(f.name)
-            opt = typer.Option(f.default, "--" + f.name.replace("_", "-"), help=f.metadata.get("help", ""))
+            default = defaults.get(f.name, f.default)
+            opt = typer.Option(default, "--" + f.name.replace("_", "-"), help=f.metadata.get("help", ""))
             params.append(
                 inspect.Parameter(
                     f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=hints[f.name]
@@ -189,6 +202,55 @@ def search(
         typer.echo(f"{rank:2d}. {h.score:.4f}  {h.doc_id} [{h.start}:{h.end}]  {text[:160]}")
 
 
+def ask(
+    question: str = typer.Argument(..., help="the question"),
+    store: Path = STORE,
+    llm: str = typer.Option("local", "--llm", help=LLM_HELP),
+    base_url: str = typer.Option(None, "--base-url", help=BASE_URL_HELP),
+    json_: bool = typer.Option(
+        False, "--json", help="print {answer, citations, chunks, queries, timings} as JSON"
+    ),
+    show_prompt: bool = typer.Option(
+        False, "--show-prompt", help="print the prompt the LLM answers (to stderr)"
+    ),
+    ask_cfg: AskConfig = None,
+    search_cfg: SearchConfig = None,
+    bm25: BM25Config = None,
+    ann: ANNConfig = None,
+) -> None:
+    """Answer a question from a store with citations: query → retrieve → rerank → prompt → generate → [n] spans."""
+    from ragseek.llm.base import load_llm
+    from ragseek.rag.pipeline import ask as run_ask
+    from ragseek.rag.search import Searcher
+    from ragseek.rag.store import Store
+
+    if not (store / "store.sqlite").exists():
+        raise typer.BadParameter(f"{store} is not a store: run `ragseek ingest PATH --store {store}` first")
+    searcher = Searcher(Store(store), search_cfg, bm25, ann)
+    try:
+        searcher.rank([question], 1)  # an empty store or missing vectors fail here, before the LLM loads
+        model = load_llm(llm, base_url)
+        on_text = None if json_ else lambda piece: (sys.stdout.write(piece), sys.stdout.flush())
+        result = run_ask(question, searcher, model, ask_cfg, on_text)
+    except (LookupError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from e
+    if show_prompt:
+        typer.echo(f"--- prompt ---\n{result.prompt}\n--------------", err=True)
+    if json_:
+        _print_json(result.as_json())
+        return
+    typer.echo("")
+    if result.citations:
+        typer.echo("\nSources:")
+    for c in result.citations:
+        span = " ".join(c.text.split())
+        how = " (attributed)" if c.by == "attribution" else ""
+        typer.echo(f"  [{c.n}]{how} {c.doc} [{c.start}:{c.end}]  {span[:150]}{'…' if len(span) > 150 else ''}")
+    steps = "  ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
+    typer.echo(steps, err=True)
+
+
 def beir(
     corpus: Path = CORPUS,
     queries: Path = QUERIES,
@@ -237,7 +299,8 @@ def beir(
 
 
 def register(app: typer.Typer, eval_app: typer.Typer) -> None:
-    """Add ingest, info and search to `app` and beir to `eval_app`."""
+    """Add ingest, info, search and ask to `app` and beir to `eval_app`."""
     for fn in (ingest, info, search):
         app.command(fn.__name__)(with_configs(fn))
+    app.command("ask")(with_configs(ask, k=4))
     eval_app.command("beir")(with_configs(beir))

@@ -240,14 +240,18 @@ def load_file(path: Path) -> list[Document]:
 
 
 def find_files(paths: list[Path]) -> list[Path]:
-    """Files under each path (directories walked recursively, hidden files skipped), in a stable order."""
+    """Files under each path, in a stable order. Directories are walked recursively for the types ragseek reads
+    (SUFFIXES; hidden files skipped, images and the like ignored); a file named explicitly is always returned, so
+    an unsupported one is reported as failed with the reason."""
     found: list[Path] = []
     for p in paths:
         if p.is_dir():
             found.extend(
                 f
                 for f in sorted(p.rglob("*"))
-                if f.is_file() and not any(part.startswith(".") for part in f.parts)
+                if f.is_file()
+                and f.suffix.lower() in SUFFIXES
+                and not any(part.startswith(".") for part in f.relative_to(p).parts)
             )
         elif p.exists():
             found.append(p)

@@ -374,15 +374,22 @@ class Searcher:
 
     # each ranker: (queries, depth) -> one (chunk rows, scores) pair per query, best first
 
-    def _dense(self, queries: list[str], depth: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        q = self.embedder().encode(queries)
+    def _encode(self, queries: list[str], vectors: np.ndarray | None) -> np.ndarray:
+        return self.embedder().encode(queries) if vectors is None else np.atleast_2d(vectors)
+
+    def _dense(
+        self, queries: list[str], depth: int, vectors: np.ndarray | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        q = self._encode(queries, vectors)
         if self.ann_cfg.ann:
             idx, sc = self.hnsw().search(q, depth, self.ann_cfg.ef_search, self.cfg.metric)
         else:
             idx, sc = exact_knn(q, self.matrix(), depth, self.cfg.metric)
         return list(zip(idx, sc, strict=True))
 
-    def _bm25(self, queries: list[str], depth: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _bm25(
+        self, queries: list[str], depth: int, vectors: np.ndarray | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
         index = self.bm25()
         out = []
         for query in queries:
@@ -390,9 +397,11 @@ class Searcher:
             out.append((idx[0], sc[0]))
         return out
 
-    def _hybrid(self, queries: list[str], depth: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _hybrid(
+        self, queries: list[str], depth: int, vectors: np.ndarray | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
         c, index = self.cfg, self.bm25()
-        dense = similarity(self.embedder().encode(queries), self.matrix(), c.metric)
+        dense = similarity(self._encode(queries, vectors), self.matrix(), c.metric)
         out = []
         for query, d in zip(queries, dense, strict=True):
             b = index.scores(query)
@@ -408,18 +417,22 @@ class Searcher:
                 out.append((idx[0], sc[0]))
         return out
 
-    def _svm(self, queries: list[str], depth: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _svm(
+        self, queries: list[str], depth: int, vectors: np.ndarray | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
         X, out = self.matrix(), []
-        qv = self.embedder().encode(queries)
+        qv = self._encode(queries, vectors)
         for q, (cand, _) in zip(qv, self._knn(qv, max(self.cfg.candidates, depth)), strict=True):
             margins = svm_scores(q, X[cand], self.cfg.svm_c)
             order = np.argsort(-margins)[:depth]
             out.append((cand[order], margins[order]))
         return out
 
-    def _mmr(self, queries: list[str], depth: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _mmr(
+        self, queries: list[str], depth: int, vectors: np.ndarray | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
         X, out = self.matrix(), []
-        qv = self.embedder().encode(queries)
+        qv = self._encode(queries, vectors)
         for q, (cand, _) in zip(qv, self._knn(qv, max(self.cfg.candidates, depth)), strict=True):
             picked, sc = mmr(q, X[cand], depth, self.cfg.mmr_lambda)
             out.append((cand[picked], sc))
@@ -429,8 +442,13 @@ class Searcher:
         idx, sc = exact_knn(qv, self.matrix(), depth, self.cfg.metric)
         return list(zip(idx, sc, strict=True))
 
-    def rank(self, queries: list[str], depth: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Chunk rows (into `store.chunks()`) and scores, best first, for each query."""
+    def rank(
+        self, queries: list[str], depth: int, vectors: np.ndarray | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Chunk rows (into `store.chunks()`) and scores, best first, for each query.
+
+        `vectors` (len(queries), dim), optional: the dense side's query vectors, used instead of embedding the
+        query texts (HyDE retrieves by a hypothetical passage's vector while BM25 still reads the query)."""
         if not self.store.chunks().texts:
             raise LookupError(
                 f"the store {self.store.root} has no chunks: run `ragseek ingest PATH --store ...` first"
@@ -444,11 +462,11 @@ class Searcher:
             "svm": self._svm,
             "mmr": self._mmr,
         }
-        return rankers[self.cfg.retriever](queries, depth)
+        return rankers[self.cfg.retriever](queries, depth, vectors)
 
-    def search(self, query: str, k: int | None = None) -> list[Hit]:
+    def hits(self, rows: np.ndarray, scores: np.ndarray) -> list[Hit]:
+        """The chunks at `rows` of `store.chunks()` as Hits with these scores."""
         table = self.store.chunks()
-        rows, scores = self.rank([query], k or self.cfg.k)[0]
         return [
             Hit(
                 int(table.ids[r]),
@@ -460,3 +478,6 @@ class Searcher:
             )
             for r, s in zip(rows, scores, strict=True)
         ]
+
+    def search(self, query: str, k: int | None = None) -> list[Hit]:
+        return self.hits(*self.rank([query], k or self.cfg.k)[0])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -50,15 +50,30 @@ def load_config(cls: type, path: str | Path | None = None, overrides: Sequence[s
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = yaml.safe_load(value)
-    known = {f.name for f in fields(cls)}
-    unknown = set(data) - known
+    return cls(**_typed(cls, data))
+
+
+def _typed(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with YAML's loose scalars made the declared type (YAML 1.1 reads `1e-05` as a string) and nested
+    blocks merged into the field's default (a `loop:` block changes only the keys it names)."""
+    hints, defaults = get_type_hints(cls), {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(defaults)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
-    hints = get_type_hints(cls)
+        raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(defaults)}")
+    out = {}
     for name, value in data.items():
-        if is_dataclass(hints[name]) and isinstance(value, Mapping):
-            data[name] = hints[name](**value)
-    return cls(**data)
+        hint = hints[name]
+        if is_dataclass(hint) and isinstance(value, Mapping):
+            f = defaults[name]
+            base = f.default_factory() if f.default_factory is not MISSING else hint()
+            value = replace(base, **_typed(hint, dict(value)))
+        elif hint is float and isinstance(value, (str, int)) and not isinstance(value, bool):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{cls.__name__}.{name} must be a number, got {value!r}") from None
+        out[name] = value
+    return out
 
 
 def with_run_flags(cfg: Any, out: str | None = None, resume: bool = False) -> Any:

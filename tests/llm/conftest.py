@@ -6,31 +6,14 @@ import threading
 import time
 
 import pytest
-import torch
 
-from ragseek.defaults import smollm2_gguf
 from ragseek.llm.local import LocalLLM
 from ragseek.llm.server import create_app
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    """A tiny random ragseek model saved in the llama layout (so transformers' LlamaForCausalLM loads it too):
-    dim 32, 2 layers, GQA, vocab 49152, with the SmolLM2 tokenizer files beside it."""
-    from ragseek.model.config import ModelConfig
-    from ragseek.model.tokenizer import load_tokenizer
-    from ragseek.model.transformer import Transformer
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tok = load_tokenizer(smollm2_gguf())
-    tok.save(folder)
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        model_type="llama", vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-        inter_dim=64, max_seq_len=256, init_std=0.5, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-    )  # fmt: skip
-    Transformer(cfg).save_pretrained(folder)
-    return folder
+def tiny_dir(make_tiny_llm):
+    return make_tiny_llm("tiny-llama", max_seq_len=256)
 
 
 @pytest.fixture(scope="session")

@@ -274,3 +274,20 @@ def test_kill_9_then_resume_continues_the_same_curve(tmp_path):
     losses = [r["loss"] for r in want]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5  # it learns the toy set
     assert (killed / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_load_config_types_yaml_scalars_and_merges_the_loop_block(tmp_path):
+    from ragseek.train.common import load_config
+    from ragseek.train.pretrain import PretrainConfig
+    from ragseek.train.sft import SFTConfig
+
+    path = tmp_path / "c.json"  # a saved config.json: YAML 1.1 reads 1e-05 as a string
+    path.write_text(json.dumps({"data": "x.jsonl", "loop": {"lr": 1e-05, "max_steps": 7}}))
+    cfg = load_config(SFTConfig, path, ["loop.weight_decay=1e-2"])
+    assert (cfg.loop.lr, cfg.loop.max_steps, cfg.loop.weight_decay) == (1e-05, 7, 0.01)
+    assert isinstance(cfg.loop.lr, float)
+    assert cfg.loop.out_dir == "runs/sft"  # a loop block keeps the recipe's other loop defaults
+    with pytest.raises(ValueError, match=r"unknown LoopConfig keys \['lrr'\]"):
+        load_config(PretrainConfig, None, ["loop.lrr=1"])
+    with pytest.raises(ValueError, match="must be a number"):
+        load_config(PretrainConfig, None, ["loop.lr=fast"])

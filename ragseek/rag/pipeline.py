@@ -1,0 +1,238 @@
+"""Answer a question from a store, with citations: the lecture's RAG pipeline as one visible function.
+
+    searcher = Searcher(Store("runs/docs-store"), SearchConfig(retriever="hybrid", k=4))
+    result = ask("How does MLA shrink the KV cache?", searcher, load_llm("local"))
+    print(result.answer)
+    for c in result.citations:                     # [n] in the answer -> document, char offsets, exact span
+        print(c.n, c.doc, c.start, c.end, c.text[:80])
+
+`ask` reads top to bottom: transform the query → retrieve → (rerank) → keep what is relevant → build_prompt →
+generate → attach citations. There are no chain classes; every step is a function you can call on its own.
+
+"Don't know": a chunk enters the prompt only if it is relevant enough — its cosine similarity to the question
+under the store's embedder is at least `min_similarity`, and, when reranking, the LLM's P(relevant) is at least
+`min_relevance`. When nothing passes, `ask` answers DONT_KNOW without calling the generator: a small model given
+unrelated sources invents an answer from them.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+
+from ragseek.llm.base import LLM
+from ragseek.rag.query import QueryMode, retrieve, transform
+from ragseek.rag.rerank import rerank
+from ragseek.rag.search import Hit, Searcher, similarity
+
+DONT_KNOW = "I don't know: none of the stored documents is relevant enough to answer this question."
+
+
+@dataclass
+class AskConfig:
+    query: QueryMode = field(
+        default="naive", metadata={"help": "query transformation: naive, rewrite, multi or hyde"}
+    )
+    rerank: Literal["none", "llm"] = field(
+        default="none",
+        metadata={"help": "rerank the top --rerank-depth hits by the LLM's P(yes) (off: see docs/rag.md)"},
+    )
+    rerank_depth: int = field(default=20, metadata={"help": "hits retrieved and reranked before keeping --k"})
+    n_queries: int = field(
+        default=3, metadata={"help": "--query multi: LLM-written queries fused with the question"}
+    )
+    hyde_query_weight: float = field(
+        default=0.5,
+        metadata={"help": "--query hyde: weight of the question's embedding averaged with the passage's"},
+    )
+    min_similarity: float = field(
+        default=0.2,
+        metadata={
+            "help": "don't-know gate: least cosine(question, chunk) under the store's embedder (-1 = off)"
+        },
+    )
+    min_relevance: float = field(
+        default=0.5, metadata={"help": "don't-know gate with --rerank llm: least P(relevant) of a chunk"}
+    )
+    attribute_min: float = field(
+        default=0.35,
+        metadata={
+            "help": "cite for the model: an answer sentence with no [n] gets its most similar source if their "
+            "cosine is at least this (2 = off)"
+        },
+    )
+    one_paragraph: bool = field(
+        default=True,
+        metadata={"help": "stop the answer at its first blank line (small models ramble after it)"},
+    )
+    max_tokens: int = field(default=256, metadata={"help": "most answer tokens"})
+    temperature: float = field(default=0.0, metadata={"help": "answer sampling temperature (0 = greedy)"})
+
+
+@dataclass
+class Citation:
+    n: int  # the [n] in the answer
+    doc: str
+    start: int  # char offsets into the stored (cleaned) document text
+    end: int
+    text: str  # the exact span: document.text[start:end]
+    by: Literal["model", "attribution"] = "model"  # written by the LLM, or added by `attribute`
+
+
+@dataclass
+class Answer:
+    question: str
+    answer: str
+    citations: list[Citation]
+    chunks: list[
+        Hit
+    ]  # the numbered sources of the prompt ([1] is chunks[0]); empty when the answer is DONT_KNOW
+    queries: list[str]  # what was retrieved by (the transformed query / queries / HyDE passage)
+    timings: dict[str, float]  # seconds per step
+    prompt: str = ""
+
+    def as_json(self) -> dict:
+        return {
+            "question": self.question,
+            "answer": self.answer,
+            "citations": [vars(c) for c in self.citations],
+            "chunks": [{"n": n, **vars(h)} for n, h in enumerate(self.chunks, 1)],
+            "queries": self.queries,
+            "timings": self.timings,
+        }
+
+
+def build_prompt(question: str, chunks: list[Hit]) -> str:
+    """The whole user message the LLM answers: numbered sources, then the question and the instructions (after
+    the sources, where a small model still attends to them)."""
+    sources = "\n\n".join(
+        f"Source [{n}] (from {h.doc_id}):\n{h.text.strip()}" for n, h in enumerate(chunks, 1)
+    )
+    return (
+        f"{sources}\n\n"
+        "Using only the sources above, answer the question below in one or two sentences. Cite the sources you "
+        "use by number in square brackets, like [1]. If the sources do not contain the answer, say that you "
+        f"don't know.\n\nQuestion: {question}"
+    )
+
+
+CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
+
+
+def cite(answer: str, chunks: list[Hit]) -> list[Citation]:
+    """The sources the answer cites — `[n]`, `[n, m]` — in order of first mention; numbers with no source are dropped."""
+    seen: list[int] = []
+    for m in CITATION.finditer(answer):
+        for n in map(int, m.group(1).split(",")):
+            if 1 <= n <= len(chunks) and n not in seen:
+                seen.append(n)
+    return [
+        Citation(n, chunks[n - 1].doc_id, chunks[n - 1].start, chunks[n - 1].end, chunks[n - 1].text)
+        for n in seen
+    ]
+
+
+SENTENCE = re.compile(r"[^.!?\n]*[^.!?\n\s][^.!?\n]*[.!?]*")
+
+
+def attribute(
+    answer: str, chunks: list[Hit], encode: Callable[[list[str]], np.ndarray], min_similarity: float
+) -> str:
+    """Post-hoc attribution for a model that does not cite: after each sentence of `answer` with no [n], insert
+    [n] of the source most similar to it (cosine of `encode` vectors), if that similarity is at least
+    `min_similarity`."""
+    bare = [m for m in SENTENCE.finditer(answer) if not CITATION.search(m.group())]
+    if not bare or not chunks or min_similarity > 1:
+        return answer
+    sims = similarity(encode([m.group() for m in bare]), encode([h.text for h in chunks]), "cosine")
+    for m, row in reversed(list(zip(bare, sims, strict=True))):  # from the end: earlier offsets stay valid
+        if row.max() >= min_similarity:
+            answer = f"{answer[: m.end()]} [{int(row.argmax()) + 1}]{answer[m.end() :]}"
+    return answer
+
+
+def relevant(searcher: Searcher, question: str, hits: list[Hit], cfg: AskConfig) -> list[Hit]:
+    """The hits that pass the don't-know gate (module docstring)."""
+    keep = np.ones(len(hits), dtype=bool)
+    if cfg.min_similarity > -1 and hits:
+        try:
+            matrix = searcher.matrix()
+        except LookupError as e:
+            raise LookupError(
+                f"the don't-know gate compares embeddings ({e}); or pass --min-similarity -1"
+            ) from e
+        rows = np.searchsorted(searcher.store.chunks().ids, [h.chunk_id for h in hits])
+        keep &= (
+            similarity(searcher.embedder().encode([question]), matrix[rows], "cosine")[0]
+            >= cfg.min_similarity
+        )
+    if cfg.rerank == "llm":
+        keep &= np.array([h.score >= cfg.min_relevance for h in hits], dtype=bool)
+    return [h for h, k in zip(hits, keep, strict=True) if k]
+
+
+def ask(
+    question: str,
+    searcher: Searcher,
+    llm: LLM,
+    cfg: AskConfig | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> Answer:
+    """Answer `question` from the searcher's store with `llm`; `on_text` receives the answer as it streams.
+
+    The searcher's `cfg.k` chunks go into the prompt (after reranking the top `rerank_depth` when asked)."""
+    cfg = cfg or AskConfig()
+    if not question.strip():
+        raise ValueError("the question is empty: ask something, e.g. ragseek ask 'What is MLA?' --store DIR")
+    t, clock = {}, time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        t[step], clock = now - clock, now
+
+    start = clock
+    texts = transform([question], cfg.query, llm, cfg.n_queries)[0]
+    lap("query")
+    k = searcher.cfg.k
+    depth = max(k, cfg.rerank_depth) if cfg.rerank == "llm" else k
+    rows, scores = retrieve(searcher, [question], [texts], cfg.query, depth, cfg.hyde_query_weight)[0]
+    hits = searcher.hits(rows, scores)
+    lap("retrieve")
+    if cfg.rerank == "llm":
+        hits = rerank(llm, question, hits, depth)
+        lap("rerank")
+    chunks = relevant(searcher, question, hits[:k], cfg)
+    lap("gate")
+    if not chunks:
+        if on_text:
+            on_text(DONT_KNOW)
+        t["total"] = time.perf_counter() - start
+        return Answer(question, DONT_KNOW, [], [], texts, t)
+    prompt = build_prompt(question, chunks)
+    chat = [{"role": "user", "content": prompt}]
+    gen = {
+        "max_tokens": cfg.max_tokens,
+        "temperature": cfg.temperature,
+        "stop": ["\n\n"] if cfg.one_paragraph else None,
+    }
+    if on_text:
+        pieces = []
+        for piece in llm.stream(chat, **gen):
+            pieces.append(piece)
+            on_text(piece)
+        answer = "".join(pieces).strip()
+    else:
+        answer = llm.complete([chat], **gen)[0].strip()
+    lap("generate")
+    by_model = {c.n for c in cite(answer, chunks)}
+    answer = attribute(answer, chunks, searcher.embedder().encode, cfg.attribute_min)
+    citations = [replace(c, by="model" if c.n in by_model else "attribution") for c in cite(answer, chunks)]
+    lap("cite")
+    t["total"] = time.perf_counter() - start
+    return Answer(question, answer, citations, chunks, texts, t, prompt)

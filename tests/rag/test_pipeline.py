@@ -1,0 +1,241 @@
+"""The LLM half of RAG: prompt construction, citations mapped to exact spans, the don't-know gate, query
+transformation, the LLM reranker, `ragseek ask`. Fast tier: a tiny random local model (text quality irrelevant);
+slow tier: SmolLM2 + MiniLM on the project's own docs/."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ragseek.cli import app
+from ragseek.llm.local import LocalLLM
+from ragseek.rag.pipeline import DONT_KNOW, AskConfig, ask, attribute, build_prompt, cite
+from ragseek.rag.query import retrieve, transform
+from ragseek.rag.rerank import probability, relevance, rerank, rerank_prompt
+from ragseek.rag.search import Hit, SearchConfig, Searcher, rrf
+from ragseek.rag.splitters import SplitterConfig
+from ragseek.rag.store import Store, StoreConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = {
+    "mla.md": "# MLA\n\nMulti-head latent attention caches one latent vector per token.\n\n"
+    "The absorbed path folds W_UK into the query, so the cache holds 576 numbers per token.",
+    "moe.md": "# MoE\n\nDeepSeekMoE routes each token to 8 of 256 experts.\n\n"
+    "A bias per expert balances the load without an auxiliary loss. Café, naïve, 東京 stay intact.",
+    "rope.md": "# RoPE\n\nRotary embeddings rotate query and key pairs by an angle proportional to position.",
+}
+
+
+@pytest.fixture(scope="module")
+def llm(make_tiny_llm):
+    return LocalLLM.from_path(make_tiny_llm("tiny-rag", max_seq_len=4096))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("docs")
+    for name, text in DOCS.items():
+        (folder / name).write_text(text)
+    st = Store(tmp_path_factory.mktemp("store"))
+    report = st.ingest([folder], SplitterConfig("recursive", 120, 0), StoreConfig(embedder="word2vec"))
+    assert report.stored == 3 and not report.failed
+    return st
+
+
+class Canned:
+    """A real LLM-protocol class with fixed answers (the query parsers' contract, independent of model quality)."""
+
+    name = "canned"
+
+    def __init__(self, answer: str):
+        self.answer, self.calls = answer, 0
+
+    def complete(self, prompts, max_tokens=256, temperature=0.0, stop=None):
+        self.calls += 1
+        return [self.answer] * len(prompts)
+
+
+def hit(i: int, doc: str, text: str) -> Hit:
+    return Hit(chunk_id=i, doc_id=doc, start=10 * i, end=10 * i + len(text), score=1.0, text=text)
+
+
+def test_build_prompt_numbers_sources_in_order():
+    chunks = [hit(1, "a.md", "Alpha text."), hit(2, "b.md", "Beta text.")]
+    prompt = build_prompt("What is alpha?", chunks)
+    assert prompt.index("Source [1] (from a.md):\nAlpha text.") < prompt.index(
+        "Source [2] (from b.md):\nBeta text."
+    )
+    assert prompt.rstrip().endswith("Question: What is alpha?")
+    assert "don't know" in prompt
+
+
+def test_cite_parses_forms_and_drops_unknown_numbers():
+    chunks = [hit(1, "a.md", "A"), hit(2, "b.md", "B"), hit(3, "c.md", "C")]
+    cites = cite("First [2]. Both [1, 3][2]. Nonsense [7] and [0].", chunks)
+    assert [(c.n, c.doc, c.start, c.end, c.text) for c in cites] == [
+        (2, "b.md", 20, 21, "B"),
+        (1, "a.md", 10, 11, "A"),
+        (3, "c.md", 30, 31, "C"),
+    ]
+
+
+def bag_of_words(texts):
+    vocab = ["cache", "latent", "experts", "bias", "rotary"]
+    return np.array([[t.lower().count(w) for w in vocab] for t in texts], dtype=np.float32)
+
+
+def test_attribute_cites_the_most_similar_source_and_keeps_model_citations():
+    chunks = [hit(1, "mla.md", "the latent cache"), hit(2, "moe.md", "experts and a bias")]
+    answer = "The cache is latent. Experts get a bias [1]. Nothing matches here."
+    out = attribute(answer, chunks, bag_of_words, min_similarity=0.5)
+    assert out == "The cache is latent. [1] Experts get a bias [1]. Nothing matches here."
+    assert attribute(answer, chunks, bag_of_words, min_similarity=2) == answer  # off
+
+
+def test_ask_citations_map_to_exact_spans(store, llm):
+    searcher = Searcher(store, SearchConfig(retriever="bm25", k=3))
+    cfg = AskConfig(min_similarity=-1, attribute_min=-1, max_tokens=12)  # attribute every sentence
+    result = ask("How many numbers does the absorbed MLA cache hold per token?", searcher, llm, cfg)
+    assert result.chunks and result.chunks[0].doc_id.endswith("mla.md")
+    assert result.prompt == build_prompt(result.question, result.chunks)
+    assert result.citations, result.answer  # attribution cites even when the tiny model writes noise
+    for c in result.citations:
+        assert store.document(c.doc).text[c.start : c.end] == c.text == result.chunks[c.n - 1].text
+        assert c.by == "attribution"
+    assert set(result.timings) == {"query", "retrieve", "gate", "generate", "cite", "total"}
+    out = result.as_json()
+    assert set(out) >= {"answer", "citations", "chunks", "timings"}
+    assert set(out["citations"][0]) >= {"n", "doc", "start", "end", "text"}
+
+
+def test_streaming_gives_the_same_answer(store, llm):
+    searcher = Searcher(store, SearchConfig(retriever="bm25", k=2))
+    cfg = AskConfig(min_similarity=-1, attribute_min=2, max_tokens=10, one_paragraph=False)
+    pieces = []
+    streamed = ask("What balances the experts?", searcher, llm, cfg, on_text=pieces.append)
+    plain = ask("What balances the experts?", searcher, llm, cfg)
+    assert "".join(pieces).strip() == streamed.answer == plain.answer
+
+
+def test_dont_know_when_nothing_is_similar(store, llm):
+    counting = Counting(llm)
+    searcher = Searcher(store, SearchConfig(retriever="hybrid", embedder="word2vec", k=3))
+    result = ask("Louvre museum tickets Paris", searcher, counting, AskConfig(min_similarity=0.2))
+    assert (result.answer, result.citations, result.chunks) == (DONT_KNOW, [], [])
+    assert counting.calls == 0  # the generator never saw unrelated sources
+    on_topic = ask("latent cache per token", searcher, counting, AskConfig(min_similarity=0.2, max_tokens=4))
+    assert on_topic.answer != DONT_KNOW and counting.calls == 1
+
+
+def test_dont_know_when_the_reranker_rejects_everything(store, llm):
+    searcher = Searcher(store, SearchConfig(retriever="bm25", k=3))
+    cfg = AskConfig(rerank="llm", rerank_depth=5, min_similarity=-1, min_relevance=1.01)  # P(relevant) <= 1
+    result = ask("latent cache", searcher, llm, cfg)
+    assert result.answer == DONT_KNOW and "rerank" in result.timings
+
+
+class Counting:
+    """Counts generation calls of a real backend."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.calls = inner, inner.name, 0
+
+    def complete(self, prompts, **kw):
+        self.calls += 1
+        return self.inner.complete(prompts, **kw)
+
+    def stream(self, prompt, **kw):
+        self.calls += 1
+        return self.inner.stream(prompt, **kw)
+
+
+def test_transform_parses_and_falls_back():
+    assert transform(["q"], "naive", None) == [["q"]]
+    multi = Canned('1. first query\n- second query\n\n"third query"\nfourth')
+    assert transform(["q?"], "multi", multi, n_queries=3) == [
+        ["q?", "first query", "second query", "third query"]
+    ]
+    assert transform(["q1", "q2"], "rewrite", Canned("  \n")) == [["q1"], ["q2"]]  # empty: the question
+    assert transform(["q"], "hyde", Canned("A passage.\nMore.")) == [["A passage.\nMore."]]
+    with pytest.raises(ValueError, match="needs an LLM"):
+        transform(["q"], "hyde", None)
+
+
+def test_multi_query_is_rrf_of_each_query_ranking(store):
+    searcher = Searcher(store, SearchConfig(retriever="bm25"))
+    texts = ["latent cache", "experts bias", "rotary position"]
+    fused_rows, _ = retrieve(searcher, ["latent cache"], [texts], "multi", depth=4)[0]
+    each = [list(map(int, searcher.rank([t], 4)[0][0])) for t in texts]
+    expected = rrf(each, 60)
+    assert list(fused_rows) == sorted(expected, key=lambda r: -expected[r])[:4]
+
+
+def test_hyde_averages_question_and_passage_vectors(store):
+    searcher = Searcher(store, SearchConfig(retriever="dense", embedder="word2vec"))
+    rows, scores = retrieve(
+        searcher, ["latent"], [["experts bias routes"]], "hyde", depth=3, hyde_query_weight=0.5
+    )[0]
+    enc = searcher.embedder().encode
+    want_rows, want_scores = searcher.rank(
+        ["latent"], 3, 0.5 * enc(["latent"]) + 0.5 * enc(["experts bias routes"])
+    )[0]
+    assert list(rows) == list(want_rows) and np.allclose(scores, want_scores)
+    with pytest.raises(ValueError, match="hyde"):
+        retrieve(Searcher(store, SearchConfig(retriever="bm25")), ["q"], [["p"]], "hyde", depth=3)
+
+
+def test_rerank_orders_by_yes_minus_no(llm):
+    hits = [
+        hit(i, f"d{i}", t) for i, t in enumerate(["cats purr", "MLA caches latents", "rivers flow", "tail"])
+    ]
+    scores = relevance(llm, "what does MLA cache?", [h.text for h in hits[:3]])
+    chat = [{"role": "user", "content": rerank_prompt("what does MLA cache?", "rivers flow")}]
+    assert scores[2] == pytest.approx(
+        llm.logprobs([chat], ["yes"])[0] - llm.logprobs([chat], ["no"])[0], abs=1e-5
+    )
+    out = rerank(llm, "what does MLA cache?", hits, depth=3)
+    order = sorted(range(3), key=lambda i: -scores[i])
+    assert [h.chunk_id for h in out] == [*order, 3]  # the tail keeps its place
+    assert [h.score for h in out[:3]] == pytest.approx([probability(scores[i]) for i in order])
+    assert out[3] == hits[3]
+
+
+def test_ask_cli_json(store, llm):
+    res = CliRunner().invoke(
+        app,
+        ["ask", "latent cache per token", "--store", str(store.root), "--llm", f"local:{llm_path(llm)}",
+         "--retriever", "bm25", "--min-similarity", "-1", "--max-tokens", "6", "--json"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    out = json.loads(res.stdout)
+    assert set(out) >= {"answer", "citations", "chunks", "timings"} and len(out["chunks"]) <= 4
+
+
+def llm_path(llm) -> str:
+    return llm.name.removeprefix("local:")
+
+
+def test_ask_cli_errors_clearly(tmp_path):
+    res = CliRunner().invoke(app, ["ask", "q", "--store", str(tmp_path / "nothing")])
+    text = " ".join(res.output.replace("│", " ").split())
+    assert res.exit_code != 0 and "is not a store: run `ragseek ingest PATH" in text
+
+
+@pytest.mark.slow
+def test_smollm2_answers_from_the_docs_with_citations(tmp_path):
+    from ragseek.llm.base import load_llm
+
+    st = Store(tmp_path / "store")
+    st.ingest([ROOT / "docs"], SplitterConfig(), StoreConfig())
+    searcher = Searcher(st, SearchConfig(k=4))
+    smol = load_llm("local")
+    result = ask("How many bytes per token and layer does the MLA absorbed cache take?", searcher, smol)
+    assert result.answer and result.answer != DONT_KNOW
+    assert any(h.doc_id.endswith("mla.md") for h in result.chunks)
+    for c in result.citations:
+        assert st.document(c.doc).text[c.start : c.end] == c.text
+    unrelated = ask("What is the recipe for a French onion soup?", searcher, smol)
+    assert unrelated.answer == DONT_KNOW, [replace(h, text=h.text[:60]) for h in unrelated.chunks]
