@@ -117,19 +117,13 @@ def check_pairs(prompts: Sequence[Prompt], continuations: Sequence[str]) -> None
 Forward = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
 
-def forced_logprobs(
-    forward: Forward, seqs: Sequence[Sequence[int]], pad_id: int, max_batch_tokens: int = 2048, top: int = 0
-) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
-    """For each sequence t: log p(t_i | t_<i) for i >= 1 (a (T-1,) tensor) and the top-k (ids, logprobs) per position.
-
-    Sequences are sorted by length and right-padded into batches of at most `max_batch_tokens` padded tokens (the
-    logits are B·T·V floats); the attention mask keeps padding out of every real token's context.
-    """
+def _padded_batches(seqs: Sequence[Sequence[int]], pad_id: int, max_batch_tokens: int):
+    """(indices, ids (B, T), mask (B, T)) batches: sequences sorted by length, right-padded, at most
+    `max_batch_tokens` padded tokens each (the logits are B·T·V floats)."""
     import torch
 
     if any(not s for s in seqs):
         raise ValueError("scoring needs at least one token per sequence; got an empty text")
-    out: list = [None] * len(seqs)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     while order:
         batch = [order.pop()]  # the longest left; shorter ones join while B·T stays within budget
@@ -141,6 +135,20 @@ def forced_logprobs(
         for row, i in enumerate(batch):
             ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
             mask[row, : len(seqs[i])] = 1
+        yield batch, ids, mask
+
+
+def forced_logprobs(
+    forward: Forward, seqs: Sequence[Sequence[int]], pad_id: int, max_batch_tokens: int = 2048, top: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+    """For each sequence t: log p(t_i | t_<i) for i >= 1 (a (T-1,) tensor) and the top-k (ids, logprobs) per position.
+
+    Batched by `_padded_batches`; the attention mask keeps padding out of every real token's context.
+    """
+    import torch
+
+    out: list = [None] * len(seqs)
+    for batch, ids, mask in _padded_batches(seqs, pad_id, max_batch_tokens):
         with torch.inference_mode():
             logits = forward(ids, mask)  # (B, T, V)
             for row, i in enumerate(batch):
@@ -152,6 +160,21 @@ def forced_logprobs(
     return out
 
 
+def next_token_logprobs(
+    forward: Forward, prompts: Sequence[Sequence[int]], pad_id: int, max_batch_tokens: int = 2048
+) -> list[torch.Tensor]:
+    """log p(· | prompt), a (V,) tensor per prompt: the distribution of the token after it."""
+    import torch
+
+    out: list = [None] * len(prompts)
+    for batch, ids, mask in _padded_batches(prompts, pad_id, max_batch_tokens):
+        with torch.inference_mode():
+            logits = forward(ids, mask)
+            for row, i in enumerate(batch):
+                out[i] = logits[row, len(prompts[i]) - 1].float().log_softmax(-1)
+    return out
+
+
 def sum_continuations(
     forward: Forward,
     prompt_ids: Sequence[Sequence[int]],
@@ -159,19 +182,25 @@ def sum_continuations(
     pad_id: int,
     max_batch_tokens: int = 2048,
 ) -> list[float]:
-    """sum_i log p(c_i | p, c_<i) for each (p, c) token-id pair, in one batched forward per budget of tokens."""
+    """sum_i log p(c_i | p, c_<i) for each (p, c) token-id pair, in one batched forward per budget of tokens.
+
+    One-token continuations are read off their prompt's next-token distribution, so a prompt scored against
+    several one-token answers ("yes" / "no") takes one forward, not one per answer."""
     if any(not p for p in prompt_ids):
         raise ValueError("logprobs: every prompt must tokenise to at least one token")
+    out: list[float] = [0.0] * len(prompt_ids)
+    single = [i for i, c in enumerate(cont_ids) if len(c) == 1]
+    unique = list(dict.fromkeys(tuple(prompt_ids[i]) for i in single))
+    dists = dict(zip(unique, next_token_logprobs(forward, unique, pad_id, max_batch_tokens), strict=True))
+    for i in single:
+        out[i] = float(dists[tuple(prompt_ids[i])][cont_ids[i][0]])
+    longer = [i for i, c in enumerate(cont_ids) if len(c) != 1]
     scored = forced_logprobs(
-        forward,
-        [list(p) + list(c) for p, c in zip(prompt_ids, cont_ids, strict=True)],
-        pad_id,
-        max_batch_tokens,
+        forward, [list(prompt_ids[i]) + list(cont_ids[i]) for i in longer], pad_id, max_batch_tokens
     )
-    return [
-        float(chosen[len(chosen) - len(c) :].sum())
-        for (chosen, _, _), c in zip(scored, cont_ids, strict=True)
-    ]
+    for i, (chosen, _, _) in zip(longer, scored, strict=True):
+        out[i] = float(chosen[len(chosen) - len(cont_ids[i]) :].sum())
+    return out
 
 
 def text_logprobs(

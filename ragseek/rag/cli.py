@@ -20,29 +20,19 @@ from ragseek.rag.embedders import WordVectorConfig
 from ragseek.rag.splitters import SplitterConfig
 
 if typing.TYPE_CHECKING:
-    from ragseek.rag.pipeline import AskConfig
+    from ragseek.rag.pipeline import AskConfig, StepsConfig
     from ragseek.rag.search import ANNConfig, BM25Config, SearchConfig
     from ragseek.rag.store import StoreConfig
 
 
 def _config_classes() -> dict[str, type]:
     # search.py / store.py / pipeline.py are light (numpy + sqlite); their heavy imports are inside functions
-    from ragseek.rag.pipeline import AskConfig
+    from ragseek.rag.pipeline import AskConfig, StepsConfig
     from ragseek.rag.search import ANNConfig, BM25Config, SearchConfig
     from ragseek.rag.store import StoreConfig
 
-    return {
-        c.__name__: c
-        for c in (
-            SplitterConfig,
-            StoreConfig,
-            WordVectorConfig,
-            SearchConfig,
-            BM25Config,
-            ANNConfig,
-            AskConfig,
-        )
-    }
+    classes = (SplitterConfig, StoreConfig, WordVectorConfig, SearchConfig, BM25Config, ANNConfig)
+    return {c.__name__: c for c in (*classes, AskConfig, StepsConfig)}
 
 
 def with_configs(fn, **defaults):
@@ -214,6 +204,7 @@ def ask(
         False, "--show-prompt", help="print the prompt the LLM answers (to stderr)"
     ),
     ask_cfg: AskConfig = None,
+    steps: StepsConfig = None,
     search_cfg: SearchConfig = None,
     bm25: BM25Config = None,
     ann: ANNConfig = None,
@@ -231,7 +222,7 @@ def ask(
         searcher.rank([question], 1)  # an empty store or missing vectors fail here, before the LLM loads
         model = load_llm(llm, base_url)
         on_text = None if json_ else lambda piece: (sys.stdout.write(piece), sys.stdout.flush())
-        result = run_ask(question, searcher, model, ask_cfg, on_text)
+        result = run_ask(question, searcher, model, ask_cfg, steps, on_text)
     except (LookupError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from e
@@ -246,7 +237,9 @@ def ask(
     for c in result.citations:
         span = " ".join(c.text.split())
         how = " (attributed)" if c.by == "attribution" else ""
-        typer.echo(f"  [{c.n}]{how} {c.doc} [{c.start}:{c.end}]  {span[:150]}{'…' if len(span) > 150 else ''}")
+        typer.echo(
+            f"  [{c.n}]{how} {c.doc} [{c.start}:{c.end}]  {span[:150]}{'…' if len(span) > 150 else ''}"
+        )
     steps = "  ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
     typer.echo(steps, err=True)
 
@@ -257,16 +250,23 @@ def beir(
     qrels: Path = QRELS,
     store: Path = BEIR_STORE,
     json_out: Path = JSON_OUT,
+    llm: str = typer.Option("local", "--llm", help=LLM_HELP + " (for --query / --rerank)"),
+    base_url: str = typer.Option(None, "--base-url", help=BASE_URL_HELP),
     splitter: SplitterConfig = None,
     search_cfg: SearchConfig = None,
     bm25: BM25Config = None,
     ann: ANNConfig = None,
     word: WordVectorConfig = None,
+    steps: StepsConfig = None,
 ) -> None:
-    """Build (or reuse) a store for a BEIR corpus, run every query in the qrels, print nDCG@10, Recall@10/100, MRR@10, qps."""
+    """Build (or reuse) a store for a BEIR corpus, run every query in the qrels, print nDCG@10, Recall@10/100, MRR@10, qps.
+
+    With --query rewrite|multi|hyde or --rerank llm the LLM steps run around the retriever, as in `ragseek ask`."""
     from ragseek.defaults import cache_dir
+    from ragseek.llm.base import load_llm
     from ragseek.rag.documents import load_beir_rows
     from ragseek.rag.evaluate import load_qrels, load_queries, run_beir
+    from ragseek.rag.pipeline import StepsConfig, ranking
     from ragseek.rag.search import Searcher
     from ragseek.rag.store import Store
 
@@ -281,12 +281,17 @@ def beir(
         with _progress() as progress:
             st.embed(embedder, on_progress=_on_progress(progress))
     searcher = Searcher(st, search_cfg, bm25, ann, embedder)
-    result = run_beir(searcher, load_queries(queries), load_qrels(qrels))
+    rank = None
+    if steps != StepsConfig():
+        rank = ranking(searcher, load_llm(llm, base_url), steps)
+    result = run_beir(searcher, load_queries(queries), load_qrels(qrels), rank=rank)
     out = {
         **result.metrics,
         "qps": result.qps,
         "queries": result.queries,
         "retriever": search_cfg.retriever,
+        "query": steps.query,
+        "rerank": steps.rerank,
         "store": str(store),
     }
     if json_out is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,12 +103,18 @@ class BeirResult:
 
 
 def run_beir(
-    searcher, queries: dict[str, str], qrels: Qrels, depth: int = 100, chunk_depth: int | None = None
+    searcher,
+    queries: dict[str, str],
+    qrels: Qrels,
+    depth: int = 100,
+    chunk_depth: int | None = None,
+    rank: Callable[[list[str], int], list[tuple[np.ndarray, np.ndarray]]] | None = None,
 ) -> BeirResult:
     """Rank every query in the qrels with `searcher` (a `ragseek.rag.search.Searcher`) and score the run.
 
     `chunk_depth` chunks are retrieved per query (default 3 x depth when documents have several chunks) and
-    folded into the best `depth` documents. qps counts query encoding and ranking, not index loading."""
+    folded into the best `depth` documents. `rank` replaces `searcher.rank` (e.g. `pipeline.ranking`, with the
+    LLM steps). qps counts query encoding and ranking, not index loading."""
     missing = [q for q in qrels if q not in queries]
     if missing:
         raise KeyError(f"{len(missing)} qrels query ids are not in the queries file (first: {missing[0]!r})")
@@ -115,9 +122,10 @@ def run_beir(
     several = len(set(table.doc_ids)) < len(table.doc_ids)
     chunk_depth = chunk_depth or (3 * depth if several else depth)
     qids = list(qrels)
-    searcher.rank([queries[qids[0]]], 1)  # load indexes and models outside the timing
+    rank = rank or searcher.rank
+    rank([queries[qids[0]]], 1)  # load indexes and models outside the timing
     t0 = time.perf_counter()
-    ranked = searcher.rank([queries[q] for q in qids], chunk_depth)
+    ranked = rank([queries[q] for q in qids], chunk_depth)
     seconds = time.perf_counter() - t0
     run = {q: doc_run(table.doc_ids, rows, sc, depth) for q, (rows, sc) in zip(qids, ranked, strict=True)}
     return BeirResult(evaluate(run, qrels), len(qids) / seconds, len(qids), run)

@@ -34,15 +34,12 @@ DONT_KNOW = "I don't know: none of the stored documents is relevant enough to an
 
 
 @dataclass
-class AskConfig:
+class StepsConfig:
+    """The LLM steps around retrieval, shared by `ragseek ask` and `ragseek eval beir`."""
+
     query: QueryMode = field(
         default="naive", metadata={"help": "query transformation: naive, rewrite, multi or hyde"}
     )
-    rerank: Literal["none", "llm"] = field(
-        default="none",
-        metadata={"help": "rerank the top --rerank-depth hits by the LLM's P(yes) (off: see docs/rag.md)"},
-    )
-    rerank_depth: int = field(default=20, metadata={"help": "hits retrieved and reranked before keeping --k"})
     n_queries: int = field(
         default=3, metadata={"help": "--query multi: LLM-written queries fused with the question"}
     )
@@ -50,6 +47,20 @@ class AskConfig:
         default=0.5,
         metadata={"help": "--query hyde: weight of the question's embedding averaged with the passage's"},
     )
+    rerank: Literal["none", "llm"] = field(
+        default="none",
+        metadata={"help": "rerank the top --rerank-depth hits by the LLM's P(yes) (off: see docs/rag.md)"},
+    )
+    rerank_depth: int = field(
+        default=20, metadata={"help": "hits reranked by the LLM (the rest keep their order)"}
+    )
+    rerank_chars: int = field(default=2000, metadata={"help": "characters of each chunk the reranker reads"})
+
+
+@dataclass
+class AskConfig:
+    """The don't-know gate, citations and the answer's generation."""
+
     min_similarity: float = field(
         default=0.2,
         metadata={
@@ -156,7 +167,7 @@ def attribute(
     return answer
 
 
-def relevant(searcher: Searcher, question: str, hits: list[Hit], cfg: AskConfig) -> list[Hit]:
+def relevant(searcher: Searcher, question: str, hits: list[Hit], cfg: AskConfig, reranked: bool) -> list[Hit]:
     """The hits that pass the don't-know gate (module docstring)."""
     keep = np.ones(len(hits), dtype=bool)
     if cfg.min_similarity > -1 and hits:
@@ -171,9 +182,50 @@ def relevant(searcher: Searcher, question: str, hits: list[Hit], cfg: AskConfig)
             similarity(searcher.embedder().encode([question]), matrix[rows], "cosine")[0]
             >= cfg.min_similarity
         )
-    if cfg.rerank == "llm":
+    if reranked:
         keep &= np.array([h.score >= cfg.min_relevance for h in hits], dtype=bool)
     return [h for h, k in zip(hits, keep, strict=True) if k]
+
+
+def rank(
+    searcher: Searcher, questions: list[str], llm: LLM | None, steps: StepsConfig, depth: int
+) -> tuple[list[list[str]], list[list[Hit]], dict[str, float]]:
+    """The retrieval half of the pipeline for a batch of questions: transform → retrieve `depth` hits → rerank.
+
+    Returns what each question was retrieved by, its hits (best first), and the seconds each step took."""
+    t0 = time.perf_counter()
+    texts = transform(questions, steps.query, llm, steps.n_queries)
+    t1 = time.perf_counter()
+    ranked = retrieve(searcher, questions, texts, steps.query, depth, steps.hyde_query_weight)
+    hits = [searcher.hits(rows, scores) for rows, scores in ranked]
+    t2 = time.perf_counter()
+    timings = {"query": t1 - t0, "retrieve": t2 - t1}
+    if steps.rerank == "llm":
+        if llm is None:
+            raise ValueError("--rerank llm needs an LLM (--llm local, hf:PATH or openai:MODEL)")
+        hits = [
+            rerank(llm, q, h, steps.rerank_depth, steps.rerank_chars)
+            for q, h in zip(questions, hits, strict=True)
+        ]
+        timings["rerank"] = time.perf_counter() - t2
+    return texts, hits, timings
+
+
+def ranking(
+    searcher: Searcher, llm: LLM | None, steps: StepsConfig
+) -> Callable[[list[str], int], list[tuple[np.ndarray, np.ndarray]]]:
+    """`Searcher.rank` with the LLM steps around it, for `run_beir`: chunk rows best first, scored by their rank
+    (a reranked head's probabilities and the tail's retriever scores do not share a scale)."""
+
+    def rank_rows(questions: list[str], depth: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        ids = searcher.store.chunks().ids
+        _, hits, _ = rank(searcher, questions, llm, steps, depth)
+        return [
+            (np.searchsorted(ids, [h.chunk_id for h in hs]), -np.arange(len(hs), dtype=np.float64))
+            for hs in hits
+        ]
+
+    return rank_rows
 
 
 def ask(
@@ -181,33 +233,28 @@ def ask(
     searcher: Searcher,
     llm: LLM,
     cfg: AskConfig | None = None,
+    steps: StepsConfig | None = None,
     on_text: Callable[[str], None] | None = None,
 ) -> Answer:
     """Answer `question` from the searcher's store with `llm`; `on_text` receives the answer as it streams.
 
-    The searcher's `cfg.k` chunks go into the prompt (after reranking the top `rerank_depth` when asked)."""
-    cfg = cfg or AskConfig()
+    The searcher's `cfg.k` best chunks (after reranking the top `steps.rerank_depth`, when asked) that pass the
+    don't-know gate go into the prompt as numbered sources."""
+    cfg, steps = cfg or AskConfig(), steps or StepsConfig()
     if not question.strip():
         raise ValueError("the question is empty: ask something, e.g. ragseek ask 'What is MLA?' --store DIR")
-    t, clock = {}, time.perf_counter()
+    start = time.perf_counter()
+    k = searcher.cfg.k
+    depth = max(k, steps.rerank_depth) if steps.rerank == "llm" else k
+    (texts,), (hits,), t = rank(searcher, [question], llm, steps, depth)
+    clock = time.perf_counter()
 
     def lap(step: str) -> None:
         nonlocal clock
         now = time.perf_counter()
         t[step], clock = now - clock, now
 
-    start = clock
-    texts = transform([question], cfg.query, llm, cfg.n_queries)[0]
-    lap("query")
-    k = searcher.cfg.k
-    depth = max(k, cfg.rerank_depth) if cfg.rerank == "llm" else k
-    rows, scores = retrieve(searcher, [question], [texts], cfg.query, depth, cfg.hyde_query_weight)[0]
-    hits = searcher.hits(rows, scores)
-    lap("retrieve")
-    if cfg.rerank == "llm":
-        hits = rerank(llm, question, hits, depth)
-        lap("rerank")
-    chunks = relevant(searcher, question, hits[:k], cfg)
+    chunks = relevant(searcher, question, hits[:k], cfg, reranked=steps.rerank == "llm")
     lap("gate")
     if not chunks:
         if on_text:

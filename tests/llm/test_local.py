@@ -42,8 +42,9 @@ def test_chat_prompts_use_the_chat_template(local_llm):
 
 
 def test_logprobs_equal_hand_computation(local_llm):
-    prompts = ["The capital of France is", CHAT, "a b c d e f g h i j k l m n o p q r s t", "Answer:"]
-    conts = [" Paris", "yes", " u v w", " no"]
+    # one-token continuations of a shared prompt ("yes" / "no" after CHAT) take the one-forward path
+    prompts = ["The capital of France is", CHAT, "a b c d e f g h i j k l m n o p q r s t", "Answer:", CHAT]
+    conts = [" Paris", "yes", " u v w", " no", "no"]
     tight = LocalLLM(
         local_llm.model, local_llm.tokenizer, max_batch_tokens=40
     )  # several right-padded batches

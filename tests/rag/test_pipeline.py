@@ -12,7 +12,17 @@ from typer.testing import CliRunner
 
 from ragseek.cli import app
 from ragseek.llm.local import LocalLLM
-from ragseek.rag.pipeline import DONT_KNOW, AskConfig, ask, attribute, build_prompt, cite
+from ragseek.rag.evaluate import load_qrels, run_beir
+from ragseek.rag.pipeline import (
+    DONT_KNOW,
+    AskConfig,
+    StepsConfig,
+    ask,
+    attribute,
+    build_prompt,
+    cite,
+    ranking,
+)
 from ragseek.rag.query import retrieve, transform
 from ragseek.rag.rerank import probability, relevance, rerank, rerank_prompt
 from ragseek.rag.search import Hit, SearchConfig, Searcher, rrf
@@ -132,8 +142,8 @@ def test_dont_know_when_nothing_is_similar(store, llm):
 
 def test_dont_know_when_the_reranker_rejects_everything(store, llm):
     searcher = Searcher(store, SearchConfig(retriever="bm25", k=3))
-    cfg = AskConfig(rerank="llm", rerank_depth=5, min_similarity=-1, min_relevance=1.01)  # P(relevant) <= 1
-    result = ask("latent cache", searcher, llm, cfg)
+    cfg = AskConfig(min_similarity=-1, min_relevance=1.01)  # P(relevant) <= 1
+    result = ask("latent cache", searcher, llm, cfg, StepsConfig(rerank="llm", rerank_depth=5))
     assert result.answer == DONT_KNOW and "rerank" in result.timings
 
 
@@ -239,3 +249,28 @@ def test_smollm2_answers_from_the_docs_with_citations(tmp_path):
         assert st.document(c.doc).text[c.start : c.end] == c.text
     unrelated = ask("What is the recipe for a French onion soup?", searcher, smol)
     assert unrelated.answer == DONT_KNOW, [replace(h, text=h.text[:60]) for h in unrelated.chunks]
+
+
+def test_beir_ranking_with_llm_steps_scores_by_rank(store, llm, tmp_path):
+    searcher = Searcher(store, SearchConfig(retriever="bm25"))
+    rank = ranking(searcher, llm, StepsConfig(rerank="llm", rerank_depth=3))
+    ((rows, scores),) = rank(["latent cache"], 5)
+    plain_rows, _ = searcher.rank(["latent cache"], 5)[0]
+    assert sorted(rows[:3]) == sorted(plain_rows[:3]) and list(rows[3:]) == list(plain_rows[3:])
+    assert list(scores) == [0.0, -1.0, -2.0, -3.0, -4.0]  # rank order, whatever the scales of head and tail
+    doc = store.chunks().doc_ids[0]
+    qrels_file = tmp_path / "qrels.tsv"
+    qrels_file.write_text(f"query-id\tcorpus-id\tscore\nq1\t{doc}\t1\n")
+    result = run_beir(searcher, {"q1": "latent cache"}, load_qrels(qrels_file), rank=rank)
+    assert result.queries == 1 and 0 <= result.metrics["ndcg@10"] <= 1
+
+
+def test_eval_beir_cli_with_llm_rerank(llm, tmp_path):
+    beir = Path(__file__).parent / "data" / "beir"
+    args = ["eval", "beir", "--corpus", str(beir / "corpus.jsonl"), "--queries", str(beir / "queries.jsonl")]
+    args += ["--qrels", str(beir / "qrels.tsv"), "--store", str(tmp_path / "s"), "--retriever", "bm25"]
+    args += ["--rerank", "llm", "--rerank-depth", "3", "--llm", f"local:{llm_path(llm)}", "--json", "-"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    out = json.loads(res.stdout)
+    assert (out["rerank"], out["query"]) == ("llm", "naive") and 0 <= out["ndcg@10"] <= 1
