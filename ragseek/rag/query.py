@@ -27,25 +27,25 @@ QueryMode = Literal["naive", "rewrite", "multi", "hyde"]
 
 def rewrite_prompt(question: str) -> str:
     return (
-        "Rewrite the question below as a short search query for a document search engine. Keep every name, number "
+        "Rewrite the text below as a short search query for a document search engine. Keep every name, number "
         "and technical term; drop filler words. Answer with the query only.\n\n"
-        f"Question: {question}"
+        f"Text: {question}"
     )
 
 
 def multi_prompt(question: str, n: int) -> str:
     return (
-        f"Write {n} different search queries that would find documents answering the question below. Vary the "
-        "wording and use synonyms. Answer with one query per line and nothing else.\n\n"
-        f"Question: {question}"
+        f"Write {n} different search queries that would find documents about the text below. Vary the wording "
+        "and use synonyms. Answer with one query per line and nothing else.\n\n"
+        f"Text: {question}"
     )
 
 
 def hyde_prompt(question: str) -> str:
     return (
-        "Write a short passage, as it would appear in a reference document, that answers the question below. "
-        "Answer with the passage only.\n\n"
-        f"Question: {question}"
+        "Write a short passage, as it would appear in a scientific or technical document, that answers or "
+        "supports the text below. Answer with the passage only.\n\n"
+        f"Text: {question}"
     )
 
 
@@ -77,7 +77,7 @@ def transform(
         [[{"role": "user", "content": chats[mode](q)}] for q in questions], max_tokens=max_tokens
     )
     if mode == "multi":
-        return [[q, *_lines(o, n_queries)] for q, o in zip(questions, outs, strict=True)]
+        return [list(dict.fromkeys([q, *_lines(o, n_queries)])) for q, o in zip(questions, outs, strict=True)]
     if mode == "rewrite":
         return [[(_lines(o, 1) or [q])[0]] for q, o in zip(questions, outs, strict=True)]
     return [[o.strip() or q] for q, o in zip(questions, outs, strict=True)]
