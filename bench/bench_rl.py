@@ -1,6 +1,7 @@
 """GRPO on CPU: one step of ragseek vs TRL's GRPOTrainer, then the lecture's addition story with SmolLM2-135M.
 
     .venv/bin/python bench/bench_rl.py [--grpo-minutes 15] [--eval-n 500] [--after-n 200]
+    .venv/bin/python bench/bench_rl.py --skip-story     # only part 1; the story already in rl.json stays
 
 Part 1, one GRPO step on SmolLM2-135M-Instruct fp32 (2 prompts × 4 completions, 32 new tokens, one update,
 β = 0, loss_type grpo, temperature 1): ragseek's recipe (`ragseek.train.grpo.train`) and TRL's GRPOTrainer
@@ -210,9 +211,12 @@ def plot(jsonl: Path, png: Path) -> None:
     plt.close(fig)
 
 
-def write_md(r: dict, command: str) -> None:
+def write_md(r: dict) -> None:
     s, t = r["ragseek"], r["trl"]
     a = r.get("addition")
+    command = r["command"]
+    if a and r.get("story_command", command) != command:
+        command += f"; then, the story: {r['story_command']}"
     lines = [
         "## RL: GRPO step vs TRL, and the addition story",
         "",
@@ -280,7 +284,11 @@ def main() -> None:
     ap.add_argument(
         "--grpo-steps", type=int, default=0, help="GRPO steps of the story (0: from --grpo-minutes)"
     )
-    ap.add_argument("--skip-story", action="store_true", help="only the one-step comparison")
+    ap.add_argument(
+        "--skip-story",
+        action="store_true",
+        help="only the one-step comparison (the story of bench/results/rl.json is kept)",
+    )
     ap.add_argument(
         "--reuse-step", action="store_true", help="keep the one-step comparison of bench/results/rl.json"
     )
@@ -293,9 +301,10 @@ def main() -> None:
 
     model_dir = gguf_to_folder(smollm2_gguf())
     data = write_grpo_jsonl(RUNS / "data" / "addition_bench_step.jsonl", train_problems(16, seed=7))
+    path = RESULTS / "rl.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
     if args.reuse_step:
-        result = json.loads((RESULTS / "rl.json").read_text())
-        command = result["command"] + f"  (story: {command})"
+        result = previous
     else:
         result = {
             "command": command,
@@ -304,19 +313,23 @@ def main() -> None:
             "trl_version": trl.__version__,
             "step": STEP,
         }
+        if args.skip_story:  # the story of the last run stays
+            result.update(
+                {k: previous[k] for k in ("addition", "story_command", "eval_tokens") if k in previous}
+            )
         result["ragseek"] = ragseek_step(model_dir, data)
         print("ragseek", result["ragseek"], flush=True)
         result["trl"] = trl_step(model_dir, data)
         print("trl", result["trl"], flush=True)
         result["ratio"] = result["ragseek"]["step_s"] / result["trl"]["step_s"]
-    result["eval_tokens"] = args.eval_tokens
-    (RESULTS / "rl.json").write_text(json.dumps(result, indent=2))
-    write_md(result, command)
+    path.write_text(json.dumps(result, indent=2))
+    write_md(result)
     if not args.skip_story:
+        result.update(story_command=command, eval_tokens=args.eval_tokens)
         result["addition"] = addition_story(args, result["ragseek"]["step_s"])
         print("addition", result["addition"], flush=True)
-        (RESULTS / "rl.json").write_text(json.dumps(result, indent=2))
-        write_md(result, command)
+        path.write_text(json.dumps(result, indent=2))
+        write_md(result)
 
 
 if __name__ == "__main__":

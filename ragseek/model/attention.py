@@ -89,6 +89,13 @@ class Cache:
     def max_seq_len(self) -> int:
         return self.layers[0].max_seq_len
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep batch rows `rows` (B',) in that order, repeats allowed: a prompt prefilled once continues as several
+        sequences, a finished sequence leaves the batch. `index_select`, so gradients flow back to the kept rows."""
+        for layer in self.layers:
+            layer.data = {name: t.index_select(0, rows) for name, t in layer.data.items()}
+            layer.scale = {name: t.index_select(0, rows) for name, t in layer.scale.items()}
+
 
 def grouped_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float

@@ -1,7 +1,7 @@
 """Batched generation with a KV cache: greedy / temperature / top-k / top-p, stop strings, logprobs, streaming.
 
-    prefill:  one forward over the left-padded prompts fills the cache
-    decode:   one token per row per step, each reading the cache; finished rows keep a slot but are ignored
+    prefill:  one forward over the distinct left-padded prompts fills the cache, then it is repeated per row
+    decode:   one token per row per step, each reading the cache; a row that samples EOS leaves the batch
 
 `generate` returns one `Generation` per prompt with its text, token ids and the model's log-probability of each
 generated token (log-softmax of the raw logits: what RL recipes compare against). `stream` yields text pieces.
@@ -64,7 +64,12 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= cfg.top_p  # mass before this token already reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    # Inverse-CDF draw, one uniform per row (torch.multinomial draws one exponential per vocabulary entry): the
+    # first token whose cumulative mass exceeds u · total. u <= 1 - 2^-24 and the sums are fp64, so u · total <
+    # total and a token of zero mass is never drawn.
+    cdf = logits.softmax(-1).double().cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator).double()
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
 
 
 @torch.inference_mode()
@@ -74,7 +79,11 @@ def decode_steps(
     cfg: SamplingConfig,
     eos_ids: set[int],
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (next token ids (B,), their logprobs (B,)) per step for left-padded prompts; the caller stops it."""
+    """Yield (next token ids (B,), their logprobs (B,)) per step for left-padded prompts; the caller stops it.
+
+    Identical prompts are prefilled once and their cache is repeated (GRPO's G samples of one prompt). A row that
+    samples an EOS id leaves the batch: at later steps it gets the pad id (the first EOS id) with logprob 0.
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     B, P = len(prompts), max(len(p) for p in prompts)
@@ -84,19 +93,34 @@ def decode_steps(
             f"prompt ({P}) + max_new_tokens ({cfg.max_new_tokens}) exceeds max_seq_len {model.cfg.max_seq_len}"
         )
     pad = next(iter(eos_ids), 0)
-    ids = torch.full((B, P), pad, dtype=torch.long)
-    mask = torch.zeros(B, total, dtype=torch.long)
-    for i, p in enumerate(prompts):
+    distinct = {tuple(p): i for i, p in enumerate(dict.fromkeys(tuple(p) for p in prompts))}
+    prompt_of = torch.tensor([distinct[tuple(p)] for p in prompts])
+    ids = torch.full((len(distinct), P), pad, dtype=torch.long)
+    mask = torch.zeros(len(distinct), total, dtype=torch.long)
+    for p, i in distinct.items():
         ids[i, P - len(p) :] = torch.tensor(p)
         mask[i, P - len(p) :] = 1
     dtype = next(model.parameters()).dtype
-    cache = model.make_cache(B, total, dtype=dtype)
+    cache = model.make_cache(len(distinct), total, dtype=dtype)
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
-    logits = model(ids, cache, 0, mask[:, :P])[:, -1]
+    h, _, _ = model.hidden_states(ids, cache, 0, mask[:, :P])
+    logits = model.lm_head(model.norm(h[prompt_of, -1]))  # the head on the last prompt position only
+    cache.select_rows(prompt_of)
+    mask = mask[prompt_of]
+    rows = torch.arange(B)  # the rows still decoding
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
     for pos in range(P, total):
         logprobs = logits.float().log_softmax(-1)
         nxt = sample_next(logits, cfg, generator)
-        yield nxt, logprobs.gather(-1, nxt[:, None]).squeeze(-1)
+        tokens = torch.full((B,), pad, dtype=torch.long).index_copy_(0, rows, nxt)
+        yield tokens, torch.zeros(B).index_copy_(0, rows, logprobs.gather(-1, nxt[:, None]).squeeze(-1))
+        going = ~torch.isin(nxt, eos)
+        if not going.all():
+            kept = going.nonzero().squeeze(-1)
+            if not len(kept):
+                return
+            rows, nxt, mask = rows[kept], nxt[kept], mask[kept]
+            cache.select_rows(kept)
         if pos + 1 < total:
             logits = model(nxt[:, None], cache, pos, mask[:, : pos + 1])[:, -1]
 

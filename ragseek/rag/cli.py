@@ -114,17 +114,36 @@ def ingest(
     paths: list[Path] = PATHS,
     store: Path = STORE,
     json_: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+    contextual: bool = typer.Option(
+        False,
+        "--contextual",
+        help="then have --llm write each chunk's context (contextual retrieval; cached)",
+    ),
+    llm: str = typer.Option("local", "--llm", help=LLM_HELP + " (for --contextual)"),
+    base_url: str = typer.Option(None, "--base-url", help=BASE_URL_HELP),
     splitter: SplitterConfig = None,
     store_cfg: StoreConfig = None,
     word: WordVectorConfig = None,
 ) -> None:
     """Add documents to a store: clean, split, embed. Unchanged files are skipped; one bad file never stops the rest."""
+    from ragseek.llm.base import load_llm
+    from ragseek.rag.contextual import contextualize, embed_contexts
     from ragseek.rag.store import Store
 
     st = Store(store)
+    model = load_llm(llm, base_url) if contextual else None
     with _progress() as progress:
         report = st.ingest(paths, splitter, store_cfg, word, on_progress=_on_progress(progress))
+        if model is not None:
+            contexts = contextualize(st, model, on_progress=_on_progress(progress))
+            if store_cfg.embedder != "none":
+                embedder = st.embedder(store_cfg.embedder, store_cfg.batch_size, word)
+                contexts["embedded"] = embed_contexts(
+                    st, embedder, model.name, store_cfg.batch_size, _on_progress(progress)
+                )
     out = report.as_json()
+    if model is not None:
+        out["contextual"] = {"llm": model.name, **contexts}
     if json_:
         _print_json(out)
         return
@@ -132,6 +151,11 @@ def ingest(
         f"stored {report.stored}, skipped {report.skipped} (unchanged), failed {len(report.failed)}, "
         f"chunks {report.chunks}, embedded {report.embedded}, removed {report.removed}, {report.seconds:.1f}s"
     )
+    if model is not None:
+        typer.echo(
+            f"contexts ({model.name}): generated {contexts['generated']}, cached {contexts['cached']}, "
+            f"embedded {contexts.get('embedded', 0)}, {contexts['seconds']:.1f}s"
+        )
     for f in report.failed:
         typer.echo(f"  failed: {f['path']}: {f['reason']}", err=True)
 
@@ -264,6 +288,7 @@ def beir(
     With --query rewrite|multi|hyde or --rerank llm the LLM steps run around the retriever, as in `ragseek ask`."""
     from ragseek.defaults import cache_dir
     from ragseek.llm.base import load_llm
+    from ragseek.rag.contextual import contextualize, embed_contexts
     from ragseek.rag.documents import load_beir_rows
     from ragseek.rag.evaluate import load_qrels, load_queries, run_beir
     from ragseek.rag.pipeline import StepsConfig, ranking
@@ -280,6 +305,11 @@ def beir(
         embedder = st.embedder(search_cfg.embedder, word_cfg=word)
         with _progress() as progress:
             st.embed(embedder, on_progress=_on_progress(progress))
+    if search_cfg.contextual:  # the missing contexts (and their vectors) first
+        with _progress() as progress:
+            contextualize(st, load_llm(search_cfg.contextual, base_url), on_progress=_on_progress(progress))
+            if embedder is not None:
+                embed_contexts(st, embedder, search_cfg.contextual, on_progress=_on_progress(progress))
     searcher = Searcher(st, search_cfg, bm25, ann, embedder)
     rank = None
     if steps != StepsConfig():
@@ -290,6 +320,7 @@ def beir(
         "qps": result.qps,
         "queries": result.queries,
         "retriever": search_cfg.retriever,
+        "contextual": search_cfg.contextual,
         "query": steps.query,
         "rerank": steps.rerank,
         "store": str(store),

@@ -26,6 +26,7 @@ from typing import Literal
 
 import numpy as np
 
+from ragseek.rag.contextual import contextual_name, contextual_texts
 from ragseek.rag.embedders import Embedder
 from ragseek.rag.splitters import words
 from ragseek.rag.store import Store
@@ -300,6 +301,13 @@ class SearchConfig:
         default=0.7, metadata={"help": "MMR trade-off: 1 = relevance only, 0 = diversity only"}
     )
     svm_c: float = field(default=0.1, metadata={"help": "SVM regularisation C"})
+    contextual: str | None = field(
+        default=None,
+        metadata={
+            "help": "retrieve by LLM context + chunk (hits keep the chunk's offsets): the contexts this LLM wrote, "
+            "its --llm spec as given to `ragseek ingest --contextual`"
+        },
+    )
 
 
 @dataclass
@@ -313,7 +321,10 @@ class Hit:
 
 
 class Searcher:
-    """Runs a retriever over a store; loads each index once, rebuilding it when the store has changed."""
+    """Runs a retriever over a store; loads each index once, rebuilding it when the store has changed.
+
+    With `cfg.contextual`, BM25 and the chunk vectors read each chunk's LLM context + its text (rag/contextual.py),
+    in their own index and embeddings; hits are still the chunks, with their own text and offsets."""
 
     def __init__(
         self,
@@ -337,12 +348,15 @@ class Searcher:
         return self._cache[key]
 
     def bm25(self) -> BM25Index:
+        llm = self.cfg.contextual
+
         def make() -> BM25Index:
-            name = f"bm25-{self.bm25_cfg.fingerprint}"
+            name = f"bm25-{self.bm25_cfg.fingerprint}" + (f"-ctx-{llm.replace('/', '_')}" if llm else "")
             path = self.store.root / name
             if self.store.index_is_fresh(name) and path.exists():
                 return BM25Index.load(path, self.bm25_cfg)
-            index = BM25Index.build(self.store.chunks().texts, self.bm25_cfg)
+            texts = contextual_texts(self.store, llm) if llm else self.store.chunks().texts
+            index = BM25Index.build(texts, self.bm25_cfg)
             index.save(path)
             self.store.mark_index(name)
             return index
@@ -354,14 +368,27 @@ class Searcher:
             return self._embedder
         return self._cached(f"embedder:{self.cfg.embedder}", lambda: self.store.embedder(self.cfg.embedder))
 
-    def matrix(self) -> np.ndarray:
+    def vectors_name(self) -> str:
+        """The embeddings-table key of the chunk vectors dense search compares the query with."""
         name = self._embedder.name if self._embedder else self.store.embedder_name(self.cfg.embedder)
-        return self._cached(f"matrix:{name}", lambda: self.store.vectors(name))
+        return contextual_name(name, self.cfg.contextual) if self.cfg.contextual else name
+
+    def matrix(self) -> np.ndarray:
+        def make() -> np.ndarray:
+            if self.cfg.contextual:  # context + chunk vectors: the missing ones are embedded on first use
+                texts = contextual_texts(
+                    self.store, self.cfg.contextual
+                )  # no contexts: fails before a model loads
+                self.store.embed(self.embedder(), name=name, texts=texts)
+            return self.store.vectors(name)
+
+        name = self.vectors_name()
+        return self._cached(f"matrix:{name}", make)
 
     def hnsw(self) -> HNSWIndex:
         def make() -> HNSWIndex:
             a = self.ann_cfg
-            name = f"hnsw-{self.embedder().name.replace('/', '_')}-{self.cfg.metric}-M{a.hnsw_m}-ef{a.ef_construction}"
+            name = f"hnsw-{self.vectors_name().replace('/', '_')}-{self.cfg.metric}-M{a.hnsw_m}-ef{a.ef_construction}"
             path = self.store.root / f"{name}.faiss"
             if self.store.index_is_fresh(name) and path.exists():
                 return HNSWIndex.load(path)

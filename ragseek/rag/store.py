@@ -2,7 +2,8 @@
 
     DIR/store.sqlite   documents (id, source, content hash, cleaned text, raw offsets, metadata),
                        chunks (text, char offsets), embeddings (float32 blobs keyed by (embedder, chunk hash)),
-                       meta (splitter, generation, word models) and indexes (what was built at which generation)
+                       meta (splitter, generation, word models), indexes (what was built at which generation)
+                       and contexts (LLM-written chunk contexts keyed by (LLM, chunk hash): rag/contextual.py)
     DIR/bm25-*/        bm25s index files;  DIR/hnsw-*.faiss  faiss HNSW graphs;  DIR/models/*.npz  word vectors
 
 Ingest is transactional per document and idempotent: a document whose content hash and splitter are unchanged is
@@ -46,6 +47,8 @@ CREATE TABLE IF NOT EXISTS embeddings (
     embedder TEXT NOT NULL, content_hash TEXT NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (embedder, content_hash));
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS indexes (name TEXT PRIMARY KEY, generation INTEGER NOT NULL, built REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS contexts (
+    llm TEXT NOT NULL, content_hash TEXT NOT NULL, context TEXT NOT NULL, PRIMARY KEY (llm, content_hash));
 """
 
 EMBEDDER_KINDS = ("minilm", "word2vec", "glove", "none")
@@ -304,16 +307,20 @@ class Store:
         embedder: Embedder,
         batch_size: int = 64,
         on_progress: Callable[[str, int, int], None] | None = None,
+        name: str | None = None,
+        texts: list[str] | None = None,
     ) -> int:
-        """Compute the embeddings missing for `embedder` (one transaction per batch); returns how many were new."""
+        """Compute the embeddings missing for `embedder` (one transaction per batch); returns how many were new.
+
+        `texts` (one per chunk, in `chunks()` order) are embedded instead of the chunks' own texts, stored under
+        `name` instead of `embedder.name`, still keyed by the chunk's hash (contextual retrieval's context + chunk)."""
+        name = name or embedder.name
         have = {
-            h
-            for (h,) in self.db.execute(
-                "SELECT content_hash FROM embeddings WHERE embedder = ?", (embedder.name,)
-            )
+            h for (h,) in self.db.execute("SELECT content_hash FROM embeddings WHERE embedder = ?", (name,))
         }
         table = self.chunks()
-        todo = list({h: t for h, t in zip(table.hashes, table.texts, strict=True) if h not in have}.items())
+        pairs = zip(table.hashes, table.texts if texts is None else texts, strict=True)
+        todo = list({h: t for h, t in pairs if h not in have}.items())
         for s in range(0, len(todo), batch_size):
             part = todo[s : s + batch_size]
             vecs = embedder.encode([t for _, t in part])
@@ -321,13 +328,10 @@ class Store:
                 self.db.execute("BEGIN IMMEDIATE")
                 self.db.executemany(
                     "INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?)",
-                    [
-                        (embedder.name, h, v.astype(np.float32).tobytes())
-                        for (h, _), v in zip(part, vecs, strict=True)
-                    ],
+                    [(name, h, v.astype(np.float32).tobytes()) for (h, _), v in zip(part, vecs, strict=True)],
                 )
             if on_progress:
-                on_progress(f"embeddings ({embedder.name})", s + len(part), len(todo))
+                on_progress(f"embeddings ({name})", s + len(part), len(todo))
         return len(todo)
 
     def vectors(self, embedder_name: str) -> np.ndarray:

@@ -4,12 +4,15 @@
     ragseek train grpo --config configs/grpo.yaml
 
 One step, top to bottom (`train`):
-    rollout    B prompts × G completions, batched generation with the KV cache (`sample_groups`)
+    rollout    B prompts × G completions, batched generation with the KV cache, each prompt prefilled once
+               (`sample_groups`)
     reward     r_i = Σ_k w_k · f_k(prompts, completions, **columns), TRL's reward signature (`rewards.py`)
     advantage  A_i = (r_i − mean_G(r)) / (std_G(r) + ε), one per completion (`grpo_advantages`)
     update     μ optimizer steps on L = −(1/G) Σ_i F(x, y_i) with the clipped ratio and β·k3 (`grpo_loss`);
                μ = 1: old_logps = None (ratio 1, the vanilla policy gradient); μ > 1: old_logps from one no-grad
-               forward of the rollout policy; β = 0: no reference model exists at all.
+               forward of the rollout policy; β = 0: no reference model exists at all. Every logp forward runs
+               each prompt once for its G completions and the head only where it scores a completion token
+               (`rollout.response_logps`, exact).
 Every step logs reward mean/std, accuracy, KL, clip fraction, entropy, response length, tok/s and the share of time
 spent generating; checkpoints (weights, AdamW, RNG, data position) make `--resume` continue a killed
 run with the same next losses. The final policy is saved (with its tokenizer) to `<out_dir>/final`.
@@ -171,7 +174,8 @@ def sample_groups(
     sampling: SamplingConfig,
 ) -> Rollout:
     """G completions per prompt (each prompt repeated G times, consecutive): one batched, left-padded generation with
-    the KV cache (`generate_ids`), returned as right-padded prompt + completion rows ready for a training forward."""
+    the KV cache (`generate_ids`: each prompt is prefilled once), returned as right-padded prompt + completion rows
+    ready for a training forward."""
     repeated = [list(p) for p in prompt_ids for _ in range(group_size)]
     was_training = model.training
     model.eval()
