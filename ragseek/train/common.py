@@ -9,7 +9,6 @@ skeleton around their explicit loops. Each recipe's loop itself stays in its own
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -24,13 +23,6 @@ from ragseek.train.data import EpochSampler, collate_preference
 from ragseek.train.loop import Checkpointer, LoopConfig, MetricsLog, Progress, plot_metrics, save_config
 
 MODEL_HELP = "HF folder or .gguf file (empty: the embedded SmolLM2-135M-Instruct)"
-
-
-def _f(default: Any, help: str) -> Any:
-    """A dataclass field with help text; lists, dicts and LoopConfigs are copied per instance."""
-    if isinstance(default, (list, dict, LoopConfig)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 def nested_loop(loop: LoopConfig | Mapping[str, Any]) -> LoopConfig:

@@ -26,10 +26,10 @@ from typing import Literal
 from torch import Tensor
 
 from ragseek.model import Tokenizer, Transformer
+from ragseek.model.config import config_field as _f
 from ragseek.train import sft
 from ragseek.train.common import (
     MODEL_HELP,
-    _f,
     frozen,
     load_config,
     load_model,

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ragseek.model.config import config_field as _f
 from ragseek.train.common import (
     MODEL_HELP,
-    _f,
     frozen,
     load_config,
     load_model,

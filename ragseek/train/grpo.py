@@ -31,10 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from ragseek.model import SamplingConfig, Tokenizer, Transformer
+from ragseek.model.config import config_field as _f
 from ragseek.model.generate import generate_ids
 from ragseek.train.common import (
     MODEL_HELP,
-    _f,
     frozen,
     load_config,
     load_model,

@@ -29,9 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from ragseek.model import Transformer
+from ragseek.model.config import config_field as _f
 from ragseek.train.common import (
     MODEL_HELP,
-    _f,
     frozen,
     load_config,
     load_model,

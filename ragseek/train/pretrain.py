@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -31,10 +31,11 @@ import typer
 
 from ragseek.defaults import shared_data_dir
 from ragseek.model.config import ModelConfig
+from ragseek.model.config import config_field as _f
 from ragseek.model.moe import max_violation
 from ragseek.model.tokenizer import Tokenizer, load_tokenizer
 from ragseek.model.transformer import Transformer
-from ragseek.train.grpo import load_config
+from ragseek.train.common import load_config
 from ragseek.train.loop import (
     Checkpointer,
     LoopConfig,
@@ -60,10 +61,6 @@ Balance = Literal["bias", "aux", "none"]
 BALANCES: tuple[Balance, ...] = ("bias", "aux", "none")
 
 
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 def default_corpus() -> list[str]:
     """SciFact abstracts (title + text) and GSM8K train (question + answer) from ../shared/data."""
     root = shared_data_dir()
@@ -76,7 +73,7 @@ def default_corpus() -> list[str]:
 
 @dataclass
 class PretrainConfig:
-    model: dict = _f(dict, "ModelConfig fields; vocab_size is taken from the tokenizer")
+    model: dict = _f({}, "ModelConfig fields; vocab_size is taken from the tokenizer")
     data: list[str] = _f(
         list, ".txt / .jsonl files or folders ([] = SciFact corpus + GSM8K train in ../shared)"
     )
@@ -94,7 +91,7 @@ class PretrainConfig:
     )
     val_windows: int = _f(32, "validation windows of seq_len tokens, evenly spaced over val.bin")
     num_threads: int = _f(0, "torch CPU threads (0 = torch's default); 1 is much faster on a busy shared CPU")
-    loop: LoopConfig = _f(LoopConfig, "lr, schedule, steps, checkpoints, eval_every, out_dir, resume")
+    loop: LoopConfig = _f(LoopConfig(), "lr, schedule, steps, checkpoints, eval_every, out_dir, resume")
 
     def __post_init__(self) -> None:
         if isinstance(self.loop, dict):

@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ragseek.model import Tokenizer, Transformer
+from ragseek.model.config import config_field as _f
 from ragseek.train.common import (
     MODEL_HELP,
-    _f,
     load_config,
     load_model,
     nested_loop,

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from ragseek.model.config import config_field as _f
 from ragseek.train.common import (
     MODEL_HELP,
-    _f,
     load_config,
     load_model,
     nested_loop,
