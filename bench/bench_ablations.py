@@ -1,10 +1,12 @@
 """DeepSeek's ablations at laptop scale: load balancing, expert granularity, attention kind, MTP.
 
-    .venv/bin/python bench/bench_ablations.py [--only balance,experts,attention,mtp] [--steps 200]
+    .venv/bin/python bench/bench_ablations.py [--only balance,experts,attention,mtp] [--steps 200] [--seeds 0,1]
+    .venv/bin/python bench/bench_ablations.py --keep    # only the rows (and seeds) ablations.json lacks
 
 Every row is one `ragseek train pretrain` run (its exact command is in the table) on the same tokens (SciFact +
-GSM8K, BPE 4096, runs/pretrain_data), with the same seed, batch, sequence length and number of steps, so equal
-training tokens; rows of one group have (nearly) equal active parameters, listed per row. Then, on the trained models: KV-cache bytes per
+GSM8K, BPE 4096, runs/pretrain_data), with the same batch, sequence length and number of steps, so equal
+training tokens, once per seed (the seed sets the init and the data order); rows of one group have (nearly) equal
+active parameters, listed per row. The inference numbers below come from the seed-0 models. Then, on the trained models: KV-cache bytes per
 token from `make_cache(...).nbytes`, greedy decode tok/s at 1k and 4k context (MLA naive vs absorbed), and MTP
 self-speculative decoding (acceptance of the drafted 2nd token, tokens per main forward, speedup vs plain greedy).
 One torch thread (the 2-core CPU is shared with other jobs: compare rows, not absolute speeds).
@@ -22,7 +24,7 @@ import torch
 
 from ragseek.model.generate import SamplingConfig, generate_ids, speculative_generate
 from ragseek.model.transformer import Transformer
-from ragseek.train.grpo import load_config
+from ragseek.train.common import load_config
 from ragseek.train.loop import read_metrics, set_seed
 from ragseek.train.pretrain import PretrainConfig, build_model, open_tokens, prepare_data, train
 
@@ -69,19 +71,29 @@ ROWS: dict[str, list[tuple[str, str, str, list[str]]]] = {
 }
 
 
-def command(base: str, overrides: list[str], name: str, steps: int) -> str:
-    sets = [*overrides, f"loop.max_steps={steps}"]
+def seeded(name: str, seed: int) -> str:
+    """The key (and run folder) of a row's run with `seed`: the name itself for seed 0."""
+    return name if seed == 0 else f"{name}_s{seed}"
+
+
+def seed_sets(seed: int) -> list[str]:
+    return [f"loop.seed={seed}"] if seed else []
+
+
+def command(base: str, overrides: list[str], name: str, steps: int, seed: int = 0) -> str:
+    sets = [*overrides, f"loop.max_steps={steps}", *seed_sets(seed)]
     return (
         f"ragseek train pretrain --config {base} "
         + " ".join(f"--set {s}" for s in sets)
-        + f" --out {RUNS}/{name}"
+        + f" --out {RUNS}/{seeded(name, seed)}"
     )
 
 
-def run_row(name: str, base: str, overrides: list[str], steps: int) -> tuple[dict, Transformer]:
+def run_row(name: str, base: str, overrides: list[str], steps: int, seed: int) -> tuple[dict, Transformer]:
     """Train one row; return its final numbers and curves, and the trained model (kept in memory for inference)."""
-    out = Path(RUNS) / name
-    cfg = load_config(PretrainConfig, base, [*overrides, f"loop.max_steps={steps}", f"loop.out_dir={out}"])
+    out = Path(RUNS) / seeded(name, seed)
+    sets = [*overrides, f"loop.max_steps={steps}", *seed_sets(seed), f"loop.out_dir={out}"]
+    cfg = load_config(PretrainConfig, base, sets)
     tokenizer, _ = prepare_data(cfg)
     set_seed(cfg.loop.seed)
     model = build_model(cfg, tokenizer.vocab_size, tokenizer.eos_id)
@@ -215,17 +227,45 @@ def fmt(x: float | None, spec: str = ".3f") -> str:
     return "—" if x is None else format(x, spec)
 
 
-def report(results: dict, extra: dict, steps: int, load: float) -> str:
+def per_seed(results: dict, name: str, seeds: list[int], key: str) -> list[float]:
+    return [results[seeded(name, s)][key] for s in seeds if seeded(name, s) in results]
+
+
+def joined(values: list[float | None], spec: str) -> str:
+    return " / ".join(fmt(v, spec) for v in values)
+
+
+def seed_spread(results: dict, seeds: list[int]) -> float | None:
+    """Mean over rows of (max − min) val loss across seeds: how far apart two runs of the same row land."""
+    spreads = [
+        max(v) - min(v)
+        for name in {r[0] for rows in ROWS.values() for r in rows}
+        if len(v := per_seed(results, name, seeds, "val_loss")) > 1
+    ]
+    return sum(spreads) / len(spreads) if spreads else None
+
+
+def report(results: dict, extra: dict, steps: int, load: float, seeds: list[int]) -> str:
+    seed_list = " / ".join(map(str, seeds))
+    spread = seed_spread(results, seeds)
     lines = [
         "## Pretraining ablations at laptop scale (bench_ablations)",
         "",
-        f"`.venv/bin/python bench/bench_ablations.py --steps {steps}` — every row is the `ragseek train pretrain` "
-        "command shown (same data, seed 0, batch 8 x 128 tokens, equal steps, so equal training tokens); val loss "
-        "is the main head's CE on 32 fixed validation windows at the end. MaxVio = max_i load_i / mean load - 1 per "
-        "MoE layer, averaged over layers, and over the last 20% of the steps. One CPU thread, load average "
-        f"{load:.1f} on 2 cores while it ran: speeds compare rows, not machines. Plots: docs/ablations.md.",
+        f"`.venv/bin/python bench/bench_ablations.py --steps {steps} --seeds {','.join(map(str, seeds))}` — every "
+        "row is the `ragseek train pretrain` command shown (same data, batch 8 x 128 tokens, equal steps, so equal "
+        f"training tokens), run with seeds {seed_list} (seed s adds `--set loop.seed=s` and `_s<s>` to the run "
+        "folder); val loss is the main head's CE on 32 fixed validation windows at the end, per seed, then their "
+        "mean. MaxVio = max_i load_i / mean load - 1 per MoE layer, averaged over layers, and over the last 20% of "
+        f"the steps, per seed. One CPU thread, load average {load:.1f} on 2 cores while it ran: speeds compare rows, "
+        "not machines. Plots (seed 0): docs/ablations.md.",
         "",
     ]
+    if spread is not None:
+        lines += [
+            f"**Seed noise**: the same row's val loss differs by {spread:.3f} on average between seeds — a "
+            "difference between rows smaller than that is not a result.",
+            "",
+        ]
     titles = {
         "balance": "Load balancing (8 experts x 64, top-2)",
         "experts": "Expert granularity: lecture figure (a) / (b) / (c), equal active expert width",
@@ -237,7 +277,7 @@ def report(results: dict, extra: dict, steps: int, load: float) -> str:
         if not done:
             continue
         lines += [f"**{titles[group]}**", ""]
-        head = "| row | active params | val loss | val ppl | MaxVio (last 20%) |"
+        head = f"| row | active params | val loss (seed {seed_list}) | mean | MaxVio (last 20%) |"
         sep = "|---|---:|---:|---:|---:|"
         if group == "attention":
             head, sep = (
@@ -248,15 +288,18 @@ def report(results: dict, extra: dict, steps: int, load: float) -> str:
         for name, label, base, overrides in done:
             r = results[name]
             cmd = f"`{command(base, overrides, name, steps)}`"
-            common = f"| {label} | {r['active_params']:,} | {r['val_loss']:.4f} | {r['val_ppl']:.1f} |"
+            losses = per_seed(results, name, seeds, "val_loss")
+            common = f"| {label} | {r['active_params']:,} | {joined(losses, '.4f')} | {sum(losses) / len(losses):.4f} |"
             if group != "attention":
-                lines.append(f"{common} {fmt(r['maxvio_last20pct'])} | {cmd} |")
+                lines.append(
+                    f"{common} {joined(per_seed(results, name, seeds, 'maxvio_last20pct'), '.3f')} | {cmd} |"
+                )
                 continue
             for inf in extra.get(f"attention/{name}", [{}]):
                 tag = f" {inf['impl']}" if inf.get("impl") else ""
                 lines.append(
-                    f"| {label}{tag} | {r['active_params']:,} | {r['val_loss']:.4f} | {r['val_ppl']:.1f} | "
-                    f"{inf.get('kv_bytes_per_token', '—')} | {inf.get('decode_tok_s_1024', '—')} | "
+                    f"| {label}{tag} | {r['active_params']:,} | {joined(losses, '.4f')} | "
+                    f"{sum(losses) / len(losses):.4f} | {inf.get('kv_bytes_per_token', '—')} | {inf.get('decode_tok_s_1024', '—')} | "
                     f"{inf.get('decode_tok_s_4096', '—')} | {cmd} |"
                 )
         if group == "mtp" and "speculative" in extra:
@@ -278,40 +321,59 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="balance,experts,mtp,attention")
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--seeds", default="0,1", help="seeds every row runs with (comma-separated)")
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the rows (and the inference numbers) already in ablations.json; run only what it lacks",
+    )
     ap.add_argument(
         "--runs", default="runs/ablations", help="folder of the run folders (a smoke test uses a scratch one)"
     )
     args = ap.parse_args()
     RUNS = args.runs
+    seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(1)
     os.chdir(ROOT)
     OUT.mkdir(parents=True, exist_ok=True)
     results: dict = {}
     extra: dict = {}
-    models: dict[str, Transformer] = {}
     loads = []
+    if args.keep and (OUT / "ablations.json").exists():
+        kept = json.loads((OUT / "ablations.json").read_text())
+        if kept["steps"] != args.steps:
+            raise SystemExit(f"--keep: ablations.json has {kept['steps']} steps, not {args.steps}")
+        results, extra, loads = kept["rows"], kept["inference"], [kept["load_avg"]]
+    models: dict[str, Transformer] = {}
 
     def write() -> None:
         loads.append(os.getloadavg()[0])
         load = sum(loads) / len(loads)
-        curves = {k: {n: v for n, v in r.items()} for k, r in results.items()}
         (OUT / "ablations.json").write_text(
-            json.dumps({"steps": args.steps, "rows": curves, "inference": extra, "load_avg": load}, indent=2)
+            json.dumps(
+                {"steps": args.steps, "seeds": seeds, "rows": results, "inference": extra, "load_avg": load},
+                indent=2,
+            )
         )
-        (OUT / "ablations.md").write_text(report(results, extra, args.steps, load))
+        (OUT / "ablations.md").write_text(report(results, extra, args.steps, load, seeds))
 
     for group in args.only.split(","):
-        for name, label, base, overrides in ROWS[group]:
-            if name not in results:
-                print(f"== {group}: {name} ({label})", flush=True)
-                results[name], models[name] = run_row(name, base, overrides, args.steps)
-                write()
+        for seed in seeds:
+            for name, label, base, overrides in ROWS[group]:
+                key = seeded(name, seed)
+                if key not in results:
+                    print(f"== {group}: {key} ({label})", flush=True)
+                    results[key], model = run_row(name, base, overrides, args.steps, seed)
+                    if seed == seeds[0]:
+                        models[name] = model
+                    write()
         if group == "attention":
             for name, *_ in ROWS[group]:
-                extra[f"attention/{name}"] = attention_inference(models[name])
-                print(name, extra[f"attention/{name}"], flush=True)
-                write()
-        if group == "mtp":
+                if name in models or f"attention/{name}" not in extra:
+                    extra[f"attention/{name}"] = attention_inference(models[name])
+                    print(name, extra[f"attention/{name}"], flush=True)
+                    write()
+        if group == "mtp" and ("moe_b_bias" in models or "speculative" not in extra):
             extra["speculative"] = speculative(models["moe_b_bias"])
             print(extra["speculative"], flush=True)
             write()

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_posttrain.py            # writes bench/results/posttrain.json and posttrain.md
     .venv/bin/python bench/bench_posttrain.py --quick    # a smoke run: tiny sizes, 50 held-out problems
+    .venv/bin/python bench/bench_posttrain.py --keep     # only the rows posttrain.json lacks (after a kill)
 
 Every model is scored on the same held-out problems (`addition.eval_problems()`, a seed never used in training),
 greedy, through the chat template, by the final number of the completion (`ragseek eval math`'s scorer):
@@ -270,6 +271,12 @@ def main() -> None:
     )
     ap.add_argument("--work", default="runs/bench_posttrain", help="scratch folder for data, runs and models")
     ap.add_argument("--skip-trl", action="store_true", help="leave out the TRL comparison")
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the rows already in the results file and run only the missing ones (a teacher model whose "
+        "folder is gone is retrained, not re-scored)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     sizes = QUICK if args.quick else Sizes()
@@ -279,11 +286,18 @@ def main() -> None:
     out_md = out_json.with_suffix(".md")
     base = str(smollm2_gguf())
     results: dict = {"sizes": asdict(sizes), "threads": torch.get_num_threads(), "rows": {}}
+    earlier_s = 0.0
+    if args.keep and out_json.exists():
+        kept = json.loads(out_json.read_text())
+        if kept["sizes"] != results["sizes"]:
+            raise SystemExit(f"--keep: {out_json} was made with other sizes; rerun without --keep")
+        results["rows"], earlier_s = kept["rows"], kept.get("total_wall_s", 0.0)
+    missing = lambda name: name not in results["rows"]  # noqa: E731
     t_start = time.perf_counter()
 
     def record(name: str, row: dict) -> None:
         results["rows"][name] = row
-        results["total_wall_s"] = time.perf_counter() - t_start
+        results["total_wall_s"] = earlier_s + time.perf_counter() - t_start
         out_json.parent.mkdir(parents=True, exist_ok=True)
         out_json.write_text(json.dumps(results, indent=2))
         out_md.write_text(markdown(results, args))
@@ -295,14 +309,19 @@ def main() -> None:
     answers = addition.write_sft_jsonl(work / "sft_answer.jsonl", train_set, "answer")
     ev = lambda path, tokens=64: evaluate(path, eval_file, sizes.n_eval, tokens, sizes.eval_batch)  # noqa: E731
 
-    record("base", ev(base))
+    if missing("base"):
+        record("base", ev(base))
 
     def sft_loop(name: str, steps: int, lr: float) -> LoopConfig:
         return LoopConfig(
             lr=lr, warmup_steps=max(1, steps // 10), max_steps=steps, ckpt_every=0, out_dir=str(work / name)
         )
 
+    teacher = str(work / "sft_worked" / "final")
+    need_teacher = (missing("distill_data") or missing("distill_logit")) and not Path(teacher).exists()
     for name, data in (("sft_worked", worked), ("sft_answer", answers)):
+        if not (missing(name) or (name == "sft_worked" and need_teacher)):
+            continue
         cfg = sft.SFTConfig(
             model=base,
             data=str(data),
@@ -310,31 +329,35 @@ def main() -> None:
             batch_size=sizes.sft_batch,
             loop=sft_loop(name, sizes.sft_steps, sizes.sft_lr),
         )
-        record(name, {**timed(sft.train, cfg), **ev(str(work / name / "final"))})
+        row = timed(sft.train, cfg)
+        if missing(name):
+            record(name, {**row, **ev(str(work / name / "final"))})
 
-    dpo_problems, rejected = own_wrong_answers(
-        base, addition.train_problems(sizes.dpo_problems, seed=2), work, sizes.eval_batch
-    )
-    pairs = addition.write_jsonl(
-        work / "dpo_pairs.jsonl",
-        (
-            {"prompt": p.question, "chosen": corrected(bad, p), "rejected": bad}
-            for p, bad in zip(dpo_problems, rejected, strict=True)
-        ),
-    )
-    cfg = dpo.DPOConfig(
-        model=base,
-        data=str(pairs),
-        beta=sizes.dpo_beta,
-        length_normalize=True,
-        precompute_ref=True,
-        max_len=128,
-        batch_size=sizes.dpo_batch,
-        loop=sft_loop("dpo", sizes.dpo_steps, sizes.dpo_lr),
-    )
-    record("dpo", {**timed(dpo.train, cfg), "pairs": len(dpo_problems), **ev(str(work / "dpo" / "final"))})
+    if missing("dpo"):
+        dpo_problems, rejected = own_wrong_answers(
+            base, addition.train_problems(sizes.dpo_problems, seed=2), work, sizes.eval_batch
+        )
+        pairs = addition.write_jsonl(
+            work / "dpo_pairs.jsonl",
+            (
+                {"prompt": p.question, "chosen": corrected(bad, p), "rejected": bad}
+                for p, bad in zip(dpo_problems, rejected, strict=True)
+            ),
+        )
+        cfg = dpo.DPOConfig(
+            model=base,
+            data=str(pairs),
+            beta=sizes.dpo_beta,
+            length_normalize=True,
+            precompute_ref=True,
+            max_len=128,
+            batch_size=sizes.dpo_batch,
+            loop=sft_loop("dpo", sizes.dpo_steps, sizes.dpo_lr),
+        )
+        record(
+            "dpo", {**timed(dpo.train, cfg), "pairs": len(dpo_problems), **ev(str(work / "dpo" / "final"))}
+        )
 
-    teacher = str(work / "sft_worked" / "final")
     prompts = addition.write_sft_jsonl(
         work / "distill_prompts.jsonl", addition.train_problems(sizes.distill_prompts, seed=3), "worked"
     )
@@ -343,6 +366,8 @@ def main() -> None:
         ("logit", sizes.distill_logit_steps, worked),
     ):
         name = f"distill_{kind}"
+        if not missing(name):
+            continue
         cfg = distill.DistillConfig(
             kind=kind,
             teacher=teacher,
@@ -355,7 +380,7 @@ def main() -> None:
         )
         record(name, {**timed(distill.train, cfg), **ev(str(work / name / "final"))})
 
-    if not args.skip_trl:
+    if not args.skip_trl and missing("dpo_step_vs_trl"):
         pairs_128 = long_pairs(4)
         pairs_file = addition.write_jsonl(work / "dpo_128.jsonl", pairs_128)
         hf_dir = work / "smollm2_hf"

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_rag_llm.py       # 30 queries (rerank rows: the first 15); contextual on their sub-corpus
     .venv/bin/python bench/bench_rag_llm.py --queries 10 --rerank-depths 20 --context-docs 40   # quicker
+    .venv/bin/python bench/bench_rag_llm.py --keep    # only the rows rag_llm.json lacks (each row is saved when done)
 
 Rows on the full corpus (5,183 abstracts, recursive chunks of 2,000 chars — the retrieval bench's best store): the
 best plain retriever (hybrid convex z-score, Porter BM25 + MiniLM), then + query rewrite, + multi-query (RRF),
@@ -20,6 +21,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -95,6 +97,11 @@ def main() -> None:
     )
     ap.add_argument("--hard-negatives", type=int, default=3, help="top non-relevant docs per query in it")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: query, rerank, contextual")
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the rows already in rag_llm.json (same --queries); run the rest",
+    )
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     data = shared_data_dir()
@@ -106,7 +113,24 @@ def main() -> None:
     qrels = dict(list(all_qrels.items())[: args.queries])
     load = os.getloadavg()[0]
     log(f"{len(qrels)} queries; load average {load:.1f}")
+    path = RESULTS / "rag_llm.json"
     out: dict = {"queries": len(qrels), "load_average": round(load, 1), "full": {}, "contextual": {}}
+    if args.keep and path.exists():
+        out = json.loads(path.read_text())
+        if out["queries"] != len(qrels):
+            sys.exit(f"--keep: {path} has {out['queries']} queries, not {len(qrels)}")
+    out["command"] = " ".join(sys.argv[1:])
+
+    def save() -> None:
+        RESULTS.mkdir(exist_ok=True)
+        path.write_text(json.dumps(out, indent=2) + "\n")
+        (RESULTS / "rag_llm.md").write_text(write_md(out))
+
+    def row(part: dict, name: str, make) -> None:
+        """part[name] = make(), unless kept from an earlier run; saved at once."""
+        if name not in part:
+            part[name] = make()
+            save()
 
     full = store_for(
         "scifact-chunk2000", load_beir_rows(sci / "corpus.jsonl"), SplitterConfig("recursive", 2000, 200)
@@ -114,32 +138,38 @@ def main() -> None:
     searcher = Searcher(full, BEST)
     full.embed(searcher.embedder())
     llm = load_llm("local")
-    out["full"]["hybrid (best plain retriever)"] = score(searcher, None, StepsConfig(), queries, qrels)
+    f = out["full"]
+    row(f, "hybrid (best plain retriever)", lambda: score(searcher, None, StepsConfig(), queries, qrels))
     if "query" not in skip:
         for mode in ("rewrite", "multi", "hyde"):
-            out["full"][f"+ {mode}"] = score(searcher, llm, StepsConfig(query=mode), queries, qrels)
+            row(
+                f,
+                f"+ {mode}",
+                lambda mode=mode: score(searcher, llm, StepsConfig(query=mode), queries, qrels),
+            )
     if "rerank" not in skip:
+        few = dict(list(qrels.items())[: args.rerank_queries])
+        row(
+            f, f"hybrid, first {len(few)} queries", lambda: score(searcher, None, StepsConfig(), queries, few)
+        )
         for depth in map(int, args.rerank_depths.split(",")):
             steps = StepsConfig(rerank="llm", rerank_depth=depth)
-            few = dict(list(qrels.items())[: args.rerank_queries])
-            if depth == int(args.rerank_depths.split(",")[0]):
-                out["full"][f"hybrid, first {len(few)} queries"] = score(
-                    searcher, None, StepsConfig(), queries, few
-                )
-            out["full"][f"+ LLM rerank top {depth}, first {len(few)} queries"] = score(
-                searcher, llm, steps, queries, few
+            row(
+                f,
+                f"+ LLM rerank top {depth}, first {len(few)} queries",
+                lambda steps=steps: score(searcher, llm, steps, queries, few),
             )
-
     if "contextual" not in skip:
-        out["contextual"] = contextual_rows(sci, searcher, llm, queries, qrels, args)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "rag_llm.json").write_text(json.dumps(out, indent=2) + "\n")
-    (RESULTS / "rag_llm.md").write_text(write_md(out, " ".join(sys.argv[1:])))
+        contextual_rows(sci, searcher, llm, queries, qrels, args, out["contextual"], row)
+    save()
     log("wrote bench/results/rag_llm.{json,md}")
 
 
-def contextual_rows(sci: Path, full: Searcher, llm, queries: dict, qrels: dict, args) -> dict:
-    """Plain vs contextual chunks (dense, BM25, hybrid), and rerank on top, on a sub-corpus with hard negatives."""
+def contextual_rows(
+    sci: Path, full: Searcher, llm, queries: dict, qrels: dict, args, out: dict, row: Callable
+) -> None:
+    """Plain vs contextual chunks (dense, BM25, hybrid), and rerank on top, on a sub-corpus with hard negatives;
+    each row into `out` through `row` (kept rows are not rerun; the contexts are cached in the sub-corpus store)."""
     from ragseek.rag.contextual import contextualize
 
     keep: dict[str, None] = {}
@@ -158,32 +188,26 @@ def contextual_rows(sci: Path, full: Searcher, llm, queries: dict, qrels: dict, 
     sub.embed(plain.embedder())
     n_chunks = len(sub.chunks().ids)
     log(f"contextual sub-corpus: {len(docs)} docs, {n_chunks} chunks, {len(qrels)} queries")
-    t0 = time.perf_counter()
-    counts = contextualize(sub, llm, on_progress=lambda stage, done, total: None)
-    seconds = time.perf_counter() - t0
-    out: dict = {
-        "docs": len(docs),
-        "chunks": n_chunks,
-        "queries": len(qrels),
-        "contextualize": counts,
-        "seconds_per_chunk": round(seconds / max(1, counts.get("generated", 0)), 2)
-        if counts.get("generated")
-        else None,
-    }
+    if "contextualize" not in out:
+        t0 = time.perf_counter()
+        counts = contextualize(
+            sub, llm, on_progress=lambda stage, done, total: log(f"  contexts {done}/{total}")
+        )
+        seconds = time.perf_counter() - t0
+        out.update(docs=len(docs), chunks=n_chunks, queries=len(qrels), contextualize=counts)
+        out["seconds_per_chunk"] = round(seconds / counts["generated"], 2) if counts["generated"] else None
     for retriever in ("dense", "bm25", "hybrid"):
         cfg = replace(BEST, retriever=retriever)
-        out[retriever] = score(Searcher(sub, cfg), None, StepsConfig(), queries, qrels)
+        row(out, retriever, lambda cfg=cfg: score(Searcher(sub, cfg), None, StepsConfig(), queries, qrels))
         ctx = Searcher(sub, replace(cfg, contextual=llm.name))
-        out[f"{retriever} + contextual"] = score(ctx, None, StepsConfig(), queries, qrels)
+        row(out, f"{retriever} + contextual", lambda ctx=ctx: score(ctx, None, StepsConfig(), queries, qrels))
     ctx = Searcher(sub, replace(BEST, contextual=llm.name))
-    out["hybrid + contextual + LLM rerank top 20"] = score(
-        ctx, llm, StepsConfig(rerank="llm", rerank_depth=20), queries, qrels
-    )
-    return out
+    rerank = StepsConfig(rerank="llm", rerank_depth=20)
+    row(out, "hybrid + contextual + LLM rerank top 20", lambda: score(ctx, llm, rerank, queries, qrels))
 
 
-def write_md(res: dict, argv: str) -> str:
-    cmd = f".venv/bin/python bench/bench_rag_llm.py {argv}".strip()
+def write_md(res: dict) -> str:
+    cmd = f".venv/bin/python bench/bench_rag_llm.py {res['command']}".strip()
     lines = [
         "## The LLM steps of RAG on SciFact (SmolLM2-135M-Instruct, CPU)",
         "",

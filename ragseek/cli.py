@@ -78,7 +78,7 @@ def generate(
 from ragseek.llm.cli import register as _register_llm  # noqa: E402
 from ragseek.rag.cli import register as _register_rag  # noqa: E402
 from ragseek.train.cli import register as _register_train  # noqa: E402
-from ragseek.train.evaluate_math import register_math as _register_math  # noqa: E402
+from ragseek.train.cli import register_math as _register_math  # noqa: E402
 
 _register_rag(app, eval_app)
 _register_math(eval_app)

@@ -11,11 +11,16 @@ loop.resume. The resolved config is written to <out>/config.json and inside ever
 from __future__ import annotations
 
 import importlib
+import json
 from typing import Annotated, Any
 
 import typer
 
 RECIPES = {  # command -> (module, what it does)
+    "pretrain": (
+        "ragseek.train.pretrain",
+        "Pretrain a DeepSeek-style model from scratch (BPE, MTP, MoE balancing bias|aux|none, val perplexity).",
+    ),
     "sft": ("ragseek.train.sft", "Supervised fine-tuning on prompt/response JSONL (prompt tokens masked)."),
     "distill": (
         "ragseek.train.distill",
@@ -23,6 +28,11 @@ RECIPES = {  # command -> (module, what it does)
     ),
     "rm": ("ragseek.train.reward_model", "A Bradley-Terry reward model (value head) on preference pairs."),
     "dpo": ("ragseek.train.dpo", "DPO on preference pairs against a frozen reference model."),
+    "grpo": (
+        "ragseek.train.grpo",
+        "GRPO with rule-based rewards: group advantages, clipped objective, k3 KL.",
+    ),
+    "ppo": ("ragseek.train.ppo", "RLHF with PPO: reward model, KL-penalised per-token rewards, GAE, critic."),
 }
 
 
@@ -52,9 +62,33 @@ def register(app: typer.Typer) -> None:
     )
     for name, (module, help) in RECIPES.items():
         train_app.command(name)(_command(module, help))
-    from ragseek.train.grpo import register_rl
-    from ragseek.train.pretrain import register_pretrain
-
-    register_rl(train_app)
-    register_pretrain(train_app)
     app.add_typer(train_app, name="train")
+
+
+def register_math(eval_app: Any) -> None:
+    """Add `math` to the `ragseek eval` group (torch loads only when it runs)."""
+
+    def math(
+        model: str = typer.Option(
+            None, help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)"
+        ),
+        data: str = typer.Option(
+            ..., help='JSONL with {"question", "answer"} rows (GSM8K\'s "… #### N" works)'
+        ),
+        n: int = typer.Option(None, help="score only the first n rows"),
+        max_new_tokens: int = typer.Option(64, help="completion length cap"),
+        batch_size: int = typer.Option(32, help="questions decoded together"),
+        json_out: bool = typer.Option(False, "--json", help='print {"accuracy", "n", ...} as JSON'),
+    ) -> None:
+        """Accuracy on maths questions: greedy decoding, the final number compared with the answer."""
+        from ragseek.train.evaluate_math import evaluate_file
+
+        result = evaluate_file(model or "", data, n, max_new_tokens, batch_size)
+        if json_out:
+            print(json.dumps({k: v for k, v in result.items() if k != "completions"}))
+        else:
+            print(
+                f"accuracy {result['accuracy']:.4f} on n={result['n']} ({result['tokens_generated']} tokens)"
+            )
+
+    eval_app.command("math")(math)

@@ -9,7 +9,7 @@ skeleton around their explicit loops. Each recipe's loop itself stays in its own
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -163,3 +163,16 @@ def save_final(model: Transformer, tokenizer: Tokenizer, folder: Path) -> Path:
     model.save_pretrained(folder)
     tokenizer.save(folder)
     return folder
+
+
+def cli(main: Callable[[str | None, list[str], str | None, bool], Any]) -> None:
+    """`python -m ragseek.train.RECIPE --config FILE [--set k=v ...] [--out DIR] [--resume]` calls `main`."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args()
+    main(args.config, args.overrides, args.out, args.resume)

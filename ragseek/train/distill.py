@@ -30,6 +30,7 @@ from ragseek.model.config import config_field as _f
 from ragseek.train import sft
 from ragseek.train.common import (
     MODEL_HELP,
+    cli,
     frozen,
     load_config,
     load_model,
@@ -213,3 +214,7 @@ def main(
 ) -> list[dict]:
     """`ragseek train distill`: the config file, then the --set overrides, then --out and --resume."""
     return train(with_run_flags(load_config(DistillConfig, config_path, overrides), out, resume))
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from ragseek.model.config import config_field as _f
 from ragseek.train.common import (
     MODEL_HELP,
+    cli,
     frozen,
     load_config,
     load_model,
@@ -163,3 +164,7 @@ def main(
 ) -> list[dict]:
     """`ragseek train dpo`: the config file, then the --set overrides, then --out and --resume."""
     return train(with_run_flags(load_config(DPOConfig, config_path, overrides), out, resume))
+
+
+if __name__ == "__main__":
+    cli(main)

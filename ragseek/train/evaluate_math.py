@@ -9,7 +9,6 @@ model's chat template, as in GRPO training (`data.load_prompts`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,31 +69,3 @@ def evaluate_file(
     model, tokenizer = load_model(model_path)
     rows = load_prompts(data, tokenizer, max_prompt_len)
     return evaluate_math(model, tokenizer, rows[:n] if n else rows, max_new_tokens, batch_size)
-
-
-def register_math(eval_app: Any) -> None:
-    """Add `math` to the `ragseek eval` group."""
-    import typer
-
-    def math(
-        model: str = typer.Option(
-            None, help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)"
-        ),
-        data: str = typer.Option(
-            ..., help='JSONL with {"question", "answer"} rows (GSM8K\'s "… #### N" works)'
-        ),
-        n: int = typer.Option(None, help="score only the first n rows"),
-        max_new_tokens: int = typer.Option(64, help="completion length cap"),
-        batch_size: int = typer.Option(32, help="questions decoded together"),
-        json_out: bool = typer.Option(False, "--json", help='print {"accuracy", "n", ...} as JSON'),
-    ) -> None:
-        """Accuracy on maths questions: greedy decoding, the final number compared with the answer."""
-        result = evaluate_file(model or "", data, n, max_new_tokens, batch_size)
-        if json_out:
-            print(json.dumps({k: v for k, v in result.items() if k != "completions"}))
-        else:
-            print(
-                f"accuracy {result['accuracy']:.4f} on n={result['n']} ({result['tokens_generated']} tokens)"
-            )
-
-    eval_app.command("math")(math)

@@ -25,7 +25,6 @@ import importlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +34,7 @@ from ragseek.model.config import config_field as _f
 from ragseek.model.generate import generate_ids
 from ragseek.train.common import (
     MODEL_HELP,
+    cli,
     frozen,
     load_config,
     load_model,
@@ -316,35 +316,6 @@ def main(
 ) -> list[dict]:
     """`ragseek train grpo`: the config file, then the --set overrides, then --out and --resume."""
     return train(with_run_flags(load_config(GRPOConfig, config_path, overrides), out, resume))
-
-
-def register_rl(train_app: Any) -> None:
-    """Add `grpo` and `ppo` to the `ragseek train` group (same flags as the other recipes: ragseek.train.cli)."""
-    from ragseek.train.cli import _command
-
-    train_app.command("grpo")(
-        _command(
-            "ragseek.train.grpo", "GRPO with rule-based rewards: group advantages, clipped objective, k3 KL."
-        )
-    )
-    train_app.command("ppo")(
-        _command(
-            "ragseek.train.ppo", "RLHF with PPO: reward model, KL-penalised per-token rewards, GAE, critic."
-        )
-    )
-
-
-def cli(main: Callable[[str | None, list[str], str | None, bool], Any]) -> None:
-    """`python -m ragseek.train.grpo|ppo --config FILE [--set k=v ...] [--out DIR] [--resume]` calls `main`."""
-    import argparse
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default=None)
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--resume", action="store_true")
-    args = ap.parse_args()
-    main(args.config, args.overrides, args.out, args.resume)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from ragseek.model import Transformer
 from ragseek.model.config import config_field as _f
 from ragseek.train.common import (
     MODEL_HELP,
+    cli,
     frozen,
     load_config,
     load_model,
@@ -42,7 +43,6 @@ from ragseek.train.common import (
 )
 from ragseek.train.data import EpochSampler, load_prompts
 from ragseek.train.grpo import (
-    cli,
     logps_of,
     mean_metrics,
     resolve_reward,
@@ -52,6 +52,7 @@ from ragseek.train.grpo import (
 )
 from ragseek.train.loop import LoopConfig, build_optimizer, micro_batches, set_seed, train_step
 from ragseek.train.losses import gae, kl_penalized_rewards, ppo_policy_loss, value_loss
+from ragseek.train.rewards import numbers_match
 
 PLOT_KEYS = ("score_mean", "accuracy", "response_length", "kl", "value_loss", "clip_fraction", "loss")
 
@@ -192,6 +193,11 @@ def train(cfg: PPOConfig) -> list[dict]:
         }
         if each:
             metrics["accuracy"] = (each[0] >= 1).float().mean().item()
+        elif all(
+            r.get("answer") is not None for r in batch_rows
+        ):  # the reward model's policy, checked by rule
+            answers = [r["answer"] for r in batch_rows for _ in range(G)]
+            metrics["accuracy"] = sum(map(numbers_match, rollout.completions, answers)) / len(answers)
         run.log(step + 1, metrics, int(batch["attention_mask"].sum()))
         run.checkpoint(step + 1)
     run.close(PLOT_KEYS)

@@ -23,11 +23,10 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
-import typer
 
 from ragseek.defaults import shared_data_dir
 from ragseek.model.config import ModelConfig
@@ -35,7 +34,7 @@ from ragseek.model.config import config_field as _f
 from ragseek.model.moe import max_violation
 from ragseek.model.tokenizer import Tokenizer, load_tokenizer
 from ragseek.model.transformer import Transformer
-from ragseek.train.common import load_config
+from ragseek.train.common import cli, load_config, with_run_flags
 from ragseek.train.loop import (
     Checkpointer,
     LoopConfig,
@@ -267,45 +266,10 @@ def train(cfg: PretrainConfig, model: Transformer | None = None) -> dict[str, An
 # CLI
 
 
-def _load(config: str | None, overrides: list[str], out: str | None, resume: bool) -> PretrainConfig:
-    extra = [*overrides, *([f"loop.out_dir={out}"] if out else []), *(["loop.resume=true"] if resume else [])]
-    return load_config(PretrainConfig, config, extra)
-
-
-def register_pretrain(train_app: typer.Typer) -> None:
-    """Add `pretrain` to the `ragseek train` group."""
-
-    def pretrain(
-        config: Annotated[
-            str | None,
-            typer.Option(help="YAML file with PretrainConfig fields (see configs/pretrain_tiny.yaml)"),
-        ] = None,
-        set_: Annotated[
-            list[str] | None,
-            typer.Option("--set", help="override a field: key=value, model.key=value, loop.key=value"),
-        ] = None,
-        out: Annotated[str | None, typer.Option(help="output folder (loop.out_dir)")] = None,
-        resume: Annotated[
-            bool, typer.Option(help="continue from the latest checkpoint in the output folder")
-        ] = False,
-    ) -> None:
-        """Pretrain a DeepSeek-style model from scratch (BPE, MTP, MoE balancing bias|aux|none, val perplexity)."""
-        train(_load(config, set_ or [], out, resume))
-
-    train_app.command("pretrain")(pretrain)
-
-
-def main() -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=None)
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--resume", action="store_true")
-    args = ap.parse_args()
-    train(_load(args.config, args.overrides, args.out, args.resume))
+def main(config_path: str | None, overrides: list[str], out: str | None = None, resume: bool = False) -> dict:
+    """`ragseek train pretrain`: the config file, then the --set overrides (model.key=value too), --out, --resume."""
+    return train(with_run_flags(load_config(PretrainConfig, config_path, overrides), out, resume))
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -25,6 +25,7 @@ from ragseek.model import Tokenizer, Transformer
 from ragseek.model.config import config_field as _f
 from ragseek.train.common import (
     MODEL_HELP,
+    cli,
     load_config,
     load_model,
     nested_loop,
@@ -176,3 +177,7 @@ def main(
 ) -> list[dict]:
     """`ragseek train rm`: the config file, then the --set overrides, then --out and --resume."""
     return train(with_run_flags(load_config(RewardModelConfig, config_path, overrides), out, resume))
+
+
+if __name__ == "__main__":
+    cli(main)

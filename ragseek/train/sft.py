@@ -18,6 +18,7 @@ from torch import Tensor
 from ragseek.model.config import config_field as _f
 from ragseek.train.common import (
     MODEL_HELP,
+    cli,
     load_config,
     load_model,
     nested_loop,
@@ -84,3 +85,7 @@ def main(
 ) -> list[dict]:
     """`ragseek train sft`: the config file, then the --set overrides, then --out and --resume."""
     return train(with_run_flags(load_config(SFTConfig, config_path, overrides), out, resume))
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -25,8 +25,8 @@ from ragseek.model.config import ModelConfig
 from ragseek.model.tokenizer import Tokenizer
 from ragseek.model.transformer import Transformer
 from ragseek.train import grpo, ppo
+from ragseek.train.cli import register_math
 from ragseek.train.common import load_config
-from ragseek.train.evaluate_math import register_math
 from ragseek.train.loop import config_dict, read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
