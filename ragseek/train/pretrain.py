@@ -74,7 +74,7 @@ def default_corpus() -> list[str]:
 class PretrainConfig:
     model: dict = _f({}, "ModelConfig fields; vocab_size is taken from the tokenizer")
     data: list[str] = _f(
-        list, ".txt / .jsonl files or folders ([] = SciFact corpus + GSM8K train in ../shared)"
+        [], ".txt / .jsonl files or folders ([] = SciFact corpus + GSM8K train in ../shared)"
     )
     data_dir: str = _f("", "where the tokenizer and token files go, reused when present ('' = out_dir/data)")
     tokenizer: str = _f(

@@ -187,3 +187,12 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path: Path, corp
     assert [r["step"] for r in b] == list(range(1, 25))
     for key in ("loss", "loss_main", "loss_mtp", "maxvio", "val_loss"):
         assert [r.get(key) for r in b] == pytest.approx([r.get(key) for r in a], abs=1e-5), key
+
+
+def test_config_defaults_are_fresh_values_per_instance() -> None:
+    a, b = PretrainConfig(), PretrainConfig()
+    a.model["dim"] = 32
+    a.data.append("x.txt")
+    a.loop.max_steps = 7
+    assert (b.model, b.data, b.loop.max_steps) == ({}, [], LoopConfig().max_steps)
+    assert isinstance(b.loop, LoopConfig)
