@@ -219,7 +219,11 @@ class Store:
                 on_progress("documents", n + 1, len(files))
         if cfg.prune:
             report.removed = self.prune_missing()
-        if cfg.embedder != "none":
+        word_model = cfg.embedder in (
+            "word2vec",
+            "glove",
+        )  # may need retraining even when no vector is missing
+        if cfg.embedder != "none" and (word_model or self.missing_vectors(self.embedder_name(cfg.embedder))):
             report.embedded = self.embed(
                 self.embedder(cfg.embedder, cfg.batch_size, word_cfg), cfg.batch_size, on_progress
             )
@@ -315,9 +319,7 @@ class Store:
         `texts` (one per chunk, in `chunks()` order) are embedded instead of the chunks' own texts, stored under
         `name` instead of `embedder.name`, still keyed by the chunk's hash (contextual retrieval's context + chunk)."""
         name = name or embedder.name
-        have = {
-            h for (h,) in self.db.execute("SELECT content_hash FROM embeddings WHERE embedder = ?", (name,))
-        }
+        have = self._vector_hashes(name)
         table = self.chunks()
         pairs = zip(table.hashes, table.texts if texts is None else texts, strict=True)
         todo = list({h: t for h, t in pairs if h not in have}.items())
@@ -334,6 +336,15 @@ class Store:
                 on_progress(f"embeddings ({name})", s + len(part), len(todo))
         return len(todo)
 
+    def _vector_hashes(self, name: str) -> set[str]:
+        return {
+            h for (h,) in self.db.execute("SELECT content_hash FROM embeddings WHERE embedder = ?", (name,))
+        }
+
+    def missing_vectors(self, embedder_name: str) -> int:
+        """How many distinct chunk texts have no vector from `embedder_name` (no model is loaded to tell)."""
+        return len(set(self.chunks().hashes) - self._vector_hashes(embedder_name))
+
     def vectors(self, embedder_name: str) -> np.ndarray:
         """float32 (n_chunks, d), row i for chunk `chunks().ids[i]`; errors if some chunk has no vector yet."""
         table = self.chunks()
@@ -347,9 +358,14 @@ class Store:
         }
         missing = len(want) - len(found)
         if missing:
+            spec = (
+                f"PATH/TO/{embedder_name[3:]}"
+                if embedder_name.startswith("st:")
+                else embedder_name.split("-")[0]
+            )
             raise LookupError(
                 f"{missing} chunks have no {embedder_name!r} embedding in {self.root}: "
-                f"run `ragseek ingest ... --store {self.root} --embedder {embedder_name.split('-')[0]}`"
+                f"run `ragseek ingest ... --store {self.root} --embedder {spec}`"
             )
         if not table.hashes:
             return np.zeros((0, 0), dtype=np.float32)

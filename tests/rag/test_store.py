@@ -172,3 +172,21 @@ def test_vectors_align_with_chunks_and_import_embeddings(tmp_path):
     np.testing.assert_array_equal(b.vectors(emb.name), X)
     with pytest.raises(LookupError, match="no 'minilm' embedding"):
         b.vectors("minilm")
+
+
+def test_reingest_with_every_vector_present_loads_no_model(tmp_path):
+    write_corpus(tmp_path / "docs", 3)
+    store = Store(tmp_path / "store")
+    store.ingest([tmp_path / "docs"], SPLIT, StoreConfig(embedder="none"))
+    spec = str(tmp_path / "no-such-model")  # loading it would fail
+    with store.db:
+        store.db.executemany(
+            "INSERT INTO embeddings VALUES (?, ?, ?)",
+            [("st:no-such-model", h, np.ones(4, np.float32).tobytes()) for h in set(store.chunks().hashes)],
+        )
+    assert store.missing_vectors("st:no-such-model") == 0
+    report = store.ingest([tmp_path / "docs"], SPLIT, StoreConfig(embedder=spec))
+    assert (report.stored, report.embedded) == (0, 0)
+    write_corpus(tmp_path / "docs", 4)  # a new file: now a vector is missing and the model must load
+    with pytest.raises(Exception):  # noqa: B017 - whatever sentence-transformers raises for a missing folder
+        store.ingest([tmp_path / "docs"], SPLIT, StoreConfig(embedder=spec))
