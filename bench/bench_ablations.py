@@ -377,10 +377,12 @@ def main() -> None:
             extra["speculative"] = speculative(models["moe_b_bias"])
             print(extra["speculative"], flush=True)
             write()
+    plots = set(extra.get("plots", []))
     for group in args.only.split(","):
-        extra.setdefault("plots", []).append(plot(group, results, "curve_val", "val loss"))
+        plots.add(plot(group, results, "curve_val", "val loss"))
         if group in ("balance", "experts"):
-            extra["plots"].append(plot(group, results, "curve_maxvio", "MaxVio (mean over layers)"))
+            plots.add(plot(group, results, "curve_maxvio", "MaxVio (mean over layers)"))
+    extra["plots"] = sorted(plots)
     write()
 
 
