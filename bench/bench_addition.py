@@ -50,7 +50,7 @@ def stage_specs(args: argparse.Namespace) -> dict[str, dict]:
             config="configs/grpo.yaml",
             set=[f"data={plain['train']}", f"eval_data={plain['eval']}", f"loop.max_steps={args.grpo_steps}"],
             eval=plain["eval"],
-            max_new_tokens=32,
+            max_new_tokens=64,
         ),
         "rm": dict(
             train=reward_model.train,
@@ -68,7 +68,7 @@ def stage_specs(args: argparse.Namespace) -> dict[str, dict]:
                 f"loop.max_steps={args.ppo_steps}",
             ],
             eval=plain["eval"],
-            max_new_tokens=32,
+            max_new_tokens=64,
         ),
         "grpo_format": dict(
             train=grpo.train,
@@ -178,8 +178,8 @@ def markdown(r: dict) -> str:
         "## The addition story: SFT, DPO, RLHF-PPO, GRPO",
         "",
         f"`{r['command']}` — SmolLM2-135M-Instruct fp32 on this CPU (2 cores, shared with other jobs: wall times "
-        "are upper bounds). Accuracy: greedy, chat template, numeric match of the final number on the 500 held-out "
-        "problems of `addition.eval_problems()`. Train wall time is the sum of the training steps (rollouts "
+        "are upper bounds). Accuracy: greedy (64 new tokens; 96 with the think template), chat template, numeric "
+        "match of the final number on the 500 held-out problems of `addition.eval_problems()`, as bench_posttrain. Train wall time is the sum of the training steps (rollouts "
         "included, periodic evals excluded); tokens generated are rollout tokens.",
         "",
         "| version | method | accuracy (500) | steps | train wall s | tokens generated | rollout accuracy first → last "
@@ -231,13 +231,14 @@ def main() -> None:
     evals = result.setdefault("evals", {})
 
     def evaluate(key: str, model: str, data: Path, tokens: int) -> dict:
-        if key not in evals or evals[key]["n"] != args.eval_n:
+        if key not in evals or (evals[key]["n"], evals[key].get("max_new_tokens")) != (args.eval_n, tokens):
             t0 = time.perf_counter()
             e = evaluate_file(model, str(data), args.eval_n, tokens)
             evals[key] = {
                 "accuracy": e["accuracy"],
                 "n": e["n"],
                 "tokens": e["tokens_generated"],
+                "max_new_tokens": tokens,
                 "wall_s": time.perf_counter() - t0,
                 "examples": e["completions"][:3],
             }
@@ -250,7 +251,7 @@ def main() -> None:
     result.setdefault("stages", {}).update(
         {n: {"config": specs[n]["config"], "set": specs[n]["set"]} for n in wanted}
     )
-    base = evaluate("base", "", DATA / "eval.jsonl", 32)
+    base = evaluate("base", "", DATA / "eval.jsonl", 64)
     table = [{"version": "start", "method": "SmolLM2-135M-Instruct", "accuracy": base["accuracy"]}]
     posttrain = RESULTS / "posttrain.json"
     if posttrain.exists():
