@@ -230,8 +230,9 @@ def write_md(res: dict) -> str:
         lines += [
             "",
             f"Contextual retrieval on a sub-corpus: {c['docs']} abstracts (the queries' relevant ones + "
-            f"hard negatives), {c['chunks']} chunks of ≤1,000 chars, {c['queries']} queries; contexts: "
-            f"{c['contextualize']}, {c['seconds_per_chunk']} s per chunk.",
+            f"hard negatives), {c['chunks']} chunks of ≤1,000 chars, {c['queries']} queries; "
+            f"{c['contextualize']['generated']} contexts written in {c['contextualize']['seconds']:.0f} s, "
+            f"{c['seconds_per_chunk']} s per chunk.",
             "",
             "| retriever | nDCG@10 | failure@20 |",
             "|---|---|---|",
