@@ -202,13 +202,16 @@ def markdown(r: dict) -> str:
     if rm:
         lines += [
             "",
-            f"Reward model (v1): Bradley-Terry on {r['rm_pairs']} pairs (the right sum vs a plausible slip), "
-            f"{rm['steps']} steps, held-out pair accuracy {rm['eval_accuracy']:.1%}.",
+            f"Reward model (v1): Bradley-Terry on {r['rm_pairs']} pairs (the right sum vs a plausible slip; the last "
+            f"10% held out), {rm['steps']} steps, held-out pair accuracy {rm['eval_accuracy']:.1%}.",
         ]
+        if not any(row["version"] == "v1" for row in r["table"]):
+            lines.append("PPO against it (v1) has no row: it was not run to the end.")
     lines += ["", "Stage commands (`ragseek train RECIPE --config FILE --set ...`):", ""]
     for name, st in r["stages"].items():
-        lines.append(f"- {name}: `{st['config']}` `--set {' '.join(st['set'])}`")
-    lines += ["", "![accuracy and response length per step](../docs/img/addition_rl.png)"]
+        sets = " ".join(f"--set {x}" for x in st["set"]).replace(f"{ROOT}/", "")
+        lines.append(f"- {name}: `--config {st['config']} {sets}`")
+    lines += ["", "![accuracy and response length per step](docs/img/addition_rl.png)"]
     return "\n".join(lines) + "\n"
 
 
