@@ -173,7 +173,9 @@ def train_logit(cfg: DistillConfig) -> list[dict]:
         raise ValueError(
             f"teacher={cfg.teacher!r}: kind=logit needs the teacher's logits, a ragseek model path"
         )
-    path = "" if cfg.teacher == "local" else cfg.teacher.removeprefix("local:")  # "local": the embedded SmolLM2
+    path = (
+        "" if cfg.teacher == "local" else cfg.teacher.removeprefix("local:")
+    )  # "local": the embedded SmolLM2
     teacher, teacher_tok = load_model(path)
     frozen(teacher)
     student, tokenizer = load_model(cfg.student)
