@@ -173,9 +173,8 @@ def train_logit(cfg: DistillConfig) -> list[dict]:
         raise ValueError(
             f"teacher={cfg.teacher!r}: kind=logit needs the teacher's logits, a ragseek model path"
         )
-    path = (
-        "" if cfg.teacher == "local" else cfg.teacher.removeprefix("local:")
-    )  # "local": the embedded SmolLM2
+    # "local" is the embedded SmolLM2 (load_model's ""), "local:PATH" or a bare PATH a ragseek model
+    path = "" if cfg.teacher == "local" else cfg.teacher.removeprefix("local:")
     teacher, teacher_tok = load_model(path)
     frozen(teacher)
     student, tokenizer = load_model(cfg.student)
