@@ -391,6 +391,10 @@ def main() -> None:
         record("dpo_step_vs_trl", {"ragseek": ours, "trl": theirs, "log2": math.log(2)})
 
 
+def _num(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
 def markdown(results: dict, args: argparse.Namespace) -> str:
     s, rows = results["sizes"], results["rows"]
     lines = [
@@ -438,7 +442,7 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
             "|---|---|---|---|---|",
             *(
                 f"| {label} | {r[key]['median_step_s']:.2f} | {r[key]['first_loss']:.4f} "
-                f"| {r[key]['logps_chosen']:.2f} | {r[key]['logps_rejected']:.2f} |"
+                f"| {_num(r[key].get('logps_chosen'))} | {_num(r[key].get('logps_rejected'))} |"
                 for key, label in (
                     ("ragseek", "ragseek `dpo`"),
                     ("trl", "TRL DPOTrainer (bf16=False, use_cpu=True)"),
