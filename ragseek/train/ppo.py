@@ -193,9 +193,7 @@ def train(cfg: PPOConfig) -> list[dict]:
         }
         if each:
             metrics["accuracy"] = (each[0] >= 1).float().mean().item()
-        elif all(
-            r.get("answer") is not None for r in batch_rows
-        ):  # the reward model's policy, checked by rule
+        elif all(r.get("answer") is not None for r in batch_rows):  # a reward model's policy, checked by rule
             answers = [r["answer"] for r in batch_rows for _ in range(G)]
             metrics["accuracy"] = sum(map(numbers_match, rollout.completions, answers)) / len(answers)
         run.log(step + 1, metrics, int(batch["attention_mask"].sum()))

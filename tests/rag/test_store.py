@@ -188,5 +188,5 @@ def test_reingest_with_every_vector_present_loads_no_model(tmp_path):
     report = store.ingest([tmp_path / "docs"], SPLIT, StoreConfig(embedder=spec))
     assert (report.stored, report.embedded) == (0, 0)
     write_corpus(tmp_path / "docs", 4)  # a new file: now a vector is missing and the model must load
-    with pytest.raises(Exception):  # noqa: B017 - whatever sentence-transformers raises for a missing folder
+    with pytest.raises(FileNotFoundError, match="not a sentence-transformers folder"):
         store.ingest([tmp_path / "docs"], SPLIT, StoreConfig(embedder=spec))
