@@ -1,7 +1,7 @@
 """The lecture's addition story with SmolLM2-135M-Instruct on this CPU: v0 SFT and DPO (post-training I), v1 RLHF
 (PPO against a Bradley-Terry reward model), v2 GRPO with the answer reward, and GRPO with the format reward added.
 
-    .venv/bin/python bench/bench_addition.py [--stages grpo,rm,ppo,grpo_format] [--grpo-steps 200] [--ppo-steps 60]
+    .venv/bin/python bench/bench_addition.py [--stages grpo,grpo_sft,rm,ppo,grpo_format] [--grpo-steps 200] [--ppo-steps 60]
 
 Each stage is its recipe run with its config file (configs/grpo.yaml, rm.yaml, ppo.yaml, grpo_format.yaml, the
 overrides shown in the table) into runs/addition/<stage>. A stage whose `final/` model exists is not retrained; a
@@ -37,6 +37,8 @@ RESULTS = ROOT / "bench" / "results"
 RUNS = ROOT / "runs" / "addition"
 IMG = ROOT / "docs" / "img"
 DATA = RUNS / "data"
+RL_STAGES = ("ppo", "grpo", "grpo_sft", "grpo_format")
+SFT = ROOT / "runs" / "bench_posttrain" / "sft_worked" / "final"  # v0, made by bench_posttrain.py
 
 
 def stage_specs(args: argparse.Namespace) -> dict[str, dict]:
@@ -52,19 +54,36 @@ def stage_specs(args: argparse.Namespace) -> dict[str, dict]:
             eval=plain["eval"],
             max_new_tokens=64,
         ),
+        "grpo_sft": dict(
+            train=grpo.train,
+            cls=grpo.GRPOConfig,
+            config="configs/grpo.yaml",
+            set=[
+                f"model={SFT}",
+                f"data={plain['train']}",
+                f"eval_data={plain['eval']}",
+                "max_new_tokens=64",
+                f"loop.lr={args.grpo_sft_lr}",
+                f"loop.max_steps={args.grpo_sft_steps}",
+            ],
+            eval=plain["eval"],
+            max_new_tokens=64,
+        ),
         "rm": dict(
             train=reward_model.train,
             cls=reward_model.RewardModelConfig,
             config="configs/rm.yaml",
-            set=[f"data={DATA / 'rm_pairs.jsonl'}", f"loop.max_steps={args.rm_steps}"],
+            set=[f"model={SFT}", f"data={DATA / 'rm_pairs.jsonl'}", f"loop.max_steps={args.rm_steps}"],
         ),
         "ppo": dict(
             train=ppo.train,
             cls=ppo.PPOConfig,
             config="configs/ppo.yaml",
             set=[
+                f"model={SFT}",
                 f"data={plain['train']}",
                 f"reward_model={RUNS / 'rm' / 'final'}",
+                "max_new_tokens=64",
                 f"loop.max_steps={args.ppo_steps}",
             ],
             eval=plain["eval"],
@@ -91,16 +110,19 @@ def write_data() -> None:
     addition.write_grpo_jsonl(DATA / "eval.jsonl", addition.eval_problems())
     addition.write_grpo_jsonl(DATA / "think_train.jsonl", train, style="think")
     addition.write_grpo_jsonl(DATA / "think_eval.jsonl", addition.eval_problems(), style="think")
-    # the reward model's ranked responses: the right sum over a plausible slip (carry forgotten, off by 1 or 10)
+    # the reward model's ranked responses, in the SFT policy's own style: a correct worked solution over one with a
+    # slip (a step off by one, or the carry dropped) carried through to the answer
     pairs = addition.train_problems(2000, seed=3)
     rng = random.Random(0)
     addition.write_dpo_jsonl(
-        DATA / "rm_pairs.jsonl", pairs, [str(addition.wrong_answer(p, rng)) for p in pairs]
+        DATA / "rm_pairs.jsonl", pairs, [addition.worked_slip(p, rng) for p in pairs], style="worked"
     )
 
 
 def run_stage(name: str, spec: dict) -> None:
     out = RUNS / name
+    if f"model={SFT}" in spec["set"] and not SFT.exists():
+        raise SystemExit(f"{name} starts from the v0 SFT model {SFT}: run bench/bench_posttrain.py first")
     if (out / "final").exists():
         print(f"{name}: {out / 'final'} exists, not retrained", flush=True)
         return
@@ -217,8 +239,10 @@ def markdown(r: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stages", default="grpo,rm,ppo,grpo_format", help="RL stages to run (comma-separated)")
+    ap.add_argument("--stages", default="grpo,grpo_sft,rm,ppo,grpo_format", help="RL stages to run (comma-separated)")
     ap.add_argument("--grpo-steps", type=int, default=200)
+    ap.add_argument("--grpo-sft-steps", type=int, default=100)
+    ap.add_argument("--grpo-sft-lr", type=float, default=3e-6)
     ap.add_argument("--rm-steps", type=int, default=200)
     ap.add_argument("--ppo-steps", type=int, default=60)
     ap.add_argument("--format-steps", type=int, default=60)
@@ -245,6 +269,8 @@ def main() -> None:
                 "wall_s": time.perf_counter() - t0,
                 "examples": e["completions"][:3],
             }
+            if path.exists():  # keep the evals another bench_addition process (other stages) wrote meanwhile
+                evals.update({k: v for k, v in json.loads(path.read_text())["evals"].items() if k not in evals})
             path.write_text(json.dumps(result, indent=2))
             print(f"eval {key}: {evals[key]['accuracy']:.3f}", flush=True)
         return evals[key]
@@ -278,9 +304,10 @@ def main() -> None:
     methods = {
         "ppo": ("v1", "RLHF: PPO + GAE vs the reward model"),
         "grpo": ("v2", "GRPO, answer reward"),
+        "grpo_sft": ("v2", "GRPO, answer reward, from v0 (SFT on worked solutions)"),
         "grpo_format": ("v2", "GRPO, answer + format reward (think/answer)"),
     }
-    for name in [n for n in ("ppo", "grpo", "grpo_format") if (RUNS / n / "final").exists()]:
+    for name in [n for n in RL_STAGES if (RUNS / n / "final").exists()]:
         spec = specs[name]
         e = evaluate(name, str(RUNS / name / "final"), spec["eval"], spec["max_new_tokens"])
         version, method = methods[name]
@@ -291,7 +318,7 @@ def main() -> None:
         result["rm"] = rm_summary()
     result["table"] = table
     plot(
-        [n for n in ("ppo", "grpo", "grpo_format") if (RUNS / n / "metrics.jsonl").exists()],
+        [n for n in RL_STAGES if (RUNS / n / "metrics.jsonl").exists()],
         IMG / "addition_rl.png",
     )
     path.write_text(json.dumps(result, indent=2))

@@ -19,6 +19,7 @@ from ragseek.train.tasks.addition import (
     prompt,
     response,
     train_problems,
+    worked_slip,
     worked_solution,
     write_dpo_jsonl,
     write_grpo_jsonl,
@@ -104,6 +105,25 @@ def test_wrong_answer_is_always_wrong_and_plausible():
         assert wrong != p.answer and abs(wrong - p.answer) in (1, 10)
     forgot_carry = {wrong_answer(Problem(12, 19), random.Random(s)) for s in range(50)}
     assert 21 in forgot_carry  # 12 + 19 with the carry dropped
+
+
+def test_worked_slip_has_one_wrong_step_carried_to_a_wrong_answer():
+    head = "units: 2 + 9 = 11, write 1 carry 1; tens: "
+    assert {worked_slip(Problem(12, 19), random.Random(s)) for s in range(200)} == {
+        "units: 2 + 9 = 10, write 0 carry 1; tens: 1 + 1 + 1 = 3, write 3; so 12 + 19 = 30.",
+        "units: 2 + 9 = 12, write 2 carry 1; tens: 1 + 1 + 1 = 3, write 3; so 12 + 19 = 32.",
+        head + "1 + 1 + 1 = 2, write 2; so 12 + 19 = 21.",
+        head + "1 + 1 + 1 = 4, write 4; so 12 + 19 = 41.",
+        head + "1 + 1 = 2, write 2; so 12 + 19 = 21.",  # the carry dropped
+    }
+    rng = random.Random(0)
+    for p in ALL:
+        slip = worked_slip(p, rng)
+        m = STEPS.fullmatch(slip)
+        assert m and not is_correct(slip, p), slip
+        *_, tens, written, a, b, total = m.groups()
+        assert int(written) == int(tens) and int(total) == int(written) * 10 + int(m.group(4))
+        assert (int(a), int(b)) == (p.a, p.b)
 
 
 def read_jsonl(path):

@@ -79,15 +79,35 @@ def train_problems(n: int, seed: int) -> list[Problem]:
 def worked_solution(problem: Problem) -> str:
     """Column addition in words, e.g. 12 + 19:
     "units: 2 + 9 = 11, write 1 carry 1; tens: 1 + 1 + 1 = 3, write 3; so 12 + 19 = 31." (the answer comes last)."""
+    return _worked(problem)
+
+
+def worked_slip(problem: Problem, rng: random.Random) -> str:
+    """A worked solution with one plausible slip carried through to a wrong final answer: the units sum off by one,
+    the carry dropped from the tens (when there is one), or the tens sum off by one. The reward model's rejected
+    responses: the steps read like `worked_solution`'s, and only checking them finds the error."""
+    has_carry = problem.a % 10 + problem.b % 10 >= 10
+    slips = [dict(units_error=rng.choice((-1, 1))), dict(tens_error=rng.choice((-1, 1)))]
+    if has_carry:
+        slips.append(dict(drop_carry=True))
+    return _worked(problem, **rng.choice(slips))
+
+
+def _worked(problem: Problem, units_error: int = 0, drop_carry: bool = False, tens_error: int = 0) -> str:
+    """`worked_solution`, or with one step wrong and the rest computed from it (`worked_slip`)."""
     (a_tens, a_units), (b_tens, b_units) = divmod(problem.a, 10), divmod(problem.b, 10)
-    units = a_units + b_units
+    units = max(a_units + b_units + units_error, 0)
+    if units == a_units + b_units:  # an error that max() cancelled (0 + 0 − 1) goes the other way
+        units += abs(units_error)
     carry, digit = divmod(units, 10)
     units_step = f"units: {a_units} + {b_units} = {units}, write {digit}" + (
         f" carry {carry}" if carry else ", no carry"
     )
-    tens = a_tens + b_tens + carry
-    tens_terms = f"{a_tens} + {b_tens}" + (f" + {carry}" if carry else "")
-    return f"{units_step}; tens: {tens_terms} = {tens}, write {tens}; so {problem.a} + {problem.b} = {problem.answer}."
+    added = 0 if drop_carry else carry
+    tens = a_tens + b_tens + added + tens_error
+    tens_terms = f"{a_tens} + {b_tens}" + (f" + {added}" if added else "")
+    total = tens * 10 + digit
+    return f"{units_step}; tens: {tens_terms} = {tens}, write {tens}; so {problem.a} + {problem.b} = {total}."
 
 
 RESPONSES: dict[Style, Callable[[Problem], str]] = {
