@@ -239,7 +239,9 @@ def markdown(r: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stages", default="grpo,grpo_sft,rm,ppo,grpo_format", help="RL stages to run (comma-separated)")
+    ap.add_argument(
+        "--stages", default="grpo,grpo_sft,rm,ppo,grpo_format", help="RL stages to run (comma-separated)"
+    )
     ap.add_argument("--grpo-steps", type=int, default=200)
     ap.add_argument("--grpo-sft-steps", type=int, default=100)
     ap.add_argument("--grpo-sft-lr", type=float, default=3e-6)
@@ -270,7 +272,9 @@ def main() -> None:
                 "examples": e["completions"][:3],
             }
             if path.exists():  # keep the evals another bench_addition process (other stages) wrote meanwhile
-                evals.update({k: v for k, v in json.loads(path.read_text())["evals"].items() if k not in evals})
+                evals.update(
+                    {k: v for k, v in json.loads(path.read_text())["evals"].items() if k not in evals}
+                )
             path.write_text(json.dumps(result, indent=2))
             print(f"eval {key}: {evals[key]['accuracy']:.3f}", flush=True)
         return evals[key]
