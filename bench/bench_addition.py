@@ -45,7 +45,7 @@ def stage_specs(args: argparse.Namespace) -> dict[str, dict]:
     """Each stage: recipe, its config class and file, overrides, completions per step, eval data and token budget."""
     think = {"train": DATA / "think_train.jsonl", "eval": DATA / "think_eval.jsonl"}
     plain = {"train": DATA / "train.jsonl", "eval": DATA / "eval.jsonl"}
-    return {
+    specs = {
         "grpo": dict(
             train=grpo.train,
             cls=grpo.GRPOConfig,
@@ -102,6 +102,10 @@ def stage_specs(args: argparse.Namespace) -> dict[str, dict]:
             max_new_tokens=96,
         ),
     }
+    if args.dtype != "fp32":
+        for name in args.stages.split(","):
+            specs[name]["set"].append(f"loop.dtype={args.dtype}")
+    return specs
 
 
 def write_data() -> None:
@@ -249,6 +253,12 @@ def main() -> None:
     ap.add_argument("--ppo-steps", type=int, default=60)
     ap.add_argument("--format-steps", type=int, default=60)
     ap.add_argument("--eval-n", type=int, default=500)
+    ap.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="loop.dtype of the stages run: bf16 = bf16 rollouts and autocast, fp32 weights (~1.7x faster here)",
+    )
     args = ap.parse_args()
     command = ".venv/bin/python bench/bench_addition.py " + " ".join(sys.argv[1:])
     write_data()

@@ -43,6 +43,7 @@ from ragseek.train.common import (
 )
 from ragseek.train.data import EpochSampler, load_prompts
 from ragseek.train.grpo import (
+    RolloutModel,
     logps_of,
     mean_metrics,
     resolve_reward,
@@ -50,7 +51,14 @@ from ragseek.train.grpo import (
     sample_groups,
     score,
 )
-from ragseek.train.loop import LoopConfig, build_optimizer, micro_batches, set_seed, train_step
+from ragseek.train.loop import (
+    LoopConfig,
+    autocast,
+    build_optimizer,
+    micro_batches,
+    set_seed,
+    train_step,
+)
 from ragseek.train.losses import gae, kl_penalized_rewards, ppo_policy_loss, value_loss
 from ragseek.train.rewards import numbers_match
 
@@ -135,6 +143,7 @@ def train(cfg: PPOConfig) -> list[dict]:
     sampler = EpochSampler(len(rows), cfg.prompts_per_step, seed=cfg.loop.seed)
     optimizer = build_optimizer(models, cfg.loop)
     run = start_run(cfg, cfg.loop, models, optimizer, sampler)
+    rollout_model = RolloutModel(policy, cfg.loop.dtype)
     G = cfg.samples_per_prompt
 
     def loss_fn(mb: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
@@ -149,11 +158,13 @@ def train(cfg: PPOConfig) -> list[dict]:
         batch_rows = [rows[i] for i in sampler.next_batch()]
         sampling = rollout_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.loop.seed, step)
         t0 = time.perf_counter()
-        rollout = sample_groups(policy, tokenizer, [r["prompt_ids"] for r in batch_rows], G, sampling)
+        rollout = sample_groups(
+            rollout_model(), tokenizer, [r["prompt_ids"] for r in batch_rows], G, sampling
+        )
         t_gen = time.perf_counter() - t0
         batch = rollout.tensors()
         mask = batch["response_mask"][:, 1:]
-        with torch.no_grad():
+        with torch.no_grad(), autocast(cfg.loop.dtype):
             if reward_model is not None:
                 scores, each = reward_model(batch["input_ids"], batch["attention_mask"]).float(), []
             else:

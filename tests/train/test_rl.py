@@ -103,8 +103,10 @@ def assert_trained(cfg, rows) -> None:
     assert logged == [json.loads(json.dumps(r)) for r in rows]
 
 
-def test_grpo_reward_rises_and_parameters_change(tmp_path):
-    cfg = grpo_config(tmp_path, group_size=8)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_grpo_reward_rises_and_parameters_change(tmp_path, dtype):
+    """bf16: rollouts from the policy's bf16 copy, logps and gradients under bf16 autocast; it learns as well."""
+    cfg = grpo_config(tmp_path, group_size=8, **{"loop.dtype": dtype})
     rows = grpo.train(cfg)
     assert_trained(cfg, rows)
     first, last = [sum(r["reward_mean"] for r in part) / 4 for part in (rows[:4], rows[-4:])]
@@ -120,6 +122,20 @@ def test_grpo_reward_rises_and_parameters_change(tmp_path):
     ):
         assert key in rows[-1]
     assert "kl" not in rows[-1]  # β = 0: no reference model, no KL
+
+
+def test_bf16_rollout_model_follows_the_policy(tmp_path):
+    policy = Transformer.from_pretrained(tiny_model_dir(tmp_path / "model"))
+    assert grpo.RolloutModel(policy, "fp32")() is policy
+    rollout_model = grpo.RolloutModel(policy, "bf16")
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p))  # an optimizer step, say
+    copy = rollout_model()
+    assert copy is not policy and all(p.dtype == torch.bfloat16 for p in copy.parameters())
+    for (name, p), q in zip(policy.named_parameters(), copy.parameters(), strict=True):
+        assert torch.equal(p.to(torch.bfloat16), q), name
+    assert not any(q.requires_grad for q in copy.parameters())
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
