@@ -73,7 +73,12 @@ def stage_specs(args: argparse.Namespace) -> dict[str, dict]:
             train=reward_model.train,
             cls=reward_model.RewardModelConfig,
             config="configs/rm.yaml",
-            set=[f"model={SFT}", f"data={DATA / 'rm_pairs.jsonl'}", f"loop.max_steps={args.rm_steps}"],
+            set=[
+                f"model={SFT}",
+                f"data={DATA / 'rm_pairs.jsonl'}",
+                f"loop.lr={args.rm_lr}",
+                f"loop.max_steps={args.rm_steps}",
+            ],
         ),
         "ppo": dict(
             train=ppo.train,
@@ -228,8 +233,10 @@ def markdown(r: dict) -> str:
     if rm:
         lines += [
             "",
-            f"Reward model (v1): Bradley-Terry on {r['rm_pairs']} pairs (the right sum vs a plausible slip; the last "
-            f"10% held out), {rm['steps']} steps, held-out pair accuracy {rm['eval_accuracy']:.1%}.",
+            f"Reward model (v1): Bradley-Terry, initialised from v0 (InstructGPT's order: SFT, then the reward "
+            f"model, then PPO from SFT), on {r['rm_pairs']} pairs of worked solutions, the correct one over one with "
+            f"a slip carried to the answer (`addition.worked_slip`; the last 10% held out), {rm['steps']} steps, "
+            f"held-out pair accuracy {rm['eval_accuracy']:.1%}.",
         ]
         if not any(row["version"] == "v1" for row in r["table"]):
             lines.append("PPO against it (v1) has no row: it was not run to the end.")
@@ -250,6 +257,7 @@ def main() -> None:
     ap.add_argument("--grpo-sft-steps", type=int, default=100)
     ap.add_argument("--grpo-sft-lr", type=float, default=3e-6)
     ap.add_argument("--rm-steps", type=int, default=200)
+    ap.add_argument("--rm-lr", type=float, default=5e-5)
     ap.add_argument("--ppo-steps", type=int, default=60)
     ap.add_argument("--format-steps", type=int, default=60)
     ap.add_argument("--eval-n", type=int, default=500)
@@ -270,7 +278,14 @@ def main() -> None:
     evals = result.setdefault("evals", {})
 
     def evaluate(key: str, model: str, data: Path, tokens: int) -> dict:
-        if key not in evals or (evals[key]["n"], evals[key].get("max_new_tokens")) != (args.eval_n, tokens):
+        # a cached eval counts only for the same n, token budget and weights file (a continued run rewrites it)
+        weights = (Path(model) / "model.safetensors").stat().st_mtime_ns if model else 0
+        cached = evals.get(key, {})
+        if (cached.get("n"), cached.get("max_new_tokens"), cached.get("weights_mtime_ns")) != (
+            args.eval_n,
+            tokens,
+            weights,
+        ):
             t0 = time.perf_counter()
             e = evaluate_file(model, str(data), args.eval_n, tokens)
             evals[key] = {
@@ -278,6 +293,7 @@ def main() -> None:
                 "n": e["n"],
                 "tokens": e["tokens_generated"],
                 "max_new_tokens": tokens,
+                "weights_mtime_ns": weights,
                 "wall_s": time.perf_counter() - t0,
                 "examples": e["completions"][:3],
             }
