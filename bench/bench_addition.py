@@ -1,9 +1,10 @@
 """The lecture's addition story with SmolLM2-135M-Instruct on this CPU: v0 SFT and DPO (post-training I), v1 RLHF
-(PPO against a Bradley-Terry reward model), v2 GRPO with the answer reward, and GRPO with the format reward added.
+(PPO from v0 against a Bradley-Terry reward model), v2 GRPO with the answer reward (from the base model and from v0),
+and GRPO with the format reward added (after a 20-step cold-start SFT on the think/answer template).
 
-    .venv/bin/python bench/bench_addition.py [--stages grpo,grpo_sft,rm,ppo,grpo_format] [--grpo-steps 200] [--ppo-steps 60]
+    .venv/bin/python bench/bench_addition.py [--stages grpo,grpo_sft,rm,ppo,sft_think,grpo_format] [--dtype bf16]
 
-Each stage is its recipe run with its config file (configs/grpo.yaml, rm.yaml, ppo.yaml, grpo_format.yaml, the
+Each stage is its recipe run with its config file (configs/grpo.yaml, rm.yaml, ppo.yaml, sft.yaml, grpo_format.yaml, the
 overrides shown in the table) into runs/addition/<stage>. A stage whose `final/` model exists is not retrained; a
 killed stage resumes from its last checkpoint. Every final model is then scored greedily on the 500 held-out
 problems (`addition.eval_problems()`, a seed never trained on) with `evaluate_math`, the code of `ragseek eval
@@ -27,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ragseek.train import grpo, ppo, reward_model  # noqa: E402
+from ragseek.train import grpo, ppo, reward_model, sft  # noqa: E402
 from ragseek.train.common import load_config  # noqa: E402
 from ragseek.train.evaluate_math import evaluate_file  # noqa: E402
 from ragseek.train.loop import read_metrics  # noqa: E402
@@ -94,11 +95,27 @@ def stage_specs(args: argparse.Namespace) -> dict[str, dict]:
             eval=plain["eval"],
             max_new_tokens=64,
         ),
+        # DeepSeek-R1's cold start: the base model never writes the think/answer template unprompted by examples, so
+        # the format reward is 0 on every rollout and gives no gradient; a short SFT on formatted solutions first
+        "sft_think": dict(
+            train=sft.train,
+            cls=sft.SFTConfig,
+            config="configs/sft.yaml",
+            set=[
+                f"data={DATA / 'think_sft.jsonl'}",
+                "max_len=192",
+                "loop.lr=1e-4",
+                "loop.warmup_steps=2",
+                "loop.ckpt_every=10",
+                f"loop.max_steps={args.cold_start_steps}",
+            ],
+        ),
         "grpo_format": dict(
             train=grpo.train,
             cls=grpo.GRPOConfig,
             config="configs/grpo_format.yaml",
             set=[
+                f"model={RUNS / 'sft_think' / 'final'}",
                 f"data={think['train']}",
                 f"eval_data={think['eval']}",
                 f"loop.max_steps={args.format_steps}",
@@ -108,7 +125,7 @@ def stage_specs(args: argparse.Namespace) -> dict[str, dict]:
         ),
     }
     if args.dtype != "fp32":
-        for name in args.stages.split(","):
+        for name in filter(None, args.stages.split(",")):
             specs[name]["set"].append(f"loop.dtype={args.dtype}")
     return specs
 
@@ -119,6 +136,7 @@ def write_data() -> None:
     addition.write_grpo_jsonl(DATA / "eval.jsonl", addition.eval_problems())
     addition.write_grpo_jsonl(DATA / "think_train.jsonl", train, style="think")
     addition.write_grpo_jsonl(DATA / "think_eval.jsonl", addition.eval_problems(), style="think")
+    addition.write_sft_jsonl(DATA / "think_sft.jsonl", train, style="think")
     # the reward model's ranked responses, in the SFT policy's own style: a correct worked solution over one with a
     # slip (a step off by one, or the carry dropped) carried through to the answer
     pairs = addition.train_problems(2000, seed=3)
@@ -208,10 +226,13 @@ def markdown(r: dict) -> str:
     lines = [
         "## The addition story: SFT, DPO, RLHF-PPO, GRPO",
         "",
-        f"`{r['command']}` — SmolLM2-135M-Instruct fp32 on this CPU (2 cores, shared with other jobs: wall times "
-        "are upper bounds). Accuracy: greedy (64 new tokens; 96 with the think template), chat template, numeric "
-        "match of the final number on the 500 held-out problems of `addition.eval_problems()`, as bench_posttrain. Train wall time is the sum of the training steps (rollouts "
-        "included, periodic evals excluded); tokens generated are rollout tokens.",
+        "`.venv/bin/python bench/bench_addition.py --stages STAGE ...` for each stage (the settings of each are "
+        f"listed below; the last invocation: `{r['command']}`) — SmolLM2-135M-Instruct (fp32 weights; `loop.dtype` "
+        "per stage) on this CPU, 2 cores shared between two stages at a time: wall times are upper bounds. "
+        "Accuracy: greedy (64 new tokens; 96 with the think template), chat template, numeric match of the final "
+        "number on the 500 held-out problems of `addition.eval_problems()`, as bench_posttrain. Train wall time is "
+        "the sum of the training steps (rollouts included, periodic evals excluded); tokens generated are rollout "
+        "tokens.",
         "",
         "| version | method | accuracy (500) | steps | train wall s | tokens generated | rollout accuracy first → last "
         "| response tokens first → last |",
@@ -240,7 +261,13 @@ def markdown(r: dict) -> str:
         ]
         if not any(row["version"] == "v1" for row in r["table"]):
             lines.append("PPO against it (v1) has no row: it was not run to the end.")
-    lines += ["", "Stage commands (`ragseek train RECIPE --config FILE --set ...`):", ""]
+    lines += [
+        "",
+        "Stage commands (`ragseek train RECIPE --config FILE --set ...`); a stage resumed with new settings shows "
+        "its last ones (grpo_sft: 80 steps at lr 3e-6, resumed to 200, then to 260 at `loop.lr=1e-5`; "
+        "docs/grpo.md):",
+        "",
+    ]
     for name, st in r["stages"].items():
         sets = " ".join(f"--set {x}" for x in st["set"]).replace(f"{ROOT}/", "")
         lines.append(f"- {name}: `--config {st['config']} {sets}`")
@@ -251,15 +278,18 @@ def markdown(r: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--stages", default="grpo,grpo_sft,rm,ppo,grpo_format", help="RL stages to run (comma-separated)"
+        "--stages",
+        default="grpo,grpo_sft,rm,ppo,sft_think,grpo_format",
+        help="RL stages to run (comma-separated)",
     )
-    ap.add_argument("--grpo-steps", type=int, default=200)
+    ap.add_argument("--grpo-steps", type=int, default=230)
     ap.add_argument("--grpo-sft-steps", type=int, default=100)
     ap.add_argument("--grpo-sft-lr", type=float, default=3e-6)
     ap.add_argument("--rm-steps", type=int, default=200)
-    ap.add_argument("--rm-lr", type=float, default=5e-5)
-    ap.add_argument("--ppo-steps", type=int, default=60)
-    ap.add_argument("--format-steps", type=int, default=60)
+    ap.add_argument("--rm-lr", type=float, default=1e-5)
+    ap.add_argument("--ppo-steps", type=int, default=40)
+    ap.add_argument("--format-steps", type=int, default=30)
+    ap.add_argument("--cold-start-steps", type=int, default=20, help="SFT steps on think/answer solutions")
     ap.add_argument("--eval-n", type=int, default=500)
     ap.add_argument(
         "--dtype",
@@ -331,11 +361,23 @@ def main() -> None:
                         "train_wall_s": row.get("train_wall_s"),
                     }
                 )
+    if (RUNS / "sft_think" / "final").exists():
+        think = specs["grpo_format"]
+        e = evaluate("sft_think", str(RUNS / "sft_think" / "final"), think["eval"], think["max_new_tokens"])
+        steps = len(read_metrics(RUNS / "sft_think" / "metrics.jsonl"))
+        table.append(
+            {
+                "version": "cold start",
+                "method": "SFT on think/answer solutions (grpo_format starts here)",
+                "accuracy": e["accuracy"],
+                "steps": steps,
+            }
+        )
     methods = {
-        "ppo": ("v1", "RLHF: PPO + GAE vs the reward model"),
+        "ppo": ("v1", "RLHF: PPO + GAE vs the reward model, from v0"),
         "grpo": ("v2", "GRPO, answer reward"),
         "grpo_sft": ("v2", "GRPO, answer reward, from v0 (SFT on worked solutions)"),
-        "grpo_format": ("v2", "GRPO, answer + format reward (think/answer)"),
+        "grpo_format": ("v2", "GRPO, answer + format reward (think/answer), from the cold start"),
     }
     for name in [n for n in RL_STAGES if (RUNS / n / "final").exists()]:
         spec = specs[name]
@@ -351,6 +393,9 @@ def main() -> None:
         [n for n in RL_STAGES if (RUNS / n / "metrics.jsonl").exists()],
         IMG / "addition_rl.png",
     )
+    if path.exists():  # the stages another bench_addition process ran meanwhile
+        ran = json.loads(path.read_text()).get("stages", {})
+        result["stages"].update({n: st for n, st in ran.items() if n not in wanted})
     path.write_text(json.dumps(result, indent=2))
     (RESULTS / "addition.md").write_text(markdown(result))
     print(markdown(result))
