@@ -38,8 +38,25 @@ RESULTS = ROOT / "bench" / "results"
 RUNS = ROOT / "runs" / "addition"
 IMG = ROOT / "docs" / "img"
 DATA = RUNS / "data"
-RL_STAGES = ("ppo", "grpo", "grpo_sft", "grpo_format")
+RL_STAGES = {  # the RL stages, in table order: (version, method)
+    "ppo": ("v1", "RLHF: PPO + GAE vs the reward model, from v0"),
+    "grpo": ("v2", "GRPO, answer reward"),
+    "grpo_sft": ("v2", "GRPO, answer reward, from v0 (SFT on worked solutions)"),
+    "grpo_format": ("v2", "GRPO, answer + format reward (think/answer), from the cold start"),
+}
 SFT = ROOT / "runs" / "bench_posttrain" / "sft_worked" / "final"  # v0, made by bench_posttrain.py
+
+
+def grpo_stage(config: str, files: dict[str, Path], eval_tokens: int, *sets: str) -> dict:
+    """A GRPO stage: its config file, train/eval data ({"train", "eval"}), further overrides, eval token budget."""
+    return dict(
+        train=grpo.train,
+        cls=grpo.GRPOConfig,
+        config=config,
+        set=[f"data={files['train']}", f"eval_data={files['eval']}", *sets],
+        eval=files["eval"],
+        max_new_tokens=eval_tokens,
+    )
 
 
 def stage_specs(args: argparse.Namespace) -> dict[str, dict]:
@@ -47,28 +64,15 @@ def stage_specs(args: argparse.Namespace) -> dict[str, dict]:
     think = {"train": DATA / "think_train.jsonl", "eval": DATA / "think_eval.jsonl"}
     plain = {"train": DATA / "train.jsonl", "eval": DATA / "eval.jsonl"}
     specs = {
-        "grpo": dict(
-            train=grpo.train,
-            cls=grpo.GRPOConfig,
-            config="configs/grpo.yaml",
-            set=[f"data={plain['train']}", f"eval_data={plain['eval']}", f"loop.max_steps={args.grpo_steps}"],
-            eval=plain["eval"],
-            max_new_tokens=64,
-        ),
-        "grpo_sft": dict(
-            train=grpo.train,
-            cls=grpo.GRPOConfig,
-            config="configs/grpo.yaml",
-            set=[
-                f"model={SFT}",
-                f"data={plain['train']}",
-                f"eval_data={plain['eval']}",
-                "max_new_tokens=64",
-                f"loop.lr={args.grpo_sft_lr}",
-                f"loop.max_steps={args.grpo_sft_steps}",
-            ],
-            eval=plain["eval"],
-            max_new_tokens=64,
+        "grpo": grpo_stage("configs/grpo.yaml", plain, 64, f"loop.max_steps={args.grpo_steps}"),
+        "grpo_sft": grpo_stage(
+            "configs/grpo.yaml",
+            plain,
+            64,
+            f"model={SFT}",
+            "max_new_tokens=64",
+            f"loop.lr={args.grpo_sft_lr}",
+            f"loop.max_steps={args.grpo_sft_steps}",
         ),
         "rm": dict(
             train=reward_model.train,
@@ -110,18 +114,12 @@ def stage_specs(args: argparse.Namespace) -> dict[str, dict]:
                 f"loop.max_steps={args.cold_start_steps}",
             ],
         ),
-        "grpo_format": dict(
-            train=grpo.train,
-            cls=grpo.GRPOConfig,
-            config="configs/grpo_format.yaml",
-            set=[
-                f"model={RUNS / 'sft_think' / 'final'}",
-                f"data={think['train']}",
-                f"eval_data={think['eval']}",
-                f"loop.max_steps={args.format_steps}",
-            ],
-            eval=think["eval"],
-            max_new_tokens=96,
+        "grpo_format": grpo_stage(
+            "configs/grpo_format.yaml",
+            think,
+            96,
+            f"model={RUNS / 'sft_think' / 'final'}",
+            f"loop.max_steps={args.format_steps}",
         ),
     }
     if args.dtype != "fp32":
@@ -373,16 +371,10 @@ def main() -> None:
                 "steps": steps,
             }
         )
-    methods = {
-        "ppo": ("v1", "RLHF: PPO + GAE vs the reward model, from v0"),
-        "grpo": ("v2", "GRPO, answer reward"),
-        "grpo_sft": ("v2", "GRPO, answer reward, from v0 (SFT on worked solutions)"),
-        "grpo_format": ("v2", "GRPO, answer + format reward (think/answer), from the cold start"),
-    }
     for name in [n for n in RL_STAGES if (RUNS / n / "final").exists()]:
         spec = specs[name]
         e = evaluate(name, str(RUNS / name / "final"), spec["eval"], spec["max_new_tokens"])
-        version, method = methods[name]
+        version, method = RL_STAGES[name]
         table.append(
             {"version": version, "method": method, "accuracy": e["accuracy"], **run_summary(name, spec)}
         )

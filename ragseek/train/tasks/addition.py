@@ -86,9 +86,12 @@ def worked_slip(problem: Problem, rng: random.Random) -> str:
     """A worked solution with one plausible slip carried through to a wrong final answer: the units sum off by one,
     the carry dropped from the tens (when there is one), or the tens sum off by one. The reward model's rejected
     responses: the steps read like `worked_solution`'s, and only checking them finds the error."""
-    has_carry = problem.a % 10 + problem.b % 10 >= 10
-    slips = [dict(units_error=rng.choice((-1, 1))), dict(tens_error=rng.choice((-1, 1)))]
-    if has_carry:
+    units = problem.a % 10 + problem.b % 10
+    units_error = rng.choice((-1, 1))
+    if units + units_error < 0:  # 0 + 0 can only be misadded upwards
+        units_error = 1
+    slips = [dict(units_error=units_error), dict(tens_error=rng.choice((-1, 1)))]
+    if units >= 10:
         slips.append(dict(drop_carry=True))
     return _worked(problem, **rng.choice(slips))
 
@@ -96,9 +99,7 @@ def worked_slip(problem: Problem, rng: random.Random) -> str:
 def _worked(problem: Problem, units_error: int = 0, drop_carry: bool = False, tens_error: int = 0) -> str:
     """`worked_solution`, or with one step wrong and the rest computed from it (`worked_slip`)."""
     (a_tens, a_units), (b_tens, b_units) = divmod(problem.a, 10), divmod(problem.b, 10)
-    units = max(a_units + b_units + units_error, 0)
-    if units == a_units + b_units:  # an error that max() cancelled (0 + 0 − 1) goes the other way
-        units += abs(units_error)
+    units = a_units + b_units + units_error
     carry, digit = divmod(units, 10)
     units_step = f"units: {a_units} + {b_units} = {units}, write {digit}" + (
         f" carry {carry}" if carry else ", no carry"
