@@ -338,5 +338,5 @@ def register(app: typer.Typer, eval_app: typer.Typer) -> None:
     """Add ingest, info, search and ask to `app` and beir to `eval_app`."""
     for fn in (ingest, info, search):
         app.command(fn.__name__)(with_configs(fn))
-    app.command("ask")(with_configs(ask, k=4))
+    app.command("ask")(with_configs(ask, k=3))
     eval_app.command("beir")(with_configs(beir))

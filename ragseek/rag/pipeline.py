@@ -30,7 +30,7 @@ from ragseek.rag.query import QueryMode, retrieve, transform
 from ragseek.rag.rerank import rerank
 from ragseek.rag.search import Hit, Searcher, similarity
 
-DONT_KNOW = "I don't know: none of the stored documents is relevant enough to answer this question."
+DONT_KNOW = "I don't know: the sources do not contain the answer."
 
 
 @dataclass
@@ -81,7 +81,7 @@ class AskConfig:
         default=True,
         metadata={"help": "stop the answer at its first blank line (small models ramble after it)"},
     )
-    max_tokens: int = field(default=256, metadata={"help": "most answer tokens"})
+    max_tokens: int = field(default=64, metadata={"help": "most answer tokens"})
     temperature: float = field(default=0.0, metadata={"help": "answer sampling temperature (0 = greedy)"})
 
 
@@ -121,14 +121,14 @@ class Answer:
 def build_prompt(question: str, chunks: list[Hit]) -> str:
     """The whole user message the LLM answers: numbered sources, then the question and the instructions (after
     the sources, where a small model still attends to them)."""
-    sources = "\n\n".join(
+    numbered = "\n\n".join(
         f"Source [{n}] (from {h.doc_id}):\n{h.text.strip()}" for n, h in enumerate(chunks, 1)
     )
     return (
-        f"{sources}\n\n"
-        "Using only the sources above, answer the question below in one or two sentences. Cite the sources you "
-        "use by number in square brackets, like [1]. If the sources do not contain the answer, say that you "
-        f"don't know.\n\nQuestion: {question}"
+        f"{numbered}\n\n"
+        "Answer the question below from the sources above: reply with the shortest phrase of a source that answers "
+        "it, then that source's number in square brackets, for example: Denver Broncos [2]. If the sources do not "
+        f"contain the answer, reply: {DONT_KNOW}\n\nQuestion: {question}"
     )
 
 
@@ -228,6 +228,21 @@ def ranking(
     return rank_rows
 
 
+def sources(
+    question: str, searcher: Searcher, llm: LLM | None, cfg: AskConfig, steps: StepsConfig
+) -> tuple[list[str], list[Hit], dict[str, float]]:
+    """The numbered sources `ask` puts in the prompt: the searcher's `cfg.k` best chunks (after reranking the top
+    `steps.rerank_depth`, when asked) that pass the don't-know gate; with what they were retrieved by and the
+    seconds each step took. The reader's training data is built with this same function."""
+    k = searcher.cfg.k
+    depth = max(k, steps.rerank_depth) if steps.rerank == "llm" else k
+    (texts,), (hits,), t = rank(searcher, [question], llm, steps, depth)
+    clock = time.perf_counter()
+    chunks = relevant(searcher, question, hits[:k], cfg, reranked=steps.rerank == "llm")
+    t["gate"] = time.perf_counter() - clock
+    return texts, chunks, t
+
+
 def ask(
     question: str,
     searcher: Searcher,
@@ -235,18 +250,19 @@ def ask(
     cfg: AskConfig | None = None,
     steps: StepsConfig | None = None,
     on_text: Callable[[str], None] | None = None,
+    chunks: list[Hit] | None = None,
 ) -> Answer:
     """Answer `question` from the searcher's store with `llm`; `on_text` receives the answer as it streams.
 
-    The searcher's `cfg.k` best chunks (after reranking the top `steps.rerank_depth`, when asked) that pass the
-    don't-know gate go into the prompt as numbered sources."""
+    The prompt's sources are `sources(...)`, or `chunks` when given (an oracle: the gold passage alone)."""
     cfg, steps = cfg or AskConfig(), steps or StepsConfig()
     if not question.strip():
         raise ValueError("the question is empty: ask something, e.g. ragseek ask 'What is MLA?' --store DIR")
     start = time.perf_counter()
-    k = searcher.cfg.k
-    depth = max(k, steps.rerank_depth) if steps.rerank == "llm" else k
-    (texts,), (hits,), t = rank(searcher, [question], llm, steps, depth)
+    if chunks is None:
+        texts, chunks, t = sources(question, searcher, llm, cfg, steps)
+    else:
+        texts, t = [question], {}
     clock = time.perf_counter()
 
     def lap(step: str) -> None:
@@ -254,8 +270,6 @@ def ask(
         now = time.perf_counter()
         t[step], clock = now - clock, now
 
-    chunks = relevant(searcher, question, hits[:k], cfg, reranked=steps.rerank == "llm")
-    lap("gate")
     if not chunks:
         if on_text:
             on_text(DONT_KNOW)
