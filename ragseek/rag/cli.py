@@ -1,4 +1,4 @@
-"""`ragseek ingest | info | search` and `ragseek eval beir`. Flags come from the config dataclasses' fields
+"""`ragseek ingest | info | search | ask`, `ragseek eval beir` and `ragseek eval qa`. Flags come from the config dataclasses' fields
 (`SplitterConfig`, `StoreConfig`, `WordVectorConfig`, `SearchConfig`, `BM25Config`, `ANNConfig`), whose help is
 written once, there. Heavy libraries load inside the commands, so `ragseek --help` stays fast."""
 
@@ -82,6 +82,8 @@ QRELS = typer.Option(..., "--qrels", help="qrels .tsv (query-id, corpus-id, scor
 BEIR_STORE = typer.Option(
     None, "--store", help="store folder (default: one per corpus + splitter in the cache)"
 )
+# `ragseek ask`'s overrides of the config defaults, shared by `ragseek eval qa` so it measures the same pipeline
+ASK_DEFAULTS = {"k": 3}
 JSON_OUT = typer.Option(None, "--json", help="also write the metrics as JSON to this file ('-': stdout)")
 
 
@@ -334,9 +336,96 @@ def beir(
     typer.echo("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()))
 
 
+def qa(
+    data: Path = typer.Option(
+        ..., "--data", help="SQuAD v1.1 .json file (questions, gold answers, paragraphs)"
+    ),
+    store: Path = typer.Option(
+        None,
+        "--store",
+        help="store to retrieve from (default: one document per paragraph of --data, id title/i, built with "
+        "the splitter flags and --embedder, cached)",
+    ),
+    oracle: bool = typer.Option(
+        False, "--oracle", help="the gold paragraph is the only source (no retrieval, no gate): reading alone"
+    ),
+    llm: str = typer.Option("local", "--llm", help=LLM_HELP),
+    base_url: str = typer.Option(None, "--base-url", help=BASE_URL_HELP),
+    n: int = typer.Option(None, "--n", help="the first N questions, in file order (default: all)"),
+    json_: bool = typer.Option(
+        False,
+        "--json",
+        help='print {"em", "f1", "citation_accuracy", "dont_know_rate", "p50_s", "p95_s", "n", '
+        '"dont_know_precision", "dont_know_recall", ...} as JSON',
+    ),
+    predictions: Path = typer.Option(
+        None, "--predictions", help='write one JSON line per question: {"id", "answer", "citations"}'
+    ),
+    drop_gold_frac: float = typer.Option(
+        0.0,
+        "--drop-gold-frac",
+        help="remove the gold paragraphs of this fraction of the questions from the built store (whole "
+        "paragraphs, a fixed choice by hash), to measure don't-know precision / recall",
+    ),
+    ask_cfg: AskConfig = None,
+    steps: StepsConfig = None,
+    search_cfg: SearchConfig = None,
+    bm25: BM25Config = None,
+    ann: ANNConfig = None,
+    splitter: SplitterConfig = None,
+) -> None:
+    """Answer SQuAD questions with the same pipeline as `ragseek ask` (the LLM loaded once); print EM, F1 (SQuAD
+    v1.1 normalisation), citation accuracy (the first cited chunk holds a gold answer), don't-know rate,
+    precision and recall, and seconds per question (p50, p95)."""
+    from ragseek.llm.base import load_llm
+    from ragseek.rag.evaluate import drop_gold, load_squad, run_qa, squad_store
+    from ragseek.rag.search import Searcher
+    from ragseek.rag.store import Store, StoreConfig
+
+    def fail(message: str) -> typer.Exit:
+        typer.echo(f"error: {message}", err=True)
+        return typer.Exit(1)
+
+    if n is not None and n < 1:
+        raise fail(f"--n {n}: give a number of questions >= 1, or leave it out for all")
+    if store is not None and drop_gold_frac:
+        raise fail(
+            "--drop-gold-frac removes paragraphs from the store it builds from --data: leave out --store"
+        )
+    if store is not None and not (store / "store.sqlite").exists():
+        raise fail(f"{store} is not a store: run `ragseek ingest PATH --store {store}`, or leave out --store")
+    try:
+        items = load_squad(data)[:n]
+        drop = drop_gold(items, drop_gold_frac)
+        if store is None:
+            with _progress() as progress:
+                store = squad_store(
+                    data, None, splitter, StoreConfig(embedder=search_cfg.embedder), drop,
+                    _on_progress(progress),
+                )  # fmt: skip
+        searcher = Searcher(Store(store), search_cfg, bm25, ann)
+        searcher.rank(
+            [items[0].question], 1
+        )  # an empty store or missing vectors fail here, before the LLM loads
+        model = load_llm(llm, base_url)
+        with _progress() as progress:
+            result = run_qa(items, searcher, model, ask_cfg, steps, oracle, _on_progress(progress))
+    except (OSError, LookupError, ValueError) as e:
+        raise fail(str(e)) from e
+    if predictions is not None:
+        with open(predictions, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in result.predictions)
+    out = {**result.metrics, "oracle": oracle, "llm": model.name, "store": str(store), "dropped": len(drop)}
+    if json_:
+        _print_json(out)
+        return
+    typer.echo("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()))
+
+
 def register(app: typer.Typer, eval_app: typer.Typer) -> None:
-    """Add ingest, info, search and ask to `app` and beir to `eval_app`."""
+    """Add ingest, info, search and ask to `app`, beir and qa to `eval_app`."""
     for fn in (ingest, info, search):
         app.command(fn.__name__)(with_configs(fn))
-    app.command("ask")(with_configs(ask, k=3))
+    app.command("ask")(with_configs(ask, **ASK_DEFAULTS))
     eval_app.command("beir")(with_configs(beir))
+    eval_app.command("qa")(with_configs(qa, **ASK_DEFAULTS))  # the sources `ragseek ask` would use

@@ -1,11 +1,14 @@
-"""The CLI end to end on real files: ingest / info / search / eval beir, with their --json outputs."""
+"""The CLI end to end on real files: ingest / info / search / eval beir / eval qa, with their --json outputs."""
 
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from ragseek.cli import app
+from ragseek.rag.evaluate import load_squad
+from ragseek.rag.store import Store
 
 DATA = Path(__file__).parent / "data"
 runner = CliRunner()
@@ -74,3 +77,105 @@ def test_search_without_vectors_says_what_to_run(tmp_path):
     result = runner.invoke(app, ["search", "text", "--store", str(tmp_path / "s"), "--retriever", "dense"])
     assert result.exit_code == 1
     assert "no 'minilm' embedding" in result.output and "ragseek ingest" in result.output
+
+
+SQUAD = DATA / "squad-slice.json"  # 4 paragraphs, 11 questions
+
+
+@pytest.fixture
+def tiny_llm(make_tiny_llm):
+    return f"local:{make_tiny_llm('tiny-qa', max_seq_len=4096)}"
+
+
+def test_eval_qa_retrieved_with_dropped_gold(tmp_path, monkeypatch, tiny_llm):
+    """eval qa end to end on the committed slice with a tiny random model: the store is built from --data (one
+    document per paragraph, cached), gold paragraphs of about 30% of the questions are dropped from it, and every
+    question gets a prediction line whose citations are exact spans of stored paragraphs."""
+    monkeypatch.setenv("RAGSEEK_CACHE", str(tmp_path / "cache"))
+    preds = tmp_path / "p.jsonl"
+    args = [
+        "eval",
+        "qa",
+        "--data",
+        str(SQUAD),
+        "--llm",
+        tiny_llm,
+        "--embedder",
+        "word2vec",
+        "--max-tokens",
+        "4",
+    ]
+    args += ["--min-similarity", "-1", "--attribute-min", "-1", "--drop-gold-frac", "0.3"]
+    out = json.loads(invoke(*args, "--json", "--predictions", str(preds)).stdout)
+    assert {"em", "f1", "citation_accuracy", "dont_know_rate", "p50_s", "p95_s", "n"} <= set(out)
+    assert {"dont_know_precision", "dont_know_recall"} <= set(out)
+    items = load_squad(SQUAD)
+    assert out["n"] == 11 and out["oracle"] is False and out["dropped"] >= 1
+    assert 0.3 * 11 <= out["gold_missing"] < 11 and 0 <= out["f1"] <= 1 and out["p50_s"] <= out["p95_s"]
+    # the gate is off (--min-similarity -1), so nothing is a don't-know and its precision is undefined
+    assert (
+        out["dont_know_rate"] == 0.0 and out["dont_know_precision"] is None and out["dont_know_recall"] == 0.0
+    )
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [it.id for it in items]
+    st = Store(out["store"])
+    assert st.info()["documents"] == 4 - out["dropped"]
+    for r in rows:
+        assert set(r) == {"id", "answer", "citations"} and r["citations"], (
+            r
+        )  # attribution cites every sentence
+        for c in r["citations"]:
+            assert set(c) == {"doc", "start", "end", "text"}
+            assert st.document(c["doc"]).text[c["start"] : c["end"]] == c["text"]
+
+
+def test_eval_qa_oracle_reads_the_gold_paragraph(tmp_path, monkeypatch, tiny_llm):
+    monkeypatch.setenv("RAGSEEK_CACHE", str(tmp_path / "cache"))
+    preds = tmp_path / "p.jsonl"
+    args = [
+        "eval",
+        "qa",
+        "--data",
+        str(SQUAD),
+        "--llm",
+        tiny_llm,
+        "--embedder",
+        "word2vec",
+        "--max-tokens",
+        "4",
+    ]
+    args += ["--oracle", "--n", "4", "--attribute-min", "-1", "--json", "--predictions", str(preds)]
+    out = json.loads(invoke(*args).stdout)
+    assert (out["n"], out["oracle"], out["gold_missing"]) == (4, True, 0)
+    # the one source is the whole gold paragraph, which holds the answer: cited [1] means cited correctly
+    assert out["citation_accuracy"] == 1.0
+    items = load_squad(SQUAD)[:4]
+    for it, line in zip(items, preds.read_text().splitlines(), strict=True):
+        (c,) = json.loads(line)["citations"]
+        assert (c["doc"], c["start"], c["text"]) == (it.doc_id, 0, it.context)
+
+
+def test_eval_qa_rejects_a_file_that_is_not_squad(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAGSEEK_CACHE", str(tmp_path / "cache"))
+    bad = DATA / "beir" / "corpus.jsonl"
+    result = runner.invoke(app, ["eval", "qa", "--data", str(bad)])
+    assert result.exit_code == 1
+    text = " ".join(result.output.split())
+    assert str(bad) in text and "is not SQuAD v1.1 format" in text and '"answer_start": int' in text
+
+
+@pytest.mark.slow
+def test_eval_qa_with_the_embedded_models(tmp_path, monkeypatch):
+    """SmolLM2 + MiniLM (the defaults) on the slice's first 3 questions (all on Normans/0), retrieved mode."""
+    monkeypatch.setenv("RAGSEEK_CACHE", str(tmp_path / "cache"))
+    preds = tmp_path / "p.jsonl"
+    out = json.loads(
+        invoke("eval", "qa", "--data", str(SQUAD), "--n", "3", "--json", "--predictions", str(preds)).stdout
+    )
+    assert (out["n"], out["gold_missing"], out["llm"]) == (3, 0, "local") and 0 < out["p50_s"] <= out["p95_s"]
+    assert 0 <= out["em"] <= out["f1"] + 1e-9 <= 1 + 1e-9
+    st = Store(out["store"])
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert len(rows) == 3 and all(r["answer"] for r in rows)
+    for c in (c for r in rows for c in r["citations"]):
+        assert st.document(c["doc"]).text[c["start"] : c["end"]] == c["text"]
