@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ragseek.model import ModelConfig, Transformer
-from ragseek.train.lora import (
+from ragseek.model.lora import (
     LoRAConfig,
     LoRALinear,
     adapter_state_dict,
