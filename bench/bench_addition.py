@@ -28,11 +28,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ragseek.train import grpo, ppo, reward_model, sft  # noqa: E402
-from ragseek.train.common import load_config  # noqa: E402
-from ragseek.train.evaluate_math import evaluate_file  # noqa: E402
 from ragseek.train.loop import read_metrics  # noqa: E402
+from ragseek.train.recipes import grpo, ppo, rm, sft  # noqa: E402
+from ragseek.train.run import load_config  # noqa: E402
 from ragseek.train.tasks import addition  # noqa: E402
+from ragseek.train.tasks.math_eval import evaluate_file  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 RUNS = ROOT / "runs" / "addition"
@@ -75,8 +75,8 @@ def stage_specs(args: argparse.Namespace) -> dict[str, dict]:
             f"loop.max_steps={args.grpo_sft_steps}",
         ),
         "rm": dict(
-            train=reward_model.train,
-            cls=reward_model.RewardModelConfig,
+            train=rm.train,
+            cls=rm.RewardModelConfig,
             config="configs/rm.yaml",
             set=[
                 f"model={SFT}",

@@ -33,12 +33,12 @@ import torch
 
 from ragseek.defaults import smollm2_gguf
 from ragseek.model import ModelConfig, Transformer, load_tokenizer
-from ragseek.train import distill, dpo, sft
-from ragseek.train.common import preference_micro_batches
 from ragseek.train.data import load_preference, load_prompts
-from ragseek.train.evaluate_math import evaluate_math
 from ragseek.train.loop import LoopConfig, build_optimizer, train_step
+from ragseek.train.recipes import distill, dpo, sft
+from ragseek.train.run import preference_micro_batches
 from ragseek.train.tasks import addition
+from ragseek.train.tasks.math_eval import evaluate_math
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"

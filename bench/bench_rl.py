@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_rl.py [--threads 2]
 
 One GRPO step on SmolLM2-135M-Instruct fp32 (2 prompts × 4 completions, 32 new tokens, one update, β = 0, loss_type
-grpo, temperature 1): ragseek's recipe (`ragseek.train.grpo.train`) and TRL's GRPOTrainer (`bf16=False`,
+grpo, temperature 1): ragseek's recipe (`ragseek.train.recipes.grpo.train`) and TRL's GRPOTrainer (`bf16=False`,
 `use_cpu=True`, `gradient_checkpointing=False`) in the same process, the same prompts and reward; then both again in
 bf16 (ragseek `loop.dtype: bf16`, TRL `bf16=True`). Each runs 2 steps; the second is timed (the first pays one-off
 costs), split into generation and training. Writes
@@ -28,8 +28,8 @@ import torch  # noqa: E402
 
 from ragseek.defaults import smollm2_gguf  # noqa: E402
 from ragseek.model.checkpoint import gguf_to_folder  # noqa: E402
-from ragseek.train import grpo  # noqa: E402
 from ragseek.train.loop import LoopConfig  # noqa: E402
+from ragseek.train.recipes import grpo  # noqa: E402
 from ragseek.train.rewards import numeric_match_reward  # noqa: E402
 from ragseek.train.tasks.addition import train_problems, write_grpo_jsonl  # noqa: E402
 

@@ -1,11 +1,13 @@
-"""`ragseek train sft|distill|rm|dpo` (and the RL recipes' `grpo|ppo`): one command per recipe, same flags.
+"""`ragseek train pretrain|sft|distill|rm|dpo|grpo|ppo`: one command per recipe (`recipes/NAME.py`), same flags;
+and `ragseek eval math` (`tasks/math_eval.py`).
 
     ragseek train sft --config configs/sft.yaml --set loop.max_steps=50 --set batch_size=4 --out runs/sft1
     ragseek train sft --config configs/sft.yaml --out runs/sft1 --resume          # after a crash or kill -9
 
 Every field of the recipe's config dataclass (its help text is the documentation) can be set in the YAML file or
 with --set key=value (loop.key=value for the loop's); --out and --resume are shortcuts for loop.out_dir and
-loop.resume. The resolved config is written to <out>/config.json and inside every checkpoint.
+loop.resume. The resolved config is written to <out>/config.json and inside every checkpoint. Each recipe also runs
+as `python -m ragseek.train.recipes.NAME` with the same flags (the module's `main`, `run.recipe_main`).
 """
 
 from __future__ import annotations
@@ -16,23 +18,30 @@ from typing import Annotated, Any
 
 import typer
 
-RECIPES = {  # command -> (module, what it does)
+# command -> (module, what it does); the module's `main(config, overrides, out, resume)` runs it
+RECIPES = {
     "pretrain": (
-        "ragseek.train.pretrain",
+        "ragseek.train.recipes.pretrain",
         "Pretrain a DeepSeek-style model from scratch (BPE, MTP, MoE balancing bias|aux|none, val perplexity).",
     ),
-    "sft": ("ragseek.train.sft", "Supervised fine-tuning on prompt/response JSONL (prompt tokens masked)."),
+    "sft": (
+        "ragseek.train.recipes.sft",
+        "Supervised fine-tuning on prompt/response JSONL (prompt tokens masked).",
+    ),
     "distill": (
-        "ragseek.train.distill",
+        "ragseek.train.recipes.distill",
         "Distillation: kind=data (teacher writes SFT data) or kind=logit (soft targets).",
     ),
-    "rm": ("ragseek.train.reward_model", "A Bradley-Terry reward model (value head) on preference pairs."),
-    "dpo": ("ragseek.train.dpo", "DPO on preference pairs against a frozen reference model."),
+    "rm": ("ragseek.train.recipes.rm", "A Bradley-Terry reward model (value head) on preference pairs."),
+    "dpo": ("ragseek.train.recipes.dpo", "DPO on preference pairs against a frozen reference model."),
     "grpo": (
-        "ragseek.train.grpo",
+        "ragseek.train.recipes.grpo",
         "GRPO with rule-based rewards: group advantages, clipped objective, k3 KL.",
     ),
-    "ppo": ("ragseek.train.ppo", "RLHF with PPO: reward model, KL-penalised per-token rewards, GAE, critic."),
+    "ppo": (
+        "ragseek.train.recipes.ppo",
+        "RLHF with PPO: reward model, KL-penalised per-token rewards, GAE, critic.",
+    ),
 }
 
 
@@ -81,7 +90,7 @@ def register_math(eval_app: Any) -> None:
         json_out: bool = typer.Option(False, "--json", help='print {"accuracy", "n", ...} as JSON'),
     ) -> None:
         """Accuracy on maths questions: greedy decoding, the final number compared with the answer."""
-        from ragseek.train.evaluate_math import evaluate_file
+        from ragseek.train.tasks.math_eval import evaluate_file
 
         result = evaluate_file(model or "", data, n, max_new_tokens, batch_size)
         if json_out:

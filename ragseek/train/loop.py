@@ -32,7 +32,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -189,6 +189,27 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {**metrics, "lr": lr, "grad_norm": float(grad_norm)}
+
+
+def train_epochs(
+    optimizer: torch.optim.Optimizer,
+    batch: Mapping[str, torch.Tensor],
+    loss_fn: LossFn,
+    cfg: LoopConfig,
+    step: int,
+    epochs: int,
+) -> dict[str, float]:
+    """`epochs` optimizer steps over one batch (GRPO's μ, PPO's ppo_epochs), each a `train_step` over its
+    cfg.grad_accum micro-batches at the lr of `step`; the mean of their metrics."""
+    updates = [
+        train_step(optimizer, micro_batches(batch, cfg.grad_accum), loss_fn, cfg, step) for _ in range(epochs)
+    ]
+    return mean_metrics(updates)
+
+
+def mean_metrics(updates: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Each metric's mean over several updates."""
+    return {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -10,10 +10,14 @@ conversational list of messages (`[{"role": "assistant", "content": ...}]`), as 
 - `format_reward`: 1.0 for exactly `<think>…</think><answer>…</answer>`.
 - `code_reward`: the share of tests that model-written Python passes, run by `run_sandboxed` in a separate process
   (never in this one) with a timeout, a memory limit, no network, a temp dir and a clean environment.
+
+`REWARDS` names them for the configs (`rewards: [numeric_match, format]`); `resolve_reward` also takes any
+"package.module:function" with the same signature.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -24,7 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
@@ -314,3 +318,25 @@ def code_reward(
 
     with ThreadPoolExecutor(max_workers=max(1, min(len(completions), os.cpu_count() or 1))) as pool:
         return list(pool.map(score, completions, tests))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# by name
+
+
+RewardFn = Callable[..., list[float]]
+REWARDS: dict[str, RewardFn] = {
+    "numeric_match": numeric_match_reward,
+    "format": format_reward,
+    "code": code_reward,
+}
+
+
+def resolve_reward(name: str) -> RewardFn:
+    """A built-in reward by name, or any callable as "package.module:function" (TRL's signature)."""
+    if name in REWARDS:
+        return REWARDS[name]
+    module, sep, attr = name.partition(":")
+    if not sep:
+        raise ValueError(f"reward {name!r}: use one of {sorted(REWARDS)} or 'package.module:function'")
+    return getattr(importlib.import_module(module), attr)

@@ -1,10 +1,15 @@
-"""What the post-training I recipes (sft, distill, reward_model, dpo) share: config files, model loading, the run
-skeleton around their explicit loops. Each recipe's loop itself stays in its own file.
+"""Run setup that every recipe shares (the component behind each recipe's first and last lines): the config
+from a YAML file and --set overrides, model loading, frozen copies, preference micro-batches, the `Run` around the
+recipe's explicit loop (resume, config.json, metrics log, progress line, checkpoints, the final model), and the
+`main` / `python -m` entry of a recipe.
 
     cfg = load_config(SFTConfig, "configs/sft.yaml", ["loop.max_steps=20", "batch_size=4"])
     run = start_run(cfg, cfg.loop, model, optimizer, sampler)   # resume, config.json, metrics log, progress
-    for step in range(run.start, cfg.loop.max_steps): ... run.log(step + 1, metrics, tokens); run.checkpoint(...)
-    run.close(plot_keys)
+    for step in range(run.start, cfg.loop.max_steps): ...; run.end_step(step + 1, metrics, tokens)
+    return run.finish(plot_keys, model, tokenizer)              # metrics.png and <out_dir>/final
+    main = recipe_main(SFTConfig, train)                        # what `ragseek train sft` and `python -m` call
+
+The optimiser, schedule, checkpoint files and metrics log themselves are `loop.py`'s.
 """
 
 from __future__ import annotations
@@ -109,7 +114,7 @@ class Run:
     loop: LoopConfig
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    sampler: EpochSampler
+    sampler: EpochSampler | None  # None: the recipe draws its data from the RNG alone (pretrain's windows)
     start: int
     ckpt: Checkpointer
     metrics: MetricsLog
@@ -130,18 +135,37 @@ class Run:
             self.rows.append({"step": step, **metrics})
             print(self.progress.line(step, metrics), flush=True)
 
-    def checkpoint(self, step: int) -> None:
-        if self.ckpt.due(step):
-            self.ckpt.save(step, self.model, self.optimizer, self.sampler.state_dict(), self.cfg)
+    def checkpoint(self, step: int) -> Path | None:
+        """Save a checkpoint when `step` is due (every loop.ckpt_every steps); its folder, else None."""
+        if not self.ckpt.due(step):
+            return None
+        data = self.sampler.state_dict() if self.sampler is not None else {}
+        return self.ckpt.save(step, self.model, self.optimizer, data, self.cfg)
+
+    def end_step(self, step: int, metrics: Mapping[str, Any], tokens: int) -> None:
+        """After optimizer step `step` (1-based): `log` its metrics, then `checkpoint` when due."""
+        self.log(step, metrics, tokens)
+        self.checkpoint(step)
 
     def close(self, plot_keys: Sequence[str]) -> None:
         self.metrics.close()
         if self.rows or self.start:
             plot_metrics(self.metrics.path, self.out / "metrics.png", plot_keys)
 
+    def finish(self, plot_keys: Sequence[str], model: nn.Module, tokenizer: Tokenizer) -> list[dict]:
+        """Close the log and plot `plot_keys`, save `model` with its tokenizer to <out_dir>/final (`save_final`);
+        the metrics rows of this run."""
+        self.close(plot_keys)
+        save_final(model, tokenizer, self.out / "final")
+        return self.rows
+
 
 def start_run(
-    cfg: Any, loop: LoopConfig, model: nn.Module, optimizer: torch.optim.Optimizer, sampler: EpochSampler
+    cfg: Any,
+    loop: LoopConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sampler: EpochSampler | None = None,
 ) -> Run:
     """Restore the latest checkpoint when loop.resume (weights, AdamW, RNG, data position), save the resolved config
     `cfg` (whose loop block is `loop`), open the metrics log (truncated to the resumed step)."""
@@ -150,7 +174,8 @@ def start_run(
     start = 0
     if loop.resume:
         resumed = ckpt.load(model, optimizer)
-        sampler.load_state_dict(resumed.data)
+        if sampler is not None:
+            sampler.load_state_dict(resumed.data)
         start = resumed.step
         print(f"resumed from {resumed.path} at step {start}", flush=True)
     save_config(cfg, out / "config.json")
@@ -158,15 +183,34 @@ def start_run(
     return Run(cfg, loop, model, optimizer, sampler, start, ckpt, log, Progress(loop.max_steps, start))
 
 
-def save_final(model: Transformer, tokenizer: Tokenizer, folder: Path) -> Path:
-    """The trained model with its tokenizer, a folder `Transformer.from_pretrained` and `load_tokenizer` read."""
+def save_final(model: nn.Module, tokenizer: Tokenizer, folder: Path) -> Path:
+    """The trained model (anything with `save_pretrained`) with its tokenizer, a folder `Transformer.from_pretrained`
+    (or `load_reward_model`) and `load_tokenizer` read."""
     model.save_pretrained(folder)
     tokenizer.save(folder)
     return folder
 
 
-def cli(main: Callable[[str | None, list[str], str | None, bool], Any]) -> None:
-    """`python -m ragseek.train.RECIPE --config FILE [--set k=v ...] [--out DIR] [--resume]` calls `main`."""
+RecipeMain = Callable[[str | None, list[str], str | None, bool], Any]
+
+
+def recipe_main(cls: type, train: Callable[[Any], Any]) -> RecipeMain:
+    """A recipe's `main(config_path, overrides, out=None, resume=False)`: the config file, then the --set overrides,
+    then --out and --resume (`with_run_flags`), then `train(cfg)`. `ragseek train NAME` and `cli` call it."""
+
+    def main(
+        config_path: str | None, overrides: list[str], out: str | None = None, resume: bool = False
+    ) -> Any:
+        return train(with_run_flags(load_config(cls, config_path, overrides), out, resume))
+
+    main.__doc__ = (
+        f"`ragseek train`: a {cls.__name__} from the config file, --set, --out and --resume; then train."
+    )
+    return main
+
+
+def cli(main: RecipeMain) -> None:
+    """`python -m ragseek.train.recipes.NAME --config FILE [--set k=v ...] [--out DIR] [--resume]` calls `main`."""
     import argparse
 
     ap = argparse.ArgumentParser()

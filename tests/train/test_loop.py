@@ -277,9 +277,9 @@ def test_kill_9_then_resume_continues_the_same_curve(tmp_path):
 
 
 def test_load_config_types_yaml_scalars_and_merges_the_loop_block(tmp_path):
-    from ragseek.train.common import load_config
-    from ragseek.train.pretrain import PretrainConfig
-    from ragseek.train.sft import SFTConfig
+    from ragseek.train.recipes.pretrain import PretrainConfig
+    from ragseek.train.recipes.sft import SFTConfig
+    from ragseek.train.run import load_config
 
     path = tmp_path / "c.json"  # a saved config.json: YAML 1.1 reads 1e-05 as a string
     path.write_text(json.dumps({"data": "x.jsonl", "loop": {"lr": 1e-05, "max_steps": 7}}))

@@ -19,15 +19,15 @@ import pytest
 import torch
 import yaml
 
-from ragseek.train.loop import LoopConfig, read_metrics
-from ragseek.train.pretrain import PretrainConfig, build_model, prepare_data, train
-from ragseek.train.tokenize_corpus import (
+from ragseek.train.corpus import (
     load_split,
     open_tokens,
     read_documents,
     tokenize_to_memmap,
     train_bpe,
 )
+from ragseek.train.loop import LoopConfig, read_metrics
+from ragseek.train.recipes.pretrain import PretrainConfig, build_model, prepare_data, train
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = "the cell protein gene mouse study shows that a of in and patients with increased risk number apples".split()
@@ -164,7 +164,7 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path: Path, corp
         "loop": {**vars(cfg.loop), "betas": list(cfg.loop.betas)},
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "ragseek.train.pretrain", "--config", str(tmp_path / "cfg.yaml")]
+    cmd = [sys.executable, "-m", "ragseek.train.recipes.pretrain", "--config", str(tmp_path / "cfg.yaml")]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     full = tmp_path / "full"

@@ -27,9 +27,10 @@ from safetensors.torch import load_file
 from ragseek.defaults import smollm2_gguf
 from ragseek.model import ModelConfig, Transformer, load_tokenizer
 from ragseek.model.generate import SamplingConfig, generate
-from ragseek.train import distill, dpo, reward_model, sft
+from ragseek.train import value_heads
 from ragseek.train.data import collate_preference, load_preference, load_sft
 from ragseek.train.loop import read_metrics
+from ragseek.train.recipes import distill, dpo, rm, sft
 
 REPO = Path(__file__).resolve().parents[2]
 PROBLEMS = [(12, 19), (33, 41), (50, 25), (71, 18)]
@@ -272,8 +273,8 @@ def test_data_distillation_writes_the_teachers_answers_then_sft(models, toy, tok
 # reward model
 
 
-def rm_cfg(models, toy, out: Path, arch: str = "dense_gqa") -> reward_model.RewardModelConfig:
-    return reward_model.RewardModelConfig(
+def rm_cfg(models, toy, out: Path, arch: str = "dense_gqa") -> rm.RewardModelConfig:
+    return rm.RewardModelConfig(
         model=str(models[arch]),
         data=str(toy["pairs"]),
         eval_data=str(toy["pairs"]),
@@ -285,39 +286,41 @@ def rm_cfg(models, toy, out: Path, arch: str = "dense_gqa") -> reward_model.Rewa
 
 def test_reward_is_read_at_the_last_real_token(models, toy, tokenizer):
     """Right padding changes nothing: each pair's rewards equal those of its sequences scored alone."""
-    rm = reward_model.RewardModel(Transformer.from_pretrained(models["dense_gqa"])).eval()
-    torch.nn.init.normal_(rm.value_head.weight)
+    model = value_heads.RewardModel(Transformer.from_pretrained(models["dense_gqa"])).eval()
+    torch.nn.init.normal_(model.value_head.weight)
     pairs = load_preference(toy["pairs"], tokenizer, 64)
     batch = collate_preference(pairs, tokenizer.pad_id)
     assert batch["attention_mask"].sum(-1).unique().numel() > 1  # rows of different lengths: there is padding
     with torch.no_grad():
-        padded = rm(batch["input_ids"], batch["attention_mask"])
+        padded = model(batch["input_ids"], batch["attention_mask"])
         alone = [
-            rm(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
+            model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
             for ids in [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
         ]
-        h = rm.trunk.norm(rm.trunk.hidden_states(torch.tensor([pairs[0]["chosen_ids"]]))[0][0, -1])
+        h = model.trunk.norm(model.trunk.hidden_states(torch.tensor([pairs[0]["chosen_ids"]]))[0][0, -1])
     assert padded.tolist() == pytest.approx(alone, abs=1e-5)
-    assert alone[0] == pytest.approx((h @ rm.value_head.weight[0] + rm.value_head.bias[0]).item(), abs=1e-6)
+    assert alone[0] == pytest.approx(
+        (h @ model.value_head.weight[0] + model.value_head.bias[0]).item(), abs=1e-6
+    )
 
 
 @pytest.mark.parametrize("arch", list(MODELS))
 def test_reward_model_learns_the_pairs_and_saves(arch, models, toy, tokenizer, tmp_path):
-    rows = reward_model.train(rm_cfg(models, toy, tmp_path, arch))
+    rows = rm.train(rm_cfg(models, toy, tmp_path, arch))
     assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["eval_accuracy"] == 1.0
-    loaded = reward_model.load_reward_model(tmp_path / "final").eval()
+    loaded = value_heads.load_reward_model(tmp_path / "final").eval()
     batch = collate_preference(load_preference(toy["pairs"], tokenizer, 64), tokenizer.pad_id)
-    chosen, rejected = reward_model.pair_rewards(loaded, batch)
+    chosen, rejected = rm.pair_rewards(loaded, batch)
     assert (chosen > rejected).all()
     assert changed(models[arch], tmp_path / "final")
     with pytest.raises(FileNotFoundError, match="not a reward model folder"):
-        reward_model.load_reward_model(models[arch])
+        value_heads.load_reward_model(models[arch])
 
 
 def test_reward_model_resume(models, toy, tmp_path):
     cfg = rm_cfg(models, toy, tmp_path)
     cfg.batch_size = 2
-    assert_resume_reproduces(reward_model.train, cfg, steps=6)
+    assert_resume_reproduces(rm.train, cfg, steps=6)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -350,5 +353,5 @@ def test_dpo_resume_and_nothing_is_a_pickle(models, toy, tmp_path):
             assert path.suffix in {".safetensors", ".json", ".jsonl", ".png"}, path
             head = path.read_bytes()[:2]
             assert head[:1] != b"\x80" and head != b"PK", path
-    for name in ("common", "rollout", "sft", "distill", "reward_model", "dpo", "cli"):
-        assert "torch.load" not in (REPO / "ragseek/train" / f"{name}.py").read_text()
+    for path in (REPO / "ragseek/train").rglob("*.py"):
+        assert "torch.load" not in path.read_text(), path

@@ -24,10 +24,10 @@ from typer.testing import CliRunner
 from ragseek.model.config import ModelConfig
 from ragseek.model.tokenizer import Tokenizer
 from ragseek.model.transformer import Transformer
-from ragseek.train import grpo, ppo
 from ragseek.train.cli import register_math
-from ragseek.train.common import load_config
 from ragseek.train.loop import config_dict, read_metrics
+from ragseek.train.recipes import grpo, ppo
+from ragseek.train.run import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
@@ -166,7 +166,7 @@ def test_ppo_reward_rises_and_parameters_change(tmp_path):
 
 def test_ppo_with_a_reward_model_scores_and_critic_start_from_it(tmp_path):
     """reward_model set: a (tiny, random) Bradley-Terry model scores the rollouts, the critic starts as its copy."""
-    from ragseek.train.reward_model import RewardModel
+    from ragseek.train.value_heads import RewardModel
 
     torch.manual_seed(1)
     rm = RewardModel(Transformer.from_pretrained(tiny_model_dir(tmp_path / "rm_base")))
@@ -187,7 +187,7 @@ def test_grpo_resume_after_sigkill_reproduces_the_losses(tmp_path):
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent)])}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ragseek.train.grpo", "--config", str(config)],
+        [sys.executable, "-m", "ragseek.train.recipes.grpo", "--config", str(config)],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,

@@ -5,47 +5,47 @@
 
 kind=data  (data-augmentation distillation): the teacher answers every prompt of `data` (JSONL {"prompt"} or
            {"question"}, optional "system"); its answers become SFT rows {"prompt", "response"} written to
-           `generated`, and the student is fine-tuned on them with the `sft` recipe. The teacher is any ragseek
+           `generated`, and the student is fine-tuned on them with the SFT loss (`losses.sft_loss`, as `sft`). The teacher is any ragseek
            model (a folder or .gguf: `local:PATH`, or a bare path), a transformers folder (`hf:PATH`) or an
            OpenAI-compatible endpoint (`openai:MODEL` with `teacher_base_url`), through `ragseek.llm.load_llm`.
 kind=logit (the "traditional" distillation, Hinton et al. 2015): on SFT rows, the student minimises
                L = α · CE(y, p_S) + (1 − α) · T² · KL(softmax(z_T / T) ‖ softmax(z_S / T))
            with the teacher's logits z_T computed on the fly (`losses.distill_loss`); teacher and student must share
            the tokenizer, so their vocabularies are checked first.
-The student is saved with its tokenizer to `<out_dir>/final`.
+Both kinds then run one loop over SFT rows; only the loss differs. The student is saved with its tokenizer to
+`<out_dir>/final`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from torch import Tensor
 
 from ragseek.model import Tokenizer, Transformer
 from ragseek.model.config import config_field as _f
-from ragseek.train import sft
-from ragseek.train.common import (
+from ragseek.train.data import EpochSampler, collate_sft, load_sft, read_jsonl
+from ragseek.train.loop import LoopConfig, build_optimizer, micro_batches, set_seed, train_step
+from ragseek.train.losses import SFTReduction, distill_loss, sft_loss
+from ragseek.train.run import (
     MODEL_HELP,
     cli,
     frozen,
-    load_config,
     load_model,
     nested_loop,
-    save_final,
+    recipe_main,
     start_run,
-    with_run_flags,
 )
-from ragseek.train.data import EpochSampler, collate_sft, load_sft, read_jsonl
-from ragseek.train.loop import LoopConfig, build_optimizer, micro_batches, save_config, set_seed, train_step
-from ragseek.train.losses import SFTReduction, distill_loss
 from ragseek.train.tasks.addition import write_jsonl
 
 DistillKind = Literal["data", "logit"]
-PLOT_KEYS = ("loss", "ce", "kl", "lr")
+PLOT_KEYS: dict[DistillKind, tuple[str, ...]] = {
+    "data": ("loss", "lr", "grad_norm"),
+    "logit": ("loss", "ce", "kl", "lr"),
+}
 
 
 @dataclass
@@ -80,8 +80,8 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         self.loop = nested_loop(self.loop)
-        if self.kind not in DISTILL:
-            raise ValueError(f"kind={self.kind!r}: choose one of {sorted(DISTILL)}")
+        if self.kind not in get_args(DistillKind):
+            raise ValueError(f"kind={self.kind!r}: choose one of {sorted(get_args(DistillKind))}")
         if not self.data:
             raise ValueError(
                 "set data: prompts JSONL for kind=data, SFT rows {'prompt', 'response'} for kind=logit"
@@ -125,25 +125,15 @@ def generate_sft_data(
     return tmp.replace(out_path)
 
 
-def train_data(cfg: DistillConfig) -> list[dict]:
-    """Generate the teacher's SFT set (kept when resuming) and fine-tune the student on it with `sft.train`."""
+def teacher_sft_data(cfg: DistillConfig) -> Path:
+    """The teacher's SFT set for kind=data, generated once (kept when resuming)."""
     generated = Path(cfg.generated or Path(cfg.loop.out_dir) / "teacher_sft.jsonl")
     if not (cfg.loop.resume and generated.exists()):
         generated.parent.mkdir(parents=True, exist_ok=True)
         llm = teacher_llm(cfg.teacher, cfg.teacher_base_url)
         generate_sft_data(llm, cfg.data, generated, cfg.max_new_tokens, cfg.gen_temperature)
         print(f"teacher answers written to {generated}", flush=True)
-    save_config(cfg, Path(cfg.loop.out_dir) / "distill_config.json")  # sft.train saves its own config.json
-    student_cfg = sft.SFTConfig(
-        model=cfg.student,
-        data=str(generated),
-        max_len=cfg.max_len,
-        pack=cfg.pack,
-        batch_size=cfg.batch_size,
-        reduction=cfg.reduction,
-        loop=cfg.loop,
-    )
-    return sft.train(student_cfg)
+    return generated
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -166,57 +156,54 @@ def check_same_vocabulary(
         )
 
 
-def train_logit(cfg: DistillConfig) -> list[dict]:
-    """The student minimises distill_loss against the frozen teacher's logits on the SFT rows of `data`."""
-    set_seed(cfg.loop.seed)
+def load_teacher(cfg: DistillConfig) -> tuple[Transformer, Tokenizer]:
+    """kind=logit's teacher, a frozen ragseek model: "local" is the embedded SmolLM2, "local:PATH" or a bare PATH."""
     if cfg.teacher.startswith(("hf:", "openai:")):
         raise ValueError(
             f"teacher={cfg.teacher!r}: kind=logit needs the teacher's logits, a ragseek model path"
         )
-    # "local" is the embedded SmolLM2 (load_model's ""), "local:PATH" or a bare PATH a ragseek model
-    path = "" if cfg.teacher == "local" else cfg.teacher.removeprefix("local:")
-    teacher, teacher_tok = load_model(path)
-    frozen(teacher)
+    teacher, tokenizer = load_model("" if cfg.teacher == "local" else cfg.teacher.removeprefix("local:"))
+    return frozen(teacher), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the recipe
+
+
+def train(cfg: DistillConfig) -> list[dict]:
+    """Distil as configured: the SFT loss on the teacher's answers (kind=data) or distill_loss against the frozen
+    teacher's logits on the SFT rows of `data` (kind=logit); returns this run's metrics rows."""
+    data = teacher_sft_data(cfg) if cfg.kind == "data" else cfg.data
+    set_seed(cfg.loop.seed)
+    teacher = None
+    if cfg.kind == "logit":
+        teacher, teacher_tok = load_teacher(cfg)
     student, tokenizer = load_model(cfg.student)
-    check_same_vocabulary(teacher, student, teacher_tok, tokenizer)
+    if teacher is not None:
+        check_same_vocabulary(teacher, student, teacher_tok, tokenizer)
     student.train()
-    examples = load_sft(cfg.data, tokenizer, cfg.max_len)
+    examples = load_sft(data, tokenizer, cfg.max_len, cfg.pack and cfg.kind == "data")
     sampler = EpochSampler(len(examples), cfg.batch_size, seed=cfg.loop.seed)
     optimizer = build_optimizer(student, cfg.loop)
     run = start_run(cfg, cfg.loop, student, optimizer, sampler)
 
     def loss_fn(batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        ids, attention = batch["input_ids"], batch["attention_mask"]
+        ids, attention, targets = batch["input_ids"], batch["attention_mask"], batch["loss_mask"][:, 1:]
+        if teacher is None:
+            logits = student(ids, attention_mask=attention)[:, :-1]
+            return sft_loss(logits, ids[:, 1:], targets, cfg.reduction)
         teacher_logits = teacher(ids, attention_mask=attention)[:, :-1]
         student_logits = student(ids, attention_mask=attention)[:, :-1]
-        return distill_loss(
-            student_logits, teacher_logits, ids[:, 1:], batch["loss_mask"][:, 1:], cfg.alpha, cfg.temperature
-        )
+        return distill_loss(student_logits, teacher_logits, ids[:, 1:], targets, cfg.alpha, cfg.temperature)
 
     for step in range(run.start, cfg.loop.max_steps):
         batch = collate_sft([examples[i] for i in sampler.next_batch()], tokenizer.pad_id)
         metrics = train_step(optimizer, micro_batches(batch, cfg.loop.grad_accum), loss_fn, cfg.loop, step)
-        run.log(step + 1, metrics, int(batch["attention_mask"].sum()))
-        run.checkpoint(step + 1)
-    run.close(PLOT_KEYS)
-    save_final(student, tokenizer, run.out / "final")
-    return run.rows
+        run.end_step(step + 1, metrics, int(batch["attention_mask"].sum()))
+    return run.finish(PLOT_KEYS[cfg.kind], student, tokenizer)
 
 
-DISTILL: dict[DistillKind, Callable[[DistillConfig], list[dict]]] = {"data": train_data, "logit": train_logit}
-
-
-def train(cfg: DistillConfig) -> list[dict]:
-    """Distil as configured (kind=data or kind=logit); returns this run's metrics rows."""
-    return DISTILL[cfg.kind](cfg)
-
-
-def main(
-    config_path: str | None, overrides: list[str], out: str | None = None, resume: bool = False
-) -> list[dict]:
-    """`ragseek train distill`: the config file, then the --set overrides, then --out and --resume."""
-    return train(with_run_flags(load_config(DistillConfig, config_path, overrides), out, resume))
-
+main = recipe_main(DistillConfig, train)
 
 if __name__ == "__main__":
     cli(main)

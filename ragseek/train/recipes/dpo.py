@@ -22,22 +22,20 @@ import torch
 from torch import Tensor, nn
 
 from ragseek.model.config import config_field as _f
-from ragseek.train.common import (
-    MODEL_HELP,
-    cli,
-    frozen,
-    load_config,
-    load_model,
-    nested_loop,
-    preference_micro_batches,
-    save_final,
-    start_run,
-    with_run_flags,
-)
 from ragseek.train.data import EpochSampler, collate_preference, load_preference
 from ragseek.train.loop import LoopConfig, build_optimizer, set_seed, train_step
 from ragseek.train.losses import dpo_loss
 from ragseek.train.rollout import response_logps
+from ragseek.train.run import (
+    MODEL_HELP,
+    cli,
+    frozen,
+    load_model,
+    nested_loop,
+    preference_micro_batches,
+    recipe_main,
+    start_run,
+)
 
 PLOT_KEYS = ("loss", "reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward", "lr")
 
@@ -152,19 +150,11 @@ def train(cfg: DPOConfig) -> list[dict]:
                 for j, mb in enumerate(micro)
             ]
         metrics = train_step(optimizer, micro, loss_fn, cfg.loop, step)
-        run.log(step + 1, metrics, sum(int(mb["attention_mask"].sum()) for mb in micro))
-        run.checkpoint(step + 1)
-    run.close(PLOT_KEYS)
-    save_final(model, tokenizer, run.out / "final")
-    return run.rows
+        run.end_step(step + 1, metrics, sum(int(mb["attention_mask"].sum()) for mb in micro))
+    return run.finish(PLOT_KEYS, model, tokenizer)
 
 
-def main(
-    config_path: str | None, overrides: list[str], out: str | None = None, resume: bool = False
-) -> list[dict]:
-    """`ragseek train dpo`: the config file, then the --set overrides, then --out and --resume."""
-    return train(with_run_flags(load_config(DPOConfig, config_path, overrides), out, resume))
-
+main = recipe_main(DPOConfig, train)
 
 if __name__ == "__main__":
     cli(main)

@@ -1,12 +1,13 @@
 """GRPO with rule-based rewards (DeepSeekMath, arXiv:2402.03300; the lecture's v2 of the addition story).
 
-    python -m ragseek.train.grpo --config configs/grpo.yaml [--set loop.max_steps=50 --set group_size=4]
+    python -m ragseek.train.recipes.grpo --config configs/grpo.yaml [--set loop.max_steps=50 --set group_size=4]
     ragseek train grpo --config configs/grpo.yaml
 
 One step, top to bottom (`train`):
     rollout    B prompts × G completions, batched generation with the KV cache, each prompt prefilled once
-               (`sample_groups`); with `loop.dtype: bf16` from a bf16 copy of the policy (`RolloutModel`)
-    reward     r_i = Σ_k w_k · f_k(prompts, completions, **columns), TRL's reward signature (`rewards.py`)
+               (`rollout.sample_groups`); with `loop.dtype: bf16` from a bf16 copy of the policy (`RolloutModel`)
+    reward     r_i = Σ_k w_k · f_k(prompts, completions, **columns), TRL's reward signature (`rewards.py`,
+               `rollout.score`)
     advantage  A_i = (r_i − mean_G(r)) / (std_G(r) + ε), one per completion (`grpo_advantages`)
     update     μ optimizer steps on L = −(1/G) Σ_i F(x, y_i) with the clipped ratio and β·k3 (`grpo_loss`);
                μ = 1: old_logps = None (ratio 1, the vanilla policy gradient); μ > 1: old_logps from one no-grad
@@ -21,39 +22,14 @@ run with the same next losses. The final policy is saved (with its tokenizer) to
 from __future__ import annotations
 
 import copy
-import importlib
-import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ragseek.model import SamplingConfig, Tokenizer, Transformer
 from ragseek.model.config import config_field as _f
-from ragseek.model.generate import generate_ids
-from ragseek.train.common import (
-    MODEL_HELP,
-    cli,
-    frozen,
-    load_config,
-    load_model,
-    nested_loop,
-    save_final,
-    start_run,
-    with_run_flags,
-)
-from ragseek.train.data import EpochSampler, load_prompts, pad_right
-from ragseek.train.loop import (
-    AUTOCAST_DTYPES,
-    LoopConfig,
-    Precision,
-    autocast,
-    build_optimizer,
-    micro_batches,
-    set_seed,
-    train_step,
-)
+from ragseek.train.data import EpochSampler, load_prompts
+from ragseek.train.loop import LoopConfig, autocast, build_optimizer, set_seed, train_epochs
 from ragseek.train.losses import (
     ADVANTAGE_STD,
     GRPO_AGGREGATION,
@@ -62,15 +38,18 @@ from ragseek.train.losses import (
     grpo_advantages,
     grpo_loss,
 )
-from ragseek.train.rewards import code_reward, format_reward, numeric_match_reward
-from ragseek.train.rollout import response_logps
+from ragseek.train.rewards import resolve_reward
+from ragseek.train.rollout import (
+    RolloutModel,
+    accuracy,
+    logps_of,
+    rollout_sampling,
+    sample_groups,
+    score,
+)
+from ragseek.train.run import MODEL_HELP, cli, frozen, load_model, nested_loop, recipe_main, start_run
+from ragseek.train.tasks.math_eval import evaluate_math
 
-RewardFn = Callable[..., list[float]]
-REWARDS: dict[str, RewardFn] = {
-    "numeric_match": numeric_match_reward,
-    "format": format_reward,
-    "code": code_reward,
-}
 PLOT_KEYS = (
     "reward_mean",
     "accuracy",
@@ -135,126 +114,6 @@ class GRPOConfig:
             )
 
 
-def resolve_reward(name: str) -> RewardFn:
-    """A built-in reward by name, or any callable as "package.module:function" (TRL's signature)."""
-    if name in REWARDS:
-        return REWARDS[name]
-    module, sep, attr = name.partition(":")
-    if not sep:
-        raise ValueError(f"reward {name!r}: use one of {sorted(REWARDS)} or 'package.module:function'")
-    return getattr(importlib.import_module(module), attr)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# rollouts
-
-
-@dataclass
-class Rollout:
-    """N = B·G sequences prompt + completion, right-padded; `response_mask` is 1 on the completion's tokens."""
-
-    input_ids: Tensor  # (N, S)
-    attention_mask: Tensor  # (N, S)
-    response_mask: Tensor  # (N, S)
-    completions: list[str]
-    lengths: list[int]  # completion tokens per sequence (EOS included)
-    sampled_logps: list[
-        float
-    ]  # log π(y_t) of every sampled token, as the sampler saw it (temperature 1 logits)
-
-    def tensors(self) -> dict[str, Tensor]:
-        return {
-            "input_ids": self.input_ids,
-            "attention_mask": self.attention_mask,
-            "response_mask": self.response_mask,
-        }
-
-    def entropy(self) -> float:
-        """−mean log π(y_t) over the sampled tokens: a Monte-Carlo estimate of the per-token entropy H(π), unbiased
-        at temperature 1 (E_{y~π}[−log π(y)] = H); free, since the sampler kept the logprobs."""
-        return -sum(self.sampled_logps) / max(len(self.sampled_logps), 1)
-
-
-def sample_groups(
-    model: Transformer,
-    tokenizer: Tokenizer,
-    prompt_ids: Sequence[Sequence[int]],
-    group_size: int,
-    sampling: SamplingConfig,
-) -> Rollout:
-    """G completions per prompt (each prompt repeated G times, consecutive): one batched, left-padded generation with
-    the KV cache (`generate_ids`: each prompt is prefilled once), returned as right-padded prompt + completion rows
-    ready for a training forward."""
-    repeated = [list(p) for p in prompt_ids for _ in range(group_size)]
-    was_training = model.training
-    model.eval()
-    generations = generate_ids(model, repeated, sampling, {tokenizer.eos_id}, tokenizer)
-    model.train(was_training)
-    sequences = [p + g.tokens for p, g in zip(repeated, generations, strict=True)]
-    masks = [[0] * len(p) + [1] * len(g.tokens) for p, g in zip(repeated, generations, strict=True)]
-    return Rollout(
-        input_ids=pad_right(sequences, tokenizer.pad_id),
-        attention_mask=pad_right([[1] * len(s) for s in sequences], 0),
-        response_mask=pad_right(masks, 0),
-        completions=[g.text for g in generations],
-        lengths=[len(g.tokens) for g in generations],
-        sampled_logps=[lp for g in generations for lp in g.logprobs],
-    )
-
-
-class RolloutModel:
-    """What rollouts sample from. fp32: the policy itself. bf16 (`loop.dtype`): a bf16 copy of the policy whose
-    weights are refreshed from it before every rollout (`__call__`, 0.04 s for 135M), the role a bf16 vLLM engine
-    plays in TRL and verl. Decoding a small batch is bound by reading the weights, and bf16 halves them: rollouts run
-    1.7x faster on this CPU (avx512_bf16). The samples then come from a policy one bf16 rounding away from the
-    trained one (as with vLLM); the loss's logps always come from the trained policy under the loop's autocast."""
-
-    def __init__(self, policy: Transformer, dtype: Precision):
-        self.policy = policy
-        amp = AUTOCAST_DTYPES[dtype]
-        self.copy = None if amp is None else frozen(copy.deepcopy(policy)).to(amp)
-
-    def __call__(self) -> Transformer:
-        if self.copy is None:
-            return self.policy
-        with torch.no_grad():
-            for dst, src in zip(self.copy.parameters(), self.policy.parameters(), strict=True):
-                dst.copy_(src)
-        return self.copy
-
-
-def logps_of(model: nn.Module, batch: dict[str, Tensor], temperature: float) -> Tensor:
-    """Per-token logps (N, S − 1) of the batch's next tokens under `model` (`rollout.response_logps`)."""
-    return response_logps(
-        model, batch["input_ids"], batch["attention_mask"], batch["response_mask"], temperature
-    )[0]
-
-
-def score(
-    reward_fns: Sequence[RewardFn],
-    weights: Sequence[float],
-    prompts: list[str],
-    completions: list[str],
-    **columns,
-) -> tuple[Tensor, list[Tensor]]:
-    """r = Σ_k w_k f_k per completion (N,), and each function's rewards (N,) for the log."""
-    each = [torch.tensor(fn(prompts, completions, **columns), dtype=torch.float64) for fn in reward_fns]
-    return sum(w * r for w, r in zip(weights, each, strict=True)), each
-
-
-def rollout_sampling(
-    max_new_tokens: int, temperature: float, top_p: float, seed: int, step: int
-) -> SamplingConfig:
-    """The step's sampler, seeded by (seed, step): a resumed step samples exactly what the killed run did."""
-    return SamplingConfig(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed * 1_000_003 + step
-    )
-
-
-def mean_metrics(updates: Sequence[dict[str, float]]) -> dict[str, float]:
-    return {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # the recipe
 
@@ -293,63 +152,34 @@ def train(cfg: GRPOConfig) -> list[dict]:
         )
 
     for step in range(run.start, cfg.loop.max_steps):
-        batch_rows = [rows[i] for i in sampler.next_batch()]
         sampling = rollout_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.loop.seed, step)
-        t0 = time.perf_counter()
         rollout = sample_groups(
-            rollout_model(), tokenizer, [r["prompt_ids"] for r in batch_rows], G, sampling
+            rollout_model(), tokenizer, [rows[i] for i in sampler.next_batch()], G, sampling
         )
-        t_gen = time.perf_counter() - t0
-
-        prompts = [r["prompt"] for r in batch_rows for _ in range(G)]
-        columns = {"answer": [r["answer"] for r in batch_rows for _ in range(G)]}
-        rewards, each = score(reward_fns, weights, prompts, rollout.completions, **columns)
+        rewards, each = score(reward_fns, weights, rollout)
         batch = {**rollout.tensors(), "advantages": grpo_advantages(rewards, G, cfg.scale_rewards)}
         with torch.no_grad(), autocast(cfg.loop.dtype):
-            if cfg.mu > 1:  # the rollout policy's logps, fixed for the μ updates
+            # μ > 1: the rollout policy's logps, fixed for the μ updates
+            if cfg.mu > 1:
                 batch["old_logps"] = logps_of(model, batch, cfg.temperature)
             if reference is not None:
                 batch["ref_logps"] = logps_of(reference, batch, cfg.temperature)
-        updates = [
-            train_step(optimizer, micro_batches(batch, cfg.loop.grad_accum), loss_fn, cfg.loop, step)
-            for _ in range(cfg.mu)
-        ]
-        t_step = time.perf_counter() - t0
-        generated = sum(rollout.lengths)
-        metrics = {
-            **mean_metrics(updates),
-            "reward_mean": rewards.mean().item(),
-            "reward_std": rewards.std().item(),
+        metrics = train_epochs(optimizer, batch, loss_fn, cfg.loop, step, cfg.mu)
+        metrics.update(
+            reward_mean=rewards.mean().item(),
+            reward_std=rewards.std().item(),
             **{f"reward_{name}": r.mean().item() for name, r in zip(cfg.rewards, each, strict=True)},
-            "accuracy": (each[0] >= 1)
-            .float()
-            .mean()
-            .item(),  # the first reward function is the correctness one
-            "entropy": rollout.entropy(),
-            "response_length": generated / len(rollout.lengths),
-            "tok_s": generated / t_step,
-            "gen_share": t_gen / t_step,
-            "step_s": t_step,
-        }
+            accuracy=accuracy(each),
+            **rollout.metrics(),
+        )
         if eval_rows and cfg.loop.eval_every and (step + 1) % cfg.loop.eval_every == 0:
-            from ragseek.train.evaluate_math import evaluate_math
-
-            metrics["eval_accuracy"] = evaluate_math(model, tokenizer, eval_rows, cfg.max_new_tokens)[
-                "accuracy"
-            ]
-        run.log(step + 1, metrics, int(batch["attention_mask"].sum()))
-        run.checkpoint(step + 1)
-    run.close(PLOT_KEYS)
-    save_final(model, tokenizer, run.out / "final")
-    return run.rows
+            result = evaluate_math(model, tokenizer, eval_rows, cfg.max_new_tokens)
+            metrics["eval_accuracy"] = result["accuracy"]
+        run.end_step(step + 1, metrics, int(batch["attention_mask"].sum()))
+    return run.finish(PLOT_KEYS, model, tokenizer)
 
 
-def main(
-    config_path: str | None, overrides: list[str], out: str | None = None, resume: bool = False
-) -> list[dict]:
-    """`ragseek train grpo`: the config file, then the --set overrides, then --out and --resume."""
-    return train(with_run_flags(load_config(GRPOConfig, config_path, overrides), out, resume))
-
+main = recipe_main(GRPOConfig, train)
 
 if __name__ == "__main__":
     cli(main)

@@ -1,11 +1,11 @@
 """RLHF with PPO + GAE (the lecture's step 3; Ouyang et al. 2022, arXiv:2203.02155; Schulman et al. 2017).
 
-    python -m ragseek.train.ppo --config configs/ppo.yaml [--set loop.max_steps=50]
+    python -m ragseek.train.recipes.ppo --config configs/ppo.yaml [--set loop.max_steps=50]
     ragseek train ppo --config configs/ppo.yaml
 
 One step, top to bottom (`train`):
-    rollout   B prompts, samples_per_prompt completions each (`grpo.sample_groups`)
-    score     r(x, y) from the Bradley-Terry reward model (`reward_model`), or rule rewards when none is given
+    rollout   B prompts, samples_per_prompt completions each (`rollout.sample_groups`)
+    score     r(x, y) from the Bradley-Terry reward model (`value_heads.RewardModel`), or rule rewards when none is given
     rewards   r_t = −β log π_old(y_t|·)/π_ref(y_t|·), plus r(x, y) at the last token (`kl_penalized_rewards`)
     GAE       δ_t = r_t + γ V(s_{t+1}) − V(s_t),  Â_t = Σ_ℓ (γλ)^ℓ δ_{t+ℓ},  R_t = Â_t + V(s_t) (`gae`), Â whitened
     update    ppo_epochs optimizer steps over the batch on
@@ -22,45 +22,19 @@ policy. Checkpoints hold policy and critic together (one `nn.ModuleDict`).
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ragseek.model import Transformer
 from ragseek.model.config import config_field as _f
-from ragseek.train.common import (
-    MODEL_HELP,
-    cli,
-    frozen,
-    load_config,
-    load_model,
-    nested_loop,
-    save_final,
-    start_run,
-    with_run_flags,
-)
 from ragseek.train.data import EpochSampler, load_prompts
-from ragseek.train.grpo import (
-    RolloutModel,
-    logps_of,
-    mean_metrics,
-    resolve_reward,
-    rollout_sampling,
-    sample_groups,
-    score,
-)
-from ragseek.train.loop import (
-    LoopConfig,
-    autocast,
-    build_optimizer,
-    micro_batches,
-    set_seed,
-    train_step,
-)
+from ragseek.train.loop import LoopConfig, autocast, build_optimizer, set_seed, train_epochs
 from ragseek.train.losses import gae, kl_penalized_rewards, ppo_policy_loss, value_loss
-from ragseek.train.rewards import numbers_match
+from ragseek.train.rewards import numbers_match, resolve_reward
+from ragseek.train.rollout import RolloutModel, accuracy, logps_of, rollout_sampling, sample_groups, score
+from ragseek.train.run import MODEL_HELP, cli, frozen, load_model, nested_loop, recipe_main, start_run
+from ragseek.train.value_heads import Critic, load_reward_model
 
 PLOT_KEYS = ("score_mean", "accuracy", "response_length", "kl", "value_loss", "clip_fraction", "loss")
 
@@ -71,7 +45,7 @@ class PPOConfig:
     data: str = _f("", 'JSONL prompts, {"prompt"} or {"question", "answer"} rows')
     reward_model: str = _f("", "Bradley-Terry reward model folder (`ragseek train rm`); empty: use `rewards`")
     rewards: list[str] = _f(
-        ["numeric_match"], "rule rewards summed when reward_model is empty (names as grpo)"
+        ["numeric_match"], "rule rewards summed when reward_model is empty (names as grpo: rewards.REWARDS)"
     )
     samples_per_prompt: int = _f(1, "completions sampled per prompt")
     prompts_per_step: int = _f(8, "prompts per rollout batch")
@@ -102,23 +76,6 @@ class PPOConfig:
             )
 
 
-class Critic(nn.Module):
-    """V(s_t): a transformer trunk and a linear head on its normalised hidden state, one value per position."""
-
-    def __init__(self, trunk: Transformer, value_head: nn.Linear | None = None):
-        super().__init__()
-        self.trunk = trunk
-        self.value_head = value_head or nn.Linear(trunk.cfg.dim, 1)
-        if value_head is None:
-            nn.init.zeros_(self.value_head.weight)
-            nn.init.zeros_(self.value_head.bias)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """(N, S) -> (N, S − 1): V of the state before each next token, aligned with `logps_of`."""
-        h, _, _ = self.trunk.hidden_states(input_ids, attention_mask=attention_mask)
-        return self.value_head(self.trunk.norm(h[:, :-1])).squeeze(-1).float()
-
-
 def _whiten(x: Tensor, mask: Tensor) -> Tensor:
     m = mask.bool()
     mean, std = x[m].mean(), x[m].std()
@@ -131,9 +88,8 @@ def train(cfg: PPOConfig) -> list[dict]:
     policy, tokenizer = load_model(cfg.model)
     reference = frozen(copy.deepcopy(policy))
     reward_fns = [] if cfg.reward_model else [resolve_reward(r) for r in cfg.rewards]
-    if cfg.reward_model:  # the critic starts as a copy of the reward model (InstructGPT)
-        from ragseek.train.reward_model import load_reward_model
-
+    # with a reward model the critic starts as a copy of it (InstructGPT)
+    if cfg.reward_model:
         reward_model = frozen(load_reward_model(cfg.reward_model))
         critic = Critic(copy.deepcopy(reward_model.trunk), copy.deepcopy(reward_model.value_head))
     else:
@@ -155,24 +111,17 @@ def train(cfg: PPOConfig) -> list[dict]:
         return pg + cfg.vf_coef * vf, {**pg_metrics, "policy_loss": pg.item(), **vf_metrics}
 
     for step in range(run.start, cfg.loop.max_steps):
-        batch_rows = [rows[i] for i in sampler.next_batch()]
         sampling = rollout_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.loop.seed, step)
-        t0 = time.perf_counter()
         rollout = sample_groups(
-            rollout_model(), tokenizer, [r["prompt_ids"] for r in batch_rows], G, sampling
+            rollout_model(), tokenizer, [rows[i] for i in sampler.next_batch()], G, sampling
         )
-        t_gen = time.perf_counter() - t0
         batch = rollout.tensors()
         mask = batch["response_mask"][:, 1:]
         with torch.no_grad(), autocast(cfg.loop.dtype):
             if reward_model is not None:
                 scores, each = reward_model(batch["input_ids"], batch["attention_mask"]).float(), []
             else:
-                prompts = [r["prompt"] for r in batch_rows for _ in range(G)]
-                answers = [r["answer"] for r in batch_rows for _ in range(G)]
-                scores, each = score(
-                    reward_fns, [1.0] * len(reward_fns), prompts, rollout.completions, answer=answers
-                )
+                scores, each = score(reward_fns, [1.0] * len(reward_fns), rollout)
                 scores = scores.float()
             old_logps = logps_of(policy, batch, cfg.temperature)
             ref_logps = logps_of(reference, batch, cfg.temperature)
@@ -182,44 +131,25 @@ def train(cfg: PPOConfig) -> list[dict]:
             if cfg.whiten_advantages:
                 advantages = _whiten(advantages, mask)
         batch.update(old_logps=old_logps, old_values=old_values, advantages=advantages, returns=returns)
-        updates = [
-            train_step(optimizer, micro_batches(batch, cfg.loop.grad_accum), loss_fn, cfg.loop, step)
-            for _ in range(cfg.ppo_epochs)
-        ]
-        t_step = time.perf_counter() - t0
-        generated = sum(rollout.lengths)
-        metrics = {
-            **mean_metrics(updates),
-            "score_mean": scores.mean().item(),
-            "score_std": scores.std().item(),
-            "kl": ((old_logps - ref_logps) * mask)
-            .sum(-1)
-            .mean()
-            .item(),  # Σ_t log π/π_ref, mean over sequences
-            "entropy": rollout.entropy(),
-            "response_length": generated / len(rollout.lengths),
-            "tok_s": generated / t_step,
-            "gen_share": t_gen / t_step,
-            "step_s": t_step,
-        }
+        metrics = train_epochs(optimizer, batch, loss_fn, cfg.loop, step, cfg.ppo_epochs)
+        metrics.update(
+            score_mean=scores.mean().item(),
+            score_std=scores.std().item(),
+            # Σ_t log π/π_ref, mean over sequences
+            kl=((old_logps - ref_logps) * mask).sum(-1).mean().item(),
+            **rollout.metrics(),
+        )
+        answers = rollout.column("answer")
         if each:
-            metrics["accuracy"] = (each[0] >= 1).float().mean().item()
-        elif all(r.get("answer") is not None for r in batch_rows):  # a reward model's policy, checked by rule
-            answers = [r["answer"] for r in batch_rows for _ in range(G)]
+            metrics["accuracy"] = accuracy(each)
+        # a reward model's policy, checked by rule
+        elif all(a is not None for a in answers):
             metrics["accuracy"] = sum(map(numbers_match, rollout.completions, answers)) / len(answers)
-        run.log(step + 1, metrics, int(batch["attention_mask"].sum()))
-        run.checkpoint(step + 1)
-    run.close(PLOT_KEYS)
-    save_final(policy, tokenizer, run.out / "final")
-    return run.rows
+        run.end_step(step + 1, metrics, int(batch["attention_mask"].sum()))
+    return run.finish(PLOT_KEYS, policy, tokenizer)
 
 
-def main(
-    config_path: str | None, overrides: list[str], out: str | None = None, resume: bool = False
-) -> list[dict]:
-    """`ragseek train ppo`: the config file, then the --set overrides, then --out and --resume."""
-    return train(with_run_flags(load_config(PPOConfig, config_path, overrides), out, resume))
-
+main = recipe_main(PPOConfig, train)
 
 if __name__ == "__main__":
     cli(main)

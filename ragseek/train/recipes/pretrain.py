@@ -1,7 +1,7 @@
 """Pretraining a DeepSeek-style model from scratch: next-token CE + MTP, MoE load balancing, val perplexity.
 
     ragseek train pretrain --config configs/pretrain_tiny.yaml [--set key=value ...] [--out DIR] [--resume]
-    python -m ragseek.train.pretrain --config configs/pretrain_tiny.yaml [--set loop.max_steps=50]
+    python -m ragseek.train.recipes.pretrain --config configs/pretrain_tiny.yaml [--set loop.max_steps=50]
 
 The recipe, top to bottom (`train`):
   data     the corpus (.txt / .jsonl files or folders; default SciFact + GSM8K from ../shared/data) tokenised once
@@ -34,20 +34,7 @@ from ragseek.model.config import config_field as _f
 from ragseek.model.moe import max_violation
 from ragseek.model.tokenizer import Tokenizer, load_tokenizer
 from ragseek.model.transformer import Transformer
-from ragseek.train.common import cli, load_config, with_run_flags
-from ragseek.train.loop import (
-    Checkpointer,
-    LoopConfig,
-    MetricsLog,
-    Progress,
-    build_optimizer,
-    micro_batches,
-    plot_metrics,
-    save_config,
-    set_seed,
-    train_step,
-)
-from ragseek.train.tokenize_corpus import (
+from ragseek.train.corpus import (
     TokenSplit,
     load_split,
     open_tokens,
@@ -55,6 +42,15 @@ from ragseek.train.tokenize_corpus import (
     tokenize_to_memmap,
     train_bpe,
 )
+from ragseek.train.loop import (
+    LoopConfig,
+    build_optimizer,
+    micro_batches,
+    plot_metrics,
+    set_seed,
+    train_step,
+)
+from ragseek.train.run import cli, recipe_main, start_run
 
 Balance = Literal["bias", "aux", "none"]
 BALANCES: tuple[Balance, ...] = ("bias", "aux", "none")
@@ -204,7 +200,6 @@ def evaluate(model: Transformer, windows: torch.Tensor, batch_size: int) -> dict
 def train(cfg: PretrainConfig, model: Transformer | None = None) -> dict[str, Any]:
     """Pretrain (a fresh model, or `model` as given, e.g. with a deliberately skewed router); return a summary."""
     loop = cfg.loop
-    out_dir = Path(loop.out_dir)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     tokenizer, split = prepare_data(cfg)
@@ -214,14 +209,8 @@ def train(cfg: PretrainConfig, model: Transformer | None = None) -> dict[str, An
         model = build_model(cfg, tokenizer.vocab_size, tokenizer.eos_id)
     model.train()
     optimizer = build_optimizer(model, loop)
-    ckpt = Checkpointer(out_dir, loop.ckpt_every, loop.keep_last)
-    resumed = ckpt.load(model, optimizer) if loop.resume else None
-    start = resumed.step if resumed else 0
-    if resumed:
-        print(f"resumed from {resumed.path} at step {start}", flush=True)
-    save_config(cfg, out_dir / "config.json")
-    log = MetricsLog(out_dir / "metrics.jsonl", resume_step=start if resumed else None)
-    progress = Progress(loop.max_steps, start)
+    # no sampler: the windows come from torch's RNG, which the checkpoints restore
+    run = start_run(cfg, loop, model, optimizer)
     val = val_windows(val_tokens, cfg.val_windows, cfg.seq_len)
     print(
         f"pretrain: {model.num_params():,} params ({model.num_params(active=True):,} active), "
@@ -233,27 +222,28 @@ def train(cfg: PretrainConfig, model: Transformer | None = None) -> dict[str, An
         return pretrain_loss(model, batch["tokens"], cfg.balance)
 
     row: dict[str, Any] = {}
-    for step in range(start, loop.max_steps):
+    for step in range(run.start, loop.max_steps):
         t0 = time.perf_counter()
         tokens = random_windows(train_tokens, cfg.batch_size, cfg.seq_len)
         row = train_step(optimizer, micro_batches({"tokens": tokens}, loop.grad_accum), loss_fn, loop, step)
         row.update(balance_step(model, cfg.balance))
         row["tok_s"] = tokens.numel() / (time.perf_counter() - t0)
-        progress.update(tokens.numel())
+        run.progress.update(tokens.numel())
         done = step + 1
         if loop.eval_every and (done % loop.eval_every == 0 or done == loop.max_steps):
             row.update(evaluate(model, val, cfg.batch_size))
         if done % loop.log_every == 0 or "val_loss" in row:
-            log.log(done, row)
+            run.metrics.log(done, row)
             shown = {k: v for k, v in row.items() if k not in ("maxvio_layers", "expert_load")}
-            print(progress.line(done, shown), flush=True)
-        if ckpt.due(done):
-            print(f"checkpoint {ckpt.save(done, model, optimizer, {}, cfg)}", flush=True)
-    log.close()
+            print(run.progress.line(done, shown), flush=True)
+        saved = run.checkpoint(done)
+        if saved is not None:
+            print(f"checkpoint {saved}", flush=True)
+    run.metrics.close()
     keys = ["loss", "loss_main", "loss_mtp", "val_loss", "maxvio", "lr"]
-    plot_metrics(log.path, out_dir / "loss.png", keys)
-    model.save_pretrained(out_dir / "model")
-    tokenizer.save(out_dir / "model")
+    plot_metrics(run.metrics.path, run.out / "loss.png", keys)
+    model.save_pretrained(run.out / "model")
+    tokenizer.save(run.out / "model")
     return {
         "params": model.num_params(),
         "active_params": model.num_params(active=True),
@@ -266,10 +256,7 @@ def train(cfg: PretrainConfig, model: Transformer | None = None) -> dict[str, An
 # CLI
 
 
-def main(config_path: str | None, overrides: list[str], out: str | None = None, resume: bool = False) -> dict:
-    """`ragseek train pretrain`: the config file, then the --set overrides (model.key=value too), --out, --resume."""
-    return train(with_run_flags(load_config(PretrainConfig, config_path, overrides), out, resume))
-
+main = recipe_main(PretrainConfig, train)
 
 if __name__ == "__main__":
     cli(main)

@@ -8,79 +8,34 @@ last non-pad token, through a Linear(dim, 1). Trained on JSONL {"prompt", "chose
     L(φ) = −E_{(x, y_b, y_w)~D} [ log σ(r_φ(x, y_b) − r_φ(x, y_w)) ]          (`losses.bradley_terry_loss`)
 
 and scored by held-out accuracy (the share of pairs with r(chosen) > r(rejected)). Saved to `<out_dir>/final`:
-the trunk with `save_pretrained`, its tokenizer, and the head in value_head/value_head.safetensors; `load_reward_model(path)`
+the trunk with `save_pretrained`, its tokenizer, and the head in value_head/value_head.safetensors (`value_heads.RewardModel`); `value_heads.load_reward_model(path)`
 reads it back (PPO scores its rollouts with it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor
 
-from ragseek.model import Tokenizer, Transformer
+from ragseek.model import Tokenizer
 from ragseek.model.config import config_field as _f
-from ragseek.train.common import (
-    MODEL_HELP,
-    cli,
-    load_config,
-    load_model,
-    nested_loop,
-    preference_micro_batches,
-    start_run,
-    with_run_flags,
-)
 from ragseek.train.data import EpochSampler, collate_preference, load_preference
 from ragseek.train.loop import LoopConfig, build_optimizer, set_seed, train_step
 from ragseek.train.losses import bradley_terry_loss
-
-VALUE_HEAD_FILE = (
-    "value_head/value_head.safetensors"  # a subfolder: the trunk's loader reads every *.safetensors
+from ragseek.train.run import (
+    MODEL_HELP,
+    cli,
+    load_model,
+    nested_loop,
+    preference_micro_batches,
+    recipe_main,
+    start_run,
 )
+from ragseek.train.value_heads import RewardModel
+
 PLOT_KEYS = ("loss", "accuracy", "margin", "eval_accuracy", "lr")
-
-
-class RewardModel(nn.Module):
-    """A Transformer trunk and a Linear(dim, 1) value head read at each sequence's last non-pad token."""
-
-    def __init__(self, trunk: Transformer):
-        super().__init__()
-        self.trunk = trunk
-        self.value_head = nn.Linear(trunk.cfg.dim, 1)
-        nn.init.normal_(self.value_head.weight, std=trunk.cfg.dim**-0.5)
-        nn.init.zeros_(self.value_head.bias)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """(B, T) right-padded ids and their attention mask -> one reward per sequence (B,)."""
-        h, _, _ = self.trunk.hidden_states(input_ids, attention_mask=attention_mask)  # (B, T, d)
-        last = attention_mask.sum(-1) - 1  # (B,) index of the last real token
-        h_last = self.trunk.norm(h[torch.arange(h.shape[0], device=h.device), last])  # (B, d)
-        return self.value_head(h_last).squeeze(-1).float()
-
-    def save_pretrained(self, path: str | Path) -> None:
-        """The trunk as an HF folder (save_pretrained) plus value_head/value_head.safetensors inside it."""
-        self.trunk.save_pretrained(path)
-        (Path(path) / VALUE_HEAD_FILE).parent.mkdir(exist_ok=True)
-        save_file(
-            {k: v.contiguous() for k, v in self.value_head.state_dict().items()},
-            str(Path(path) / VALUE_HEAD_FILE),
-        )
-
-
-def load_reward_model(path: str | Path) -> RewardModel:
-    """A reward model saved by `RewardModel.save_pretrained` (safetensors only, no pickle)."""
-    path = Path(path)
-    head = path / VALUE_HEAD_FILE
-    if not head.is_file():
-        raise FileNotFoundError(
-            f"{head} is missing: {path} is not a reward model folder (train one with `ragseek train rm`)"
-        )
-    model = RewardModel(Transformer.from_pretrained(path))
-    model.value_head.load_state_dict(load_file(str(head)))
-    return model
 
 
 @dataclass
@@ -163,21 +118,11 @@ def train(cfg: RewardModelConfig) -> list[dict]:
         done = step + 1
         if done == cfg.loop.max_steps or (cfg.loop.eval_every and done % cfg.loop.eval_every == 0):
             metrics.update(evaluate(model, eval_pairs, tokenizer.pad_id, cfg.eval_batch_size))
-        run.log(done, metrics, sum(int(mb["attention_mask"].sum()) for mb in micro))
-        run.checkpoint(done)
-    run.close(PLOT_KEYS)
-    final = run.out / "final"
-    model.save_pretrained(final)
-    tokenizer.save(final)
-    return run.rows
+        run.end_step(done, metrics, sum(int(mb["attention_mask"].sum()) for mb in micro))
+    return run.finish(PLOT_KEYS, model, tokenizer)
 
 
-def main(
-    config_path: str | None, overrides: list[str], out: str | None = None, resume: bool = False
-) -> list[dict]:
-    """`ragseek train rm`: the config file, then the --set overrides, then --out and --resume."""
-    return train(with_run_flags(load_config(RewardModelConfig, config_path, overrides), out, resume))
-
+main = recipe_main(RewardModelConfig, train)
 
 if __name__ == "__main__":
     cli(main)

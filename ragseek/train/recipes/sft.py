@@ -16,19 +16,17 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ragseek.model.config import config_field as _f
-from ragseek.train.common import (
-    MODEL_HELP,
-    cli,
-    load_config,
-    load_model,
-    nested_loop,
-    save_final,
-    start_run,
-    with_run_flags,
-)
 from ragseek.train.data import EpochSampler, collate_sft, load_sft
 from ragseek.train.loop import LoopConfig, build_optimizer, micro_batches, set_seed, train_step
 from ragseek.train.losses import SFTReduction, sft_loss
+from ragseek.train.run import (
+    MODEL_HELP,
+    cli,
+    load_model,
+    nested_loop,
+    recipe_main,
+    start_run,
+)
 
 PLOT_KEYS = ("loss", "lr", "grad_norm")
 
@@ -73,19 +71,11 @@ def train(cfg: SFTConfig) -> list[dict]:
     for step in range(run.start, cfg.loop.max_steps):
         batch = collate_sft([examples[i] for i in sampler.next_batch()], tokenizer.pad_id)
         metrics = train_step(optimizer, micro_batches(batch, cfg.loop.grad_accum), loss_fn, cfg.loop, step)
-        run.log(step + 1, metrics, int(batch["attention_mask"].sum()))
-        run.checkpoint(step + 1)
-    run.close(PLOT_KEYS)
-    save_final(model, tokenizer, run.out / "final")
-    return run.rows
+        run.end_step(step + 1, metrics, int(batch["attention_mask"].sum()))
+    return run.finish(PLOT_KEYS, model, tokenizer)
 
 
-def main(
-    config_path: str | None, overrides: list[str], out: str | None = None, resume: bool = False
-) -> list[dict]:
-    """`ragseek train sft`: the config file, then the --set overrides, then --out and --resume."""
-    return train(with_run_flags(load_config(SFTConfig, config_path, overrides), out, resume))
-
+main = recipe_main(SFTConfig, train)
 
 if __name__ == "__main__":
     cli(main)

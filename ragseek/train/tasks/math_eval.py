@@ -5,6 +5,9 @@
 A row is correct when the completion's final number (`rewards.extract_answer`: <answer>, \\boxed{}, #### N, else the
 last number) equals the answer's; the answer may be a number or GSM8K's "… #### N". Each question goes through the
 model's chat template, as in GRPO training (`data.load_prompts`).
+
+It lives in tasks/ beside `addition`, whose rows it scores: it is how a maths task is graded, for the CLI, for GRPO's
+eval_every and for the benchmarks, not a step of any one recipe.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ def evaluate_file(
     max_prompt_len: int = 512,
 ) -> dict[str, Any]:
     """Load the model and the first n rows of `data`, and run `evaluate_math`."""
-    from ragseek.train.common import load_model
+    from ragseek.train.run import load_model
 
     model, tokenizer = load_model(model_path)
     rows = load_prompts(data, tokenizer, max_prompt_len)

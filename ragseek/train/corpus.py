@@ -8,6 +8,9 @@ tokenised once into memory-mapped token files (train.bin / val.bin, uint16 when 
 
 Documents are joined with the tokenizer's EOS token after each one, so a window that spans two documents sees
 where one ends. The validation split is the last `val_fraction` of the documents (whole documents, never a cut).
+
+A component beside `data.py` (the JSONL rows of post-training): the pretraining recipe's data, usable alone, and no
+task (nothing here is scored).
 """
 
 from __future__ import annotations
