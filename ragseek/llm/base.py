@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 Message = dict[str, str]
 Prompt = str | list[Message]  # a raw prompt, or a chat the backend renders with its chat template
 
-SPECS = "local, local:PATH, hf:PATH or openai:MODEL"
+SPECS = "local, local:base, local:PATH, hf:PATH or openai:MODEL"
 
 
 @dataclass
@@ -69,7 +69,9 @@ class LLM(Protocol):
 
 
 def load_llm(spec: str, base_url: str | None = None) -> LLM:
-    """`local` (embedded SmolLM2-135M-Instruct), `local:PATH`, `hf:PATH` or `openai:MODEL`.
+    """`local` (the embedded SmolLM2-135M-Instruct with the shipped reader adapter), `local:base` (without it),
+    `local:PATH` (an HF folder, a .gguf file, or an adapter folder for the embedded model), `hf:PATH` or
+    `openai:MODEL`.
 
     openai: the API key comes from OPENAI_API_KEY, the base URL from `base_url` or OPENAI_BASE_URL.
     """

@@ -36,14 +36,26 @@ class LocalLLM:
 
     @classmethod
     def from_path(cls, path: str | Path | None = None, **kwargs) -> LocalLLM:
-        """An HF folder or .gguf file that `Transformer.from_pretrained` and `load_tokenizer` read; None = SmolLM2."""
-        from ragseek.defaults import smollm2_gguf
+        """The embedded SmolLM2-135M-Instruct with the shipped reader adapter (path None), the raw SmolLM2
+        ("base"), an adapter folder (adapter_config.json: onto its base, `adapter_base`), or an HF folder / .gguf.
+        An adapter is merged into the weights: it costs nothing per token."""
+        from ragseek.defaults import reader_adapter, smollm2_gguf
+        from ragseek.model.lora import CONFIG_FILE, adapter_base, load_adapter, merge_and_unload
         from ragseek.model.tokenizer import load_tokenizer
         from ragseek.model.transformer import Transformer
 
-        source = Path(path).expanduser() if path else smollm2_gguf()
-        name = f"local:{path}" if path else "local"
-        return cls(Transformer.from_pretrained(source), load_tokenizer(source), name, **kwargs)
+        if path is None:
+            source, adapter, name = smollm2_gguf(), reader_adapter(), "local"
+        elif str(path) == "base":
+            source, adapter, name = smollm2_gguf(), None, "local:base"
+        else:
+            folder = Path(path).expanduser()
+            adapter = folder if (folder / CONFIG_FILE).is_file() else None
+            source, name = (adapter_base(adapter) if adapter else folder), f"local:{path}"
+        model = Transformer.from_pretrained(source)
+        if adapter is not None:
+            model = merge_and_unload(load_adapter(model, adapter))
+        return cls(model, load_tokenizer(source), name, **kwargs)
 
     def render(self, prompt: Prompt) -> str:
         """A raw prompt as is; a chat through the tokenizer's chat template, ready for the assistant's turn."""

@@ -420,6 +420,16 @@ def _check_fingerprint(model: Transformer, meta: dict[str, str], path: Path) -> 
         )
 
 
+def adapter_base(folder: str | Path) -> Path:
+    """The model an adapter folder goes onto: its base_model_name_or_path when that is a local folder or file,
+    else the embedded SmolLM2 (a hub name such as HuggingFaceTB/SmolLM2-135M-Instruct is never downloaded);
+    `load_adapter` then checks that the sizes match."""
+    from ragseek.defaults import smollm2_gguf
+
+    base = _read_config(Path(folder) / CONFIG_FILE).get("base_model_name_or_path") or ""
+    return Path(base) if base and Path(base).exists() else smollm2_gguf()
+
+
 def load_adapter(model: Transformer, folder: str | Path) -> Transformer:
     """Read a PEFT LoRA folder (from save_adapter, or PEFT itself for a llama/qwen2/V3 model) onto a fresh ragseek
     Transformer: apply_lora on the modules the file has weights for, then load them. Returns the model, unmerged,

@@ -127,7 +127,7 @@ def build_prompt(question: str, chunks: list[Hit]) -> str:
     return (
         f"{numbered}\n\n"
         "Answer the question below from the sources above: reply with the shortest phrase of a source that answers "
-        "it, then that source's number in square brackets, for example: Denver Broncos [2]. If the sources do not "
+        "it, then that source's number in square brackets, for example: Ada Lovelace [2]. If the sources do not "
         f"contain the answer, reply: {DONT_KNOW}\n\nQuestion: {question}"
     )
 
@@ -229,15 +229,22 @@ def ranking(
 
 
 def sources(
-    question: str, searcher: Searcher, llm: LLM | None, cfg: AskConfig, steps: StepsConfig
+    question: str,
+    searcher: Searcher,
+    llm: LLM | None,
+    cfg: AskConfig,
+    steps: StepsConfig,
+    exclude: frozenset[str] = frozenset(),
 ) -> tuple[list[str], list[Hit], dict[str, float]]:
     """The numbered sources `ask` puts in the prompt: the searcher's `cfg.k` best chunks (after reranking the top
     `steps.rerank_depth`, when asked) that pass the don't-know gate; with what they were retrieved by and the
-    seconds each step took. The reader's training data is built with this same function."""
+    seconds each step took. The reader's training data is built with this same function; its don't-know examples
+    retrieve as if the documents in `exclude` (a gold passage) were not in the store."""
     k = searcher.cfg.k
     depth = max(k, steps.rerank_depth) if steps.rerank == "llm" else k
-    (texts,), (hits,), t = rank(searcher, [question], llm, steps, depth)
+    (texts,), (hits,), t = rank(searcher, [question], llm, steps, depth + (k + 2) * len(exclude))
     clock = time.perf_counter()
+    hits = [h for h in hits if h.doc_id not in exclude]
     chunks = relevant(searcher, question, hits[:k], cfg, reranked=steps.rerank == "llm")
     t["gate"] = time.perf_counter() - clock
     return texts, chunks, t

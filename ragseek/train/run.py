@@ -17,13 +17,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 import torch
 import yaml
 from torch import nn
 
 from ragseek.model import Tokenizer, Transformer, load_tokenizer
+from ragseek.model.lora import LoRAConfig, apply_lora, lora_layers, save_adapter
 from ragseek.train.data import EpochSampler, collate_preference
 from ragseek.train.loop import Checkpointer, LoopConfig, MetricsLog, Progress, plot_metrics, save_config
 
@@ -59,10 +60,11 @@ def _typed(cls: type, data: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(defaults)}")
     out = {}
     for name, value in data.items():
-        hint = hints[name]
+        hint = _dataclass_or_none(hints[name])
         if is_dataclass(hint) and isinstance(value, Mapping):
             f = defaults[name]
-            base = f.default_factory() if f.default_factory is not MISSING else hint()
+            base = f.default_factory() if f.default_factory is not MISSING else f.default
+            base = hint() if base is MISSING or base is None else base
             value = replace(base, **_typed(hint, dict(value)))
         elif hint is float and isinstance(value, (str, int)) and not isinstance(value, bool):
             try:
@@ -71,6 +73,12 @@ def _typed(cls: type, data: dict[str, Any]) -> dict[str, Any]:
                 raise ValueError(f"{cls.__name__}.{name} must be a number, got {value!r}") from None
         out[name] = value
     return out
+
+
+def _dataclass_or_none(hint: Any) -> Any:
+    """`X` for a field declared `X | None` with X a dataclass (an optional block such as `lora:`), else the hint."""
+    args = [a for a in get_args(hint) if a is not type(None)]
+    return args[0] if len(args) == 1 and is_dataclass(args[0]) else hint
 
 
 def with_run_flags(cfg: Any, out: str | None = None, resume: bool = False) -> Any:
@@ -82,12 +90,18 @@ def with_run_flags(cfg: Any, out: str | None = None, resume: bool = False) -> An
     return cfg
 
 
-def load_model(path: str) -> tuple[Transformer, Tokenizer]:
-    """A ragseek Transformer and its tokenizer from an HF folder or .gguf file ("" = the embedded SmolLM2)."""
+LORA_HELP = "train a LoRA adapter instead of every weight: {r, alpha, dropout, target_modules} (empty: full)"
+EMBEDDED_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def load_model(path: str, lora: LoRAConfig | None = None) -> tuple[Transformer, Tokenizer]:
+    """A ragseek Transformer and its tokenizer from an HF folder or .gguf file ("" = the embedded SmolLM2); with
+    `lora`, LoRA layers on it and every other weight frozen (`apply_lora`)."""
     from ragseek.defaults import smollm2_gguf
 
-    path = path or str(smollm2_gguf())
-    return Transformer.from_pretrained(path), load_tokenizer(path)
+    source = path or str(smollm2_gguf())
+    model = Transformer.from_pretrained(source)
+    return (apply_lora(model, lora) if lora is not None else model), load_tokenizer(source)
 
 
 def frozen(model: nn.Module) -> nn.Module:
@@ -156,7 +170,7 @@ class Run:
         """Close the log and plot `plot_keys`, save `model` with its tokenizer to <out_dir>/final (`save_final`);
         the metrics rows of this run."""
         self.close(plot_keys)
-        save_final(model, tokenizer, self.out / "final")
+        save_final(model, tokenizer, self.out / "final", getattr(self.cfg, "model", ""))
         return self.rows
 
 
@@ -183,10 +197,14 @@ def start_run(
     return Run(cfg, loop, model, optimizer, sampler, start, ckpt, log, Progress(loop.max_steps, start))
 
 
-def save_final(model: nn.Module, tokenizer: Tokenizer, folder: Path) -> Path:
+def save_final(model: nn.Module, tokenizer: Tokenizer, folder: Path, base: str = "") -> Path:
     """The trained model (anything with `save_pretrained`) with its tokenizer, a folder `Transformer.from_pretrained`
-    (or `load_reward_model`) and `load_tokenizer` read."""
-    model.save_pretrained(folder)
+    (or `load_reward_model`) and `load_tokenizer` read; a model with LoRA layers as a PEFT adapter folder of
+    `base` (`save_adapter`; "" = the embedded SmolLM2), which `--llm local:FOLDER` and peft load."""
+    if next(lora_layers(model), None) is not None:
+        save_adapter(model, folder, base=base or EMBEDDED_BASE)
+    else:
+        model.save_pretrained(folder)
     tokenizer.save(folder)
     return folder
 

@@ -39,7 +39,7 @@ def test_openai_spec_base_url_and_key(monkeypatch):
 
 @pytest.mark.parametrize("spec", ["", "gpt-4o", "hf", "hf:", "openai", "openai:", "vllm:qwen", "Local"])
 def test_bad_spec_says_what_is_accepted(spec):
-    with pytest.raises(ValueError, match=r"use local, local:PATH, hf:PATH or openai:MODEL"):
+    with pytest.raises(ValueError, match=r"use local, local:base, local:PATH, hf:PATH or openai:MODEL"):
         load_llm(spec)
 
 

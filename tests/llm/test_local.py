@@ -93,10 +93,31 @@ def test_too_long_is_a_clear_error(local_llm):
 def test_smollm2_answers_and_scores_the_right_answer_higher():
     """SmolLM2-135M knows this one. (Its P("Yes") vs P("No") for yes/no questions is not informative: it prefers
     "No" by ~1.7 nats whether the statement is true or false, so no yes/no assertion here.)"""
-    llm = LocalLLM.from_path()
+    llm = LocalLLM.from_path("base")
     chat = [{"role": "user", "content": "What is the capital of France?"}]
     assert "Paris" in llm.complete([chat], max_tokens=12)[0]
     paris, london = llm.logprobs(
         [chat, chat], ["The capital of France is Paris.", "The capital of France is London."]
     )
     assert paris > london + 1
+
+
+def test_an_adapter_folder_loads_onto_its_base_merged(tiny_dir, tmp_path):
+    """local:ADAPTER reads base_model_name_or_path, loads the adapter and merges it: the same logits as the
+    unmerged LoRA model it was saved from, and different from the base's."""
+    from ragseek.llm.base import load_llm
+    from ragseek.model import Transformer
+    from ragseek.model.lora import LoRAConfig, apply_lora, lora_layers, save_adapter
+
+    torch.manual_seed(0)
+    model = apply_lora(Transformer.from_pretrained(tiny_dir), LoRAConfig(r=4, dropout=0.0)).eval()
+    for _, layer in lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
+    adapter = save_adapter(model, tmp_path / "adapter", base=tiny_dir)
+    llm = load_llm(f"local:{adapter}")
+    ids = torch.tensor([[1, 5, 9, 30, 2]])
+    with torch.no_grad():
+        want, got = model(ids), llm.model(ids)
+        base = Transformer.from_pretrained(tiny_dir)(ids)
+    assert llm.name == f"local:{adapter}" and not list(lora_layers(llm.model))  # merged into plain linears
+    assert (got - want).abs().max() < 1e-4 and (base - want).abs().max() > 1e-3

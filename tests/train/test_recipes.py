@@ -29,8 +29,9 @@ from ragseek.model import ModelConfig, Transformer, load_tokenizer
 from ragseek.model.generate import SamplingConfig, generate
 from ragseek.train import value_heads
 from ragseek.train.data import collate_preference, load_preference, load_sft
-from ragseek.train.loop import read_metrics
+from ragseek.train.loop import LoopConfig, read_metrics
 from ragseek.train.recipes import distill, dpo, rm, sft
+from ragseek.train.run import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 PROBLEMS = [(12, 19), (33, 41), (50, 25), (71, 18)]
@@ -160,6 +161,46 @@ def test_sft_learns_the_toy_set(arch, models, toy, tokenizer, tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["batch_size"] == 4 and saved["loop"]["lr"] == 1e-2
     assert (tmp_path / "metrics.png").stat().st_size > 0
+
+
+def test_sft_with_a_lora_block_trains_and_saves_only_an_adapter(models, toy, tokenizer, tmp_path):
+    """`lora:` in the config: the first loss is the base model's (B = 0), the loss falls, the base weights are
+    untouched, and <out>/final is a PEFT adapter folder that local:FOLDER loads onto the base with the trained
+    logits. Resume after a kill reproduces the losses."""
+    from ragseek.llm.base import load_llm
+    from ragseek.model.lora import load_adapter
+
+    base = models["dense_gqa"]
+    cfg = load_config(
+        sft.SFTConfig,
+        None,
+        [
+            f"model={base}",
+            f"data={toy['sft']}",
+            "max_len=64",
+            "batch_size=4",
+            "lora.r=4",
+            "lora.alpha=32",
+            "lora.dropout=0",
+        ],
+    )
+    cfg.loop = LoopConfig(**loop(tmp_path / "run"))
+    rows = sft.train(copy.deepcopy(cfg))
+    assert rows[0]["loss"] == pytest.approx(reference_sft_loss(base, toy["sft"], tokenizer), abs=1e-4)
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
+    final = tmp_path / "run" / "final"
+    assert sorted(p.name for p in final.glob("adapter_*")) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    assert not (final / "model.safetensors").exists()
+    ids = torch.tensor([tokenizer.encode("What is 12 + 7?")])
+    with torch.no_grad():
+        trained = load_adapter(Transformer.from_pretrained(base), final).eval()(ids)
+        assert (load_llm(f"local:{final}").model(ids) - trained).abs().max() < 1e-4
+        assert (Transformer.from_pretrained(base)(ids) - trained).abs().max() > 1e-3
+    cfg.loop.out_dir = str(tmp_path / "resumed")
+    assert_resume_reproduces(sft.train, cfg, 6)
 
 
 def test_sft_cli_resume_after_sigkill(models, toy, tmp_path):

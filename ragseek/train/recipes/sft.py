@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ragseek.model.config import config_field as _f
+from ragseek.model.lora import LoRAConfig
 from ragseek.train.data import EpochSampler, collate_sft, load_sft
 from ragseek.train.loop import LoopConfig, build_optimizer, micro_batches, set_seed, train_step
 from ragseek.train.losses import SFTReduction, sft_loss
 from ragseek.train.run import (
+    LORA_HELP,
     MODEL_HELP,
     cli,
     load_model,
@@ -44,6 +46,7 @@ class SFTConfig:
         "sequence",
         "sequence: the lecture's per-response mean, then the batch mean; token: one mean over all tokens",
     )
+    lora: LoRAConfig | None = _f(None, LORA_HELP)
     loop: LoopConfig = _f(
         LoopConfig(lr=2e-5, max_steps=100, out_dir="runs/sft"), "optimizer, schedule, checkpoints"
     )
@@ -57,7 +60,7 @@ class SFTConfig:
 def train(cfg: SFTConfig) -> list[dict]:
     """Fine-tune as configured; returns this run's metrics rows (also in `<out_dir>/metrics.jsonl`)."""
     set_seed(cfg.loop.seed)
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model, cfg.lora)
     model.train()
     examples = load_sft(cfg.data, tokenizer, cfg.max_len, cfg.pack)
     sampler = EpochSampler(len(examples), cfg.batch_size, seed=cfg.loop.seed)
@@ -65,8 +68,13 @@ def train(cfg: SFTConfig) -> list[dict]:
     run = start_run(cfg, cfg.loop, model, optimizer, sampler)
 
     def loss_fn(batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])[:, :-1]
-        return sft_loss(logits, batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:], cfg.reduction)
+        ids, mask = batch["input_ids"], batch["loss_mask"][:, 1:]
+        # the head (49k columns for SmolLM2) runs from the first position that scores a response token on: in a
+        # RAG example the prompt is most of the row, and masked positions add nothing to the loss
+        p0 = int(mask.any(0).int().argmax())
+        h, _, _ = model.hidden_states(ids, attention_mask=batch["attention_mask"])
+        logits = model.lm_head(model.norm(h[:, p0:-1]))
+        return sft_loss(logits, ids[:, 1 + p0 :], mask[:, p0:], cfg.reduction)
 
     for step in range(run.start, cfg.loop.max_steps):
         batch = collate_sft([examples[i] for i in sampler.next_batch()], tokenizer.pad_id)

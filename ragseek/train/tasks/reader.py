@@ -1,0 +1,159 @@
+"""Reading for RAG: SQuAD questions as the exact prompts `ragseek ask` builds, for the reader's SFT and GRPO.
+
+    python -m ragseek.train.tasks.reader --squad ../shared/data/squad/train.json --out runs/data/reader
+
+Each question is retrieved with ragseek's own search over every paragraph of the file (`pipeline.sources`, the
+hybrid retriever, `SearchConfig(k=3)` as `ask`), and put in `pipeline.build_prompt`. The target is the short,
+extractive answer and the number of the source that holds it, `Denver Broncos [2]`; when no source holds the gold
+paragraph — a retrieval miss, or a question drawn (`dont_know`) to be asked as if its paragraph were not in the
+store — the target is `pipeline.DONT_KNOW`. Rows carry what the rewards need: `answers` (every gold answer) and
+`gold` (the source number of the gold paragraph, 0 when it is missing).
+
+Validation is by article, never by question (`split_articles`): an article's paragraphs and questions are all in
+one side. The validation side is written back as a SQuAD file, which `ragseek eval qa --data` scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from ragseek.rag.evaluate import QAItem, load_squad, normalize_answer, squad_store
+from ragseek.rag.pipeline import DONT_KNOW, AskConfig, StepsConfig, build_prompt, sources
+from ragseek.rag.search import Hit, SearchConfig, Searcher
+from ragseek.rag.store import Store
+from ragseek.train.tasks.addition import write_jsonl
+
+SPLIT_SEED = 20261204
+
+
+def split_articles(
+    items: Sequence[QAItem], n_val: int, seed: int = SPLIT_SEED
+) -> tuple[list[str], list[str]]:
+    """(train titles, validation titles): `n_val` articles drawn with `seed` from the sorted titles."""
+    titles = sorted({it.title for it in items})
+    if not 0 < n_val < len(titles):
+        raise ValueError(
+            f"n_val={n_val}: the file has {len(titles)} articles; keep at least one on each side"
+        )
+    val = sorted(random.Random(seed).sample(titles, n_val))
+    return [t for t in titles if t not in val], val
+
+
+def target_answer(item: QAItem) -> str:
+    """The gold answer to train on: the one the annotators gave most often (normalised), the shortest on a tie."""
+    counts = Counter(normalize_answer(a) for a in item.answers)
+    return min(item.answers, key=lambda a: (-counts[normalize_answer(a)], len(a)))
+
+
+def gold_source(item: QAItem, answer: str, chunks: Sequence[Hit]) -> int:
+    """The number [n] of the first source that is a chunk of the gold paragraph holding `answer`, else 0."""
+    for n, h in enumerate(chunks, 1):
+        if h.doc_id == item.doc_id and answer in h.text:
+            return n
+    return 0
+
+
+def reader_row(item: QAItem, searcher: Searcher, drop_gold: bool) -> dict:
+    """One example: the prompt `ask` would build (without the gold paragraph when `drop_gold`) and its target."""
+    exclude = frozenset({item.doc_id}) if drop_gold else frozenset()
+    _, chunks, _ = sources(item.question, searcher, None, AskConfig(), StepsConfig(), exclude)
+    answer = target_answer(item)
+    gold = gold_source(item, answer, chunks)
+    return {
+        "id": item.id,
+        "prompt": build_prompt(item.question, chunks) if chunks else "",
+        "response": f"{answer} [{gold}]" if gold else DONT_KNOW,
+        "answers": list(item.answers),
+        "gold": gold,
+        "dropped": drop_gold,
+    }
+
+
+def reader_rows(
+    items: Sequence[QAItem], searcher: Searcher, dont_know: float, seed: int = SPLIT_SEED
+) -> list[dict]:
+    """Rows for `items`, a `dont_know` fraction of them (drawn with `seed`) asked without their gold paragraph.
+    Questions whose sources all fail the don't-know gate are left out: `ask` answers those without the model."""
+    rng = random.Random(seed)
+    rows = []
+    for i, it in enumerate(items, 1):
+        rows.append(reader_row(it, searcher, rng.random() < dont_know))
+        if i % 500 == 0 or i == len(items):
+            print(f"reader rows {i}/{len(items)}", file=sys.stderr, flush=True)
+    return [r for r in rows if r["prompt"]]
+
+
+def write_squad(path: str | Path, items: Sequence[QAItem]) -> Path:
+    """`items` as a SQuAD v1.1 file (articles and paragraphs in their first-seen order)."""
+    articles: dict[str, dict[int, dict]] = {}
+    for it in items:
+        paragraph = articles.setdefault(it.title, {}).setdefault(
+            it.paragraph, {"context": it.context, "qas": []}
+        )
+        paragraph["qas"].append(
+            {
+                "id": it.id,
+                "question": it.question,
+                "answers": [
+                    {"text": a, "answer_start": s} for a, s in zip(it.answers, it.answer_starts, strict=True)
+                ],
+            }
+        )
+    data = [{"title": t, "paragraphs": list(ps.values())} for t, ps in articles.items()]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"version": "1.1", "data": data}))
+    return path
+
+
+def build(squad: str | Path, out: str | Path, n_val: int, dont_know: float, k: int, seed: int) -> dict:
+    """Write `<out>/train.jsonl` (reader rows of the training articles, searched over every paragraph of the file),
+    `<out>/val.json` (the validation articles, SQuAD format) and `<out>/split.json`; returns the split summary."""
+    items = load_squad(squad)
+    train_titles, val_titles = split_articles(items, n_val, seed)
+    searcher = Searcher(Store(squad_store(squad)), SearchConfig(k=k))
+    train = [it for it in items if it.title in set(train_titles)]
+    rows = reader_rows(train, searcher, dont_know, seed)
+    out = Path(out)
+    write_jsonl(out / "train.jsonl", rows)
+    write_squad(out / "val.json", [it for it in items if it.title in set(val_titles)])
+    summary = {
+        "squad": str(squad),
+        "train_articles": train_titles,
+        "val_articles": val_titles,
+        "rows": len(rows),
+        "dont_know_rows": sum(r["gold"] == 0 for r in rows),
+        "dropped_gold": sum(r["dropped"] for r in rows),
+        "k": k,
+        "seed": seed,
+    }
+    (out / "split.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--squad", required=True, help="SQuAD v1.1 JSON file")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--val-articles", type=int, default=4, help="articles held out for validation")
+    ap.add_argument(
+        "--dont-know", type=float, default=0.15, help="fraction asked without their gold paragraph"
+    )
+    ap.add_argument("--k", type=int, default=3, help="sources per prompt (as `ragseek ask`)")
+    ap.add_argument("--seed", type=int, default=SPLIT_SEED)
+    args = ap.parse_args()
+    print(
+        json.dumps(
+            build(args.squad, args.out, args.val_articles, args.dont_know, args.k, args.seed), indent=1
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
