@@ -204,8 +204,9 @@ def load_preference(path: str | Path, tokenizer: Tokenizer, max_len: int) -> lis
 
 
 def load_prompts(path: str | Path, tokenizer: Tokenizer, max_len: int) -> list[dict[str, Any]]:
-    """RL prompts {"prompt_ids", "prompt", "answer"}: the question templated with the generation prompt
-    (`<|im_start|>assistant\\n`), ready to sample from; the row's answer (or None) is kept for the reward.
+    """RL prompts {"prompt_ids", "prompt", "answer", ...}: the question templated with the generation prompt
+    (`<|im_start|>assistant\\n`), ready to sample from; the row's answer (or None) and its other columns are kept
+    for the rewards.
     Prompts longer than max_len tokens are dropped with a warning (cutting one would cut the template)."""
     prompts, dropped = [], 0
     for where, row in read_jsonl(path):
@@ -221,7 +222,8 @@ def load_prompts(path: str | Path, tokenizer: Tokenizer, max_len: int) -> list[d
         if len(ids) > max_len:
             dropped += 1
             continue
-        prompts.append({"prompt_ids": ids, "prompt": row[key], "answer": answer})
+        columns = {k: v for k, v in row.items() if k not in (key, "system", "answer")}
+        prompts.append({**columns, "prompt_ids": ids, "prompt": row[key], "answer": answer})
     _warn_dropped(path, dropped, f"a prompt longer than max_len={max_len}")
     return prompts
 

@@ -11,6 +11,9 @@ conversational list of messages (`[{"role": "assistant", "content": ...}]`), as 
 - `code_reward`: the share of tests that model-written Python passes, run by `run_sandboxed` in a separate process
   (never in this one) with a timeout, a memory limit, no network, a temp dir and a clean environment.
 
+- `reader_f1_reward`, `reader_citation_reward`, `reader_dont_know_reward`, `reader_format_reward`: the grounded
+  reader's answer "phrase [n]" scored against SQuAD gold answers and the gold source's number.
+
 `REWARDS` names them for the configs (`rewards: [numeric_match, format]`); `resolve_reward` also takes any
 "package.module:function" with the same signature.
 """
@@ -145,6 +148,79 @@ def format_reward(prompts: Sequence[Any], completions: Sequence[Completion], **k
     no nested or repeated tags), else 0.0: the R1-Zero template's format reward (DeepSeek-R1, arXiv:2501.12948, §2.2.2).
     """
     return [float(_THINK_ANSWER.fullmatch(completion_text(c)) is not None) for c in completions]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Grounded reading with citations (the reader: tasks/reader.py rows, `ragseek ask`'s answer format "phrase [n]")
+#
+# Columns, one per completion: `answers` (the gold answer texts) and `gold` (the number of the source that is the
+# gold paragraph in the prompt, 0 when none is: a retrieval miss or a dropped paragraph, where the right answer is
+# pipeline.DONT_KNOW). Each reward is in [0, 1]; `reader_rewards` names the mix GRPO trains the reader with.
+
+_FIRST_CITATION = re.compile(r"\[(\d+)")
+READER_MAX_WORDS = 12
+
+
+def _reader_columns(kw: dict[str, Any], n: int) -> tuple[list[list[str]], list[int]]:
+    answers, gold = kw.get("answers"), kw.get("gold")
+    if answers is None or gold is None or len(answers) != n or len(gold) != n:
+        raise ValueError(
+            "the reader rewards need answers=[[gold texts], ...] and gold=[source number or 0, ...], one per "
+            "completion: train on rows written by `ragseek data reader`"
+        )
+    return [list(a) for a in answers], [int(g) for g in gold]
+
+
+def reader_f1_reward(prompts: Sequence[Any], completions: Sequence[Completion], **kw: Any) -> list[float]:
+    """SQuAD token F1 of the answer (its [n] removed) against the gold answers, where the prompt holds the gold
+    paragraph; where it does not, 1.0 for the don't-know answer and 0.0 for anything else (no answer is right)."""
+    from ragseek.rag.evaluate import is_dont_know, strip_citations, token_f1
+
+    answers, gold = _reader_columns(kw, len(completions))
+    out = []
+    for c, a, g in zip(completions, answers, gold, strict=True):
+        text = completion_text(c)
+        out.append(token_f1(strip_citations(text), a) if g else float(is_dont_know(text)))
+    return out
+
+
+def reader_citation_reward(
+    prompts: Sequence[Any], completions: Sequence[Completion], **kw: Any
+) -> list[float]:
+    """1.0 when the first source the answer cites is the gold paragraph's number; where the prompt has no gold
+    paragraph, 1.0 when nothing is cited."""
+    _, gold = _reader_columns(kw, len(completions))
+    out = []
+    for c, g in zip(completions, gold, strict=True):
+        m = _FIRST_CITATION.search(completion_text(c))
+        out.append(float(int(m.group(1)) == g) if m else float(g == 0))
+    return out
+
+
+def reader_dont_know_reward(
+    prompts: Sequence[Any], completions: Sequence[Completion], **kw: Any
+) -> list[float]:
+    """1.0 when the answer says it does not know exactly when the prompt lacks the gold paragraph."""
+    from ragseek.rag.evaluate import is_dont_know
+
+    _, gold = _reader_columns(kw, len(completions))
+    return [
+        float(is_dont_know(completion_text(c)) == (g == 0)) for c, g in zip(completions, gold, strict=True)
+    ]
+
+
+def reader_format_reward(prompts: Sequence[Any], completions: Sequence[Completion], **kw: Any) -> list[float]:
+    """1.0 for `ask`'s answer shape: one line, a phrase of at most READER_MAX_WORDS words then one [n]; or the
+    don't-know sentence alone. 0.0 otherwise (a sentence that rambles on, no citation, two lines)."""
+    from ragseek.rag.pipeline import DONT_KNOW
+
+    out = []
+    for c in completions:
+        text = completion_text(c).strip()
+        phrase, sep, rest = text.rpartition(" [")
+        cited = bool(sep) and re.fullmatch(r"\d+\]", rest) is not None and "\n" not in phrase
+        out.append(float(text == DONT_KNOW or (cited and 0 < len(phrase.split()) <= READER_MAX_WORDS)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -329,6 +405,10 @@ REWARDS: dict[str, RewardFn] = {
     "numeric_match": numeric_match_reward,
     "format": format_reward,
     "code": code_reward,
+    "reader_f1": reader_f1_reward,
+    "reader_citation": reader_citation_reward,
+    "reader_dont_know": reader_dont_know_reward,
+    "reader_format": reader_format_reward,
 }
 
 

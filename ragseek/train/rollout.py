@@ -246,9 +246,10 @@ class RolloutModel:
 def score(
     reward_fns: Sequence[RewardFn], weights: Sequence[float], rollout: Rollout
 ) -> tuple[Tensor, list[Tensor]]:
-    """r = Σ_k w_k f_k(prompts, completions, answer=...) per completion (N,), and each function's rewards (N,) for
-    the log. The rows' "answer" column goes to the rewards as TRL passes dataset columns."""
-    prompts, columns = rollout.column("prompt"), {"answer": rollout.column("answer")}
+    """r = Σ_k w_k f_k(prompts, completions, answer=..., **columns) per completion (N,), and each function's rewards
+    (N,) for the log. Every column of the rows goes to the rewards, as TRL passes dataset columns."""
+    names = [k for k in rollout.rows[0] if k not in ("prompt", "prompt_ids")]
+    prompts, columns = rollout.column("prompt"), {k: rollout.column(k) for k in names}
     each = [
         torch.tensor(fn(prompts, rollout.completions, **columns), dtype=torch.float64) for fn in reward_fns
     ]

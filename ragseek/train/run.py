@@ -24,7 +24,15 @@ import yaml
 from torch import nn
 
 from ragseek.model import Tokenizer, Transformer, load_tokenizer
-from ragseek.model.lora import LoRAConfig, apply_lora, lora_layers, save_adapter
+from ragseek.model.lora import (
+    CONFIG_FILE,
+    LoRAConfig,
+    adapter_base,
+    apply_lora,
+    load_adapter,
+    lora_layers,
+    save_adapter,
+)
 from ragseek.train.data import EpochSampler, collate_preference
 from ragseek.train.loop import Checkpointer, LoopConfig, MetricsLog, Progress, plot_metrics, save_config
 
@@ -96,9 +104,16 @@ EMBEDDED_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 def load_model(path: str, lora: LoRAConfig | None = None) -> tuple[Transformer, Tokenizer]:
     """A ragseek Transformer and its tokenizer from an HF folder or .gguf file ("" = the embedded SmolLM2); with
-    `lora`, LoRA layers on it and every other weight frozen (`apply_lora`)."""
+    `lora`, LoRA layers on it and every other weight frozen (`apply_lora`). An adapter folder (a LoRA run's
+    final/) is its base with that adapter, which goes on training (GRPO after SFT)."""
     from ragseek.defaults import smollm2_gguf
 
+    if path and (Path(path) / CONFIG_FILE).is_file():
+        if lora is not None:
+            raise ValueError(
+                f"{path} is an adapter folder, so that adapter is trained: remove the lora: block"
+            )
+        return load_adapter(Transformer.from_pretrained(adapter_base(path)), path), load_tokenizer(path)
     source = path or str(smollm2_gguf())
     model = Transformer.from_pretrained(source)
     return (apply_lora(model, lora) if lora is not None else model), load_tokenizer(source)
@@ -202,7 +217,9 @@ def save_final(model: nn.Module, tokenizer: Tokenizer, folder: Path, base: str =
     (or `load_reward_model`) and `load_tokenizer` read; a model with LoRA layers as a PEFT adapter folder of
     `base` (`save_adapter`; "" = the embedded SmolLM2), which `--llm local:FOLDER` and peft load."""
     if next(lora_layers(model), None) is not None:
-        save_adapter(model, folder, base=base or EMBEDDED_BASE)
+        if base and (Path(base) / CONFIG_FILE).is_file():  # trained on from an adapter: the same base
+            base = str(adapter_base(base))
+        save_adapter(model, folder, base=base if base and Path(base).exists() else EMBEDDED_BASE)
     else:
         model.save_pretrained(folder)
     tokenizer.save(folder)

@@ -9,6 +9,7 @@ import threading
 
 import pytest
 
+from ragseek.rag.pipeline import DONT_KNOW
 from ragseek.train.rewards import (
     code_reward,
     extract_answer,
@@ -16,6 +17,11 @@ from ragseek.train.rewards import (
     format_reward,
     netns_available,
     numeric_match_reward,
+    reader_citation_reward,
+    reader_dont_know_reward,
+    reader_f1_reward,
+    reader_format_reward,
+    resolve_reward,
     run_sandboxed,
 )
 
@@ -158,3 +164,59 @@ def test_no_new_processes_no_early_exit_and_a_clean_temp_dir(monkeypatch):
         "assert 'RAGSEEK_TEST_SECRET' not in env",
     ]
     assert run_sandboxed(probe, tests, timeout_s=10).score == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the grounded reader's rewards
+
+
+READER_COLUMNS = {
+    "answers": [["Denver Broncos"], ["Denver Broncos"], ["1856", "in 1856"], ["Tesla"], ["Tesla"]],
+    "gold": [2, 2, 1, 0, 0],
+}
+READER_COMPLETIONS = [
+    "Denver Broncos [2]",
+    # F1: pred {the, broncos} after normalisation {broncos} ("the" is an article) vs {denver, broncos}:
+    # P = 1/1, R = 1/2, F1 = 2 * 1 * 0.5 / 1.5 = 2/3
+    "The Broncos [3]",
+    "He was born in 1856.",
+    DONT_KNOW,
+    "Tesla [1]",
+]
+
+
+def test_reader_f1_reward_by_hand():
+    # row 3: pred {he, was, born, in, 1856}, best gold "in 1856" {in, 1856}: P = 2/5, R = 1, F1 = 0.8 / 1.4 = 4/7
+    # rows 4-5: no gold source in the prompt, so only the don't-know answer is right
+    assert reader_f1_reward([""] * 5, READER_COMPLETIONS, **READER_COLUMNS) == pytest.approx(
+        [1.0, 2 / 3, 4 / 7, 1.0, 0.0]
+    )
+
+
+def test_reader_citation_dont_know_and_format_rewards_by_hand():
+    # citation: [2] is gold; [3] is not; no [n] where gold is 1; nothing cited where nothing is gold; [1] cited there
+    assert reader_citation_reward([""] * 5, READER_COMPLETIONS, **READER_COLUMNS) == [1.0, 0.0, 0.0, 1.0, 0.0]
+    assert reader_dont_know_reward([""] * 5, READER_COMPLETIONS, **READER_COLUMNS) == [
+        1.0,
+        1.0,
+        1.0,
+        1.0,
+        0.0,
+    ]
+    long = " ".join(["word"] * 13) + " [1]"
+    shapes = [
+        "Denver Broncos [2]",
+        "The Broncos [3]",
+        "He was born in 1856.",
+        DONT_KNOW,
+        long,
+        "a\nb [1]",
+        "[1]",
+    ]
+    assert reader_format_reward([""] * 7, shapes) == [1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+
+
+def test_reader_rewards_need_their_columns():
+    with pytest.raises(ValueError, match="ragseek data reader"):
+        reader_f1_reward(["p"], ["Tesla [1]"], answer=["Tesla"])
+    assert resolve_reward("reader_f1") is reader_f1_reward

@@ -124,6 +124,30 @@ def test_grpo_reward_rises_and_parameters_change(tmp_path, dtype):
     assert "kl" not in rows[-1]  # β = 0: no reference model, no KL
 
 
+def test_grpo_trains_a_lora_adapter_and_goes_on_from_it(tmp_path):
+    """A `lora:` block: only the adapter moves, final/ is an adapter folder; GRPO with model=that folder trains the
+    same adapter on, from where it stopped (the first step's logps are the saved adapter's, not the base's)."""
+    from ragseek.model.lora import adapter_state_dict, load_adapter
+
+    cfg = grpo_config(tmp_path, **{"lora.r": 4, "lora.dropout": 0, "loop.max_steps": 4})
+    grpo.train(cfg)
+    final = Path(cfg.loop.out_dir) / "final"
+    assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
+    trained = load_adapter(Transformer.from_pretrained(cfg.model), final)
+    assert all(t.abs().max() > 0 for k, t in adapter_state_dict(trained).items() if "lora_B" in k)
+    more = grpo_config(
+        tmp_path, model=str(final), **{"loop.max_steps": 1, "loop.lr": 0, "loop.out_dir": tmp_path / "more"}
+    )
+    grpo.train(more)
+    again = load_adapter(Transformer.from_pretrained(cfg.model), tmp_path / "more" / "final")
+    for (k, a), b in zip(
+        adapter_state_dict(trained).items(), adapter_state_dict(again).values(), strict=True
+    ):
+        assert torch.equal(a, b), k  # lr 0: the adapter it went on from, saved unchanged onto the same base
+    with pytest.raises(ValueError, match="adapter folder"):
+        grpo.train(grpo_config(tmp_path, model=str(final), **{"lora.r": 4}))
+
+
 def test_bf16_rollout_model_follows_the_policy(tmp_path):
     policy = Transformer.from_pretrained(tiny_model_dir(tmp_path / "model"))
     assert grpo.RolloutModel(policy, "fp32")() is policy

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ragseek.model.config import config_field as _f
+from ragseek.model.lora import LoRAConfig
 from ragseek.train.data import EpochSampler, load_prompts
 from ragseek.train.loop import LoopConfig, autocast, build_optimizer, set_seed, train_epochs
 from ragseek.train.losses import (
@@ -47,7 +48,16 @@ from ragseek.train.rollout import (
     sample_groups,
     score,
 )
-from ragseek.train.run import MODEL_HELP, cli, frozen, load_model, nested_loop, recipe_main, start_run
+from ragseek.train.run import (
+    LORA_HELP,
+    MODEL_HELP,
+    cli,
+    frozen,
+    load_model,
+    nested_loop,
+    recipe_main,
+    start_run,
+)
 from ragseek.train.tasks.math_eval import evaluate_math
 
 PLOT_KEYS = (
@@ -67,7 +77,9 @@ class GRPOConfig:
     model: str = _f("", f"policy to train: {MODEL_HELP}")
     data: str = _f("", 'JSONL prompts, {"prompt"} or {"question", "answer"} rows; columns go to the rewards')
     rewards: list[str] = _f(
-        ["numeric_match"], "reward functions: numeric_match | format | code, or module:function"
+        ["numeric_match"],
+        "reward functions: numeric_match | format | code | reader_f1 | reader_citation | reader_dont_know | "
+        "reader_format, or module:function",
     )
     reward_weights: list[float] = _f([], "one weight per reward function (empty: all 1)")
     group_size: int = _f(8, "G: completions sampled per prompt")
@@ -88,6 +100,7 @@ class GRPOConfig:
         "", "JSONL {question, answer} scored greedily every loop.eval_every steps (eval math)"
     )
     eval_n: int = _f(100, "rows of eval_data used")
+    lora: LoRAConfig | None = _f(None, LORA_HELP)
     loop: LoopConfig = _f(
         LoopConfig(lr=1e-6, max_steps=100, out_dir="runs/grpo"), "optimizer, schedule, checkpoints"
     )
@@ -121,7 +134,7 @@ class GRPOConfig:
 def train(cfg: GRPOConfig) -> list[dict]:
     """Run GRPO as configured; returns the metrics rows of this run (also in `<out_dir>/metrics.jsonl`)."""
     set_seed(cfg.loop.seed)
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model, cfg.lora)
     model.train()
     # β = 0: no reference is kept at all; otherwise a frozen copy of the starting policy (made before any resume).
     reference = frozen(copy.deepcopy(model)) if cfg.beta else None
