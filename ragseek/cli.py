@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import typer
 
+# rich_markup_mode=None: help texts are plain, so "[n]" and "[1]" print as written instead of vanishing as markup
 app = typer.Typer(
     add_completion=False,
+    rich_markup_mode=None,
     no_args_is_help=True,
     help="ragseek: RAG over your documents, a DeepSeek-style transformer, and post-training — on a CPU.",
 )
@@ -78,9 +80,11 @@ def generate(
 from ragseek.llm.cli import register as _register_llm  # noqa: E402
 from ragseek.rag.cli import register as _register_rag  # noqa: E402
 from ragseek.train.cli import register as _register_train  # noqa: E402
+from ragseek.train.cli import register_data as _register_data  # noqa: E402
 from ragseek.train.cli import register_math as _register_math  # noqa: E402
 
 _register_rag(app, eval_app)
 _register_math(eval_app)
 _register_llm(app)
 _register_train(app)
+_register_data(app)

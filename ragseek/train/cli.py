@@ -74,6 +74,59 @@ def register(app: typer.Typer) -> None:
     app.add_typer(train_app, name="train")
 
 
+def register_data(app: typer.Typer) -> None:
+    """Add the `data` group: the training sets the recipes' configs read, made by one command each."""
+    data_app = typer.Typer(
+        no_args_is_help=True, help="Make training data: reader (SQuAD RAG reading), addition."
+    )
+
+    def reader(
+        squad: str = typer.Option(..., help="SQuAD v1.1 JSON file (e.g. ../shared/data/squad/train.json)"),
+        out: str = typer.Option("runs/data/reader", help="folder for train.jsonl, val.json and split.json"),
+        val_articles: int = typer.Option(4, help="articles held out for validation (whole articles)"),
+        dont_know: float = typer.Option(
+            0.15, help="fraction of questions asked without their gold paragraph"
+        ),
+        k: int = typer.Option(3, help="sources per prompt (as `ragseek ask`)"),
+        seed: int = typer.Option(20261204, help="draws the validation articles and the don't-know questions"),
+    ) -> None:
+        """RAG reading rows: each question retrieved over every paragraph, in ask's exact prompt, target 'phrase [n]'."""
+        from ragseek.train.tasks.reader import build
+
+        try:
+            summary = build(squad, out, val_articles, dont_know, k, seed)
+        except (FileNotFoundError, ValueError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from e
+        print(json.dumps(summary))
+
+    def addition(
+        out: str = typer.Option(..., help="JSONL file to write"),
+        kind: str = typer.Option(
+            "grpo", help='grpo ({"question", "answer"}) or sft ({"prompt", "response"})'
+        ),
+        style: str = typer.Option("answer", help="answer, worked or think (the response / prompt style)"),
+        n: int = typer.Option(2000, help="training problems (ignored with --eval)"),
+        seed: int = typer.Option(1, help="draws the training problems"),
+        eval_set: bool = typer.Option(False, "--eval", help="the 500 held-out problems instead"),
+    ) -> None:
+        """The lecture's addition story: 2-digit problems, the held-out 500 never in a training set."""
+        from ragseek.train.tasks import addition as task
+
+        writers = {"grpo": task.write_grpo_jsonl, "sft": task.write_sft_jsonl}
+        if kind not in writers or style not in ("answer", "worked", "think"):
+            typer.echo(
+                f"error: --kind {kind} --style {style}: kind is grpo|sft, style answer|worked|think", err=True
+            )
+            raise typer.Exit(1)
+        problems = task.eval_problems() if eval_set else task.train_problems(n, seed=seed)
+        print(writers[kind](out, problems, style=style))
+
+    data_app.command("reader")(reader)
+    data_app.command("addition")(addition)
+    app.add_typer(data_app, name="data")
+
+
 def register_math(eval_app: Any) -> None:
     """Add `math` to the `ragseek eval` group (torch loads only when it runs)."""
 

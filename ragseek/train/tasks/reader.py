@@ -10,7 +10,8 @@ store — the target is `pipeline.DONT_KNOW`. Rows carry what the rewards need: 
 `gold` (the source number of the gold paragraph, 0 when it is missing).
 
 Validation is by article, never by question (`split_articles`): an article's paragraphs and questions are all in
-one side. The validation side is written back as a SQuAD file, which `ragseek eval qa --data` scores.
+one side. The validation questions are written back as a SQuAD file with every paragraph of the original kept
+(`write_squad`), which `ragseek eval qa --data` scores over the same paragraphs the training rows saw.
 """
 
 from __future__ import annotations
@@ -89,40 +90,35 @@ def reader_rows(
     return [r for r in rows if r["prompt"]]
 
 
-def write_squad(path: str | Path, items: Sequence[QAItem]) -> Path:
-    """`items` as a SQuAD v1.1 file (articles and paragraphs in their first-seen order)."""
-    articles: dict[str, dict[int, dict]] = {}
-    for it in items:
-        paragraph = articles.setdefault(it.title, {}).setdefault(
-            it.paragraph, {"context": it.context, "qas": []}
-        )
-        paragraph["qas"].append(
-            {
-                "id": it.id,
-                "question": it.question,
-                "answers": [
-                    {"text": a, "answer_start": s} for a, s in zip(it.answers, it.answer_starts, strict=True)
-                ],
-            }
-        )
-    data = [{"title": t, "paragraphs": list(ps.values())} for t, ps in articles.items()]
+def write_squad(path: str | Path, squad: str | Path, keep: set[str]) -> Path:
+    """The SQuAD file `squad` with only the questions whose id is in `keep`, every paragraph kept: `ragseek eval qa
+    --data` on it retrieves over the same paragraphs the training rows were retrieved over."""
+    data = json.loads(Path(squad).read_text(encoding="utf-8"))
+    for article in data["data"]:
+        for paragraph in article["paragraphs"]:
+            paragraph["qas"] = [qa for qa in paragraph["qas"] if qa["id"] in keep]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"version": "1.1", "data": data}))
+    path.write_text(json.dumps(data))
     return path
 
 
-def build(squad: str | Path, out: str | Path, n_val: int, dont_know: float, k: int, seed: int) -> dict:
+def build(
+    squad: str | Path, out: str | Path, n_val: int, dont_know: float, k: int, seed: int, sample_every: int = 8
+) -> dict:
     """Write `<out>/train.jsonl` (reader rows of the training articles, searched over every paragraph of the file),
-    `<out>/val.json` (the validation articles, SQuAD format) and `<out>/split.json`; returns the split summary."""
+    `<out>/val.json` (the validation articles' questions, every paragraph of the file kept), `<out>/val_sample.json`
+    (every `sample_every`-th of those questions, all articles in it) and `<out>/split.json`; returns the split."""
     items = load_squad(squad)
     train_titles, val_titles = split_articles(items, n_val, seed)
     searcher = Searcher(Store(squad_store(squad)), SearchConfig(k=k))
     train = [it for it in items if it.title in set(train_titles)]
+    val = [it.id for it in items if it.title in set(val_titles)]
     rows = reader_rows(train, searcher, dont_know, seed)
     out = Path(out)
     write_jsonl(out / "train.jsonl", rows)
-    write_squad(out / "val.json", [it for it in items if it.title in set(val_titles)])
+    write_squad(out / "val.json", squad, set(val))
+    write_squad(out / "val_sample.json", squad, set(val[::sample_every]))
     summary = {
         "squad": str(squad),
         "train_articles": train_titles,
@@ -130,6 +126,8 @@ def build(squad: str | Path, out: str | Path, n_val: int, dont_know: float, k: i
         "rows": len(rows),
         "dont_know_rows": sum(r["gold"] == 0 for r in rows),
         "dropped_gold": sum(r["dropped"] for r in rows),
+        "val_questions": len(val),
+        "val_sample_questions": len(val[::sample_every]),
         "k": k,
         "seed": seed,
     }
