@@ -60,10 +60,10 @@ def gold_source(item: QAItem, answer: str, chunks: Sequence[Hit]) -> int:
     return 0
 
 
-def reader_row(item: QAItem, searcher: Searcher, drop_gold: bool) -> dict:
+def reader_row(item: QAItem, searcher: Searcher, drop_gold: bool, cfg: AskConfig | None = None) -> dict:
     """One example: the prompt `ask` would build (without the gold paragraph when `drop_gold`) and its target."""
     exclude = frozenset({item.doc_id}) if drop_gold else frozenset()
-    _, chunks, _ = sources(item.question, searcher, None, AskConfig(), StepsConfig(), exclude)
+    _, chunks, _ = sources(item.question, searcher, None, cfg or AskConfig(), StepsConfig(), exclude)
     answer = target_answer(item)
     gold = gold_source(item, answer, chunks)
     return {
@@ -77,14 +77,18 @@ def reader_row(item: QAItem, searcher: Searcher, drop_gold: bool) -> dict:
 
 
 def reader_rows(
-    items: Sequence[QAItem], searcher: Searcher, dont_know: float, seed: int = SPLIT_SEED
+    items: Sequence[QAItem],
+    searcher: Searcher,
+    dont_know: float,
+    seed: int = SPLIT_SEED,
+    cfg: AskConfig | None = None,
 ) -> list[dict]:
     """Rows for `items`, a `dont_know` fraction of them (drawn with `seed`) asked without their gold paragraph.
     Questions whose sources all fail the don't-know gate are left out: `ask` answers those without the model."""
     rng = random.Random(seed)
     rows = []
     for i, it in enumerate(items, 1):
-        rows.append(reader_row(it, searcher, rng.random() < dont_know))
+        rows.append(reader_row(it, searcher, rng.random() < dont_know, cfg))
         if i % 500 == 0 or i == len(items):
             print(f"reader rows {i}/{len(items)}", file=sys.stderr, flush=True)
     return [r for r in rows if r["prompt"]]

@@ -1,0 +1,74 @@
+"""The reader's training rows: ask's exact prompt, the cited target, don't-know rows, the split by article."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ragseek.rag.evaluate import load_squad, squad_store
+from ragseek.rag.pipeline import DONT_KNOW, AskConfig, StepsConfig, build_prompt, sources
+from ragseek.rag.search import SearchConfig, Searcher
+from ragseek.rag.store import Store, StoreConfig
+from ragseek.train.tasks.reader import reader_rows, split_articles, target_answer, write_squad
+
+SLICE = Path(__file__).resolve().parents[1] / "rag" / "data" / "squad-slice.json"
+NO_GATE = AskConfig(min_similarity=-1)
+
+
+@pytest.fixture(scope="module")
+def searcher(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAGSEEK_CACHE", str(tmp_path_factory.mktemp("cache")))
+        store = squad_store(SLICE, store_cfg=StoreConfig(embedder="none"))
+    return Searcher(Store(store), SearchConfig(retriever="bm25", k=2))
+
+
+def test_rows_are_asks_prompt_with_the_cited_answer(searcher):
+    items = load_squad(SLICE)
+    rows = reader_rows(items, searcher, dont_know=0.0, cfg=NO_GATE)
+    assert len(rows) == len(items) and not any(r["dropped"] for r in rows)
+    cited = 0
+    for item, row in zip(items, rows, strict=True):
+        _, chunks, _ = sources(item.question, searcher, None, NO_GATE, StepsConfig())
+        assert row["prompt"] == build_prompt(item.question, chunks)
+        assert row["answers"] == item.answers
+        if row["gold"]:
+            cited += 1
+            source = chunks[row["gold"] - 1]
+            answer = row["response"].removesuffix(f" [{row['gold']}]")
+            assert source.doc_id == item.doc_id and answer in source.text and answer in item.answers
+        else:  # BM25 missed the gold paragraph: nothing in the prompt holds the answer
+            assert row["response"] == DONT_KNOW
+            assert item.doc_id not in {c.doc_id for c in chunks}
+    assert cited >= len(items) - 2
+
+
+def test_dropped_rows_never_see_their_gold_paragraph(searcher):
+    items = load_squad(SLICE)
+    rows = reader_rows(items, searcher, dont_know=1.0, cfg=NO_GATE)
+    for item, row in zip(items, rows, strict=True):
+        assert row["dropped"] and row["gold"] == 0 and row["response"] == DONT_KNOW
+        assert f"(from {item.doc_id})" not in row["prompt"]
+    # the draw is seeded: the same questions are dropped each time
+    half = [r["dropped"] for r in reader_rows(items, searcher, dont_know=0.5, cfg=NO_GATE)]
+    assert half == [r["dropped"] for r in reader_rows(items, searcher, dont_know=0.5, cfg=NO_GATE)]
+    assert 0 < sum(half) < len(half)
+
+
+def test_split_is_by_article_and_the_val_file_keeps_every_paragraph(tmp_path):
+    items = load_squad(SLICE)
+    train, val = split_articles(items, 1)
+    assert sorted(train + val) == ["Nikola_Tesla", "Normans"] and split_articles(items, 1) == (train, val)
+    with pytest.raises(ValueError, match="at least one on each side"):
+        split_articles(items, 2)
+    keep = {it.id for it in items if it.title in val}
+    out = load_squad(write_squad(tmp_path / "val.json", SLICE, keep))
+    assert {it.id for it in out} == keep and {it.title for it in out} == set(val)
+    data = json.loads((tmp_path / "val.json").read_text())
+    assert sum(len(a["paragraphs"]) for a in data["data"]) == 4  # the training article's paragraphs stay
+
+
+def test_target_answer_is_the_most_given_then_the_shortest():
+    item = load_squad(SLICE)[0]
+    item.answers = ["the Normans", "Normans", "Normans", "Norman people"]
+    assert target_answer(item) == "Normans"  # "the Normans" normalises to "normans" too: 3 votes, shortest
