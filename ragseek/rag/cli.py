@@ -132,6 +132,10 @@ def ingest(
     from ragseek.rag.contextual import contextualize, embed_contexts
     from ragseek.rag.store import Store
 
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:  # before the store is created: a typo leaves nothing behind
+        typer.echo(f"error: no such file or folder: {', '.join(missing)}; nothing was ingested", err=True)
+        raise typer.Exit(1)
     st = Store(store)
     model = load_llm(llm, base_url) if contextual else None
     with _progress() as progress:

@@ -20,6 +20,17 @@ def invoke(*args: str):
     return result
 
 
+def test_ingest_of_a_missing_path_says_so_and_creates_no_store(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("Foxes are wild canines.")
+    store = tmp_path / "store"
+    result = runner.invoke(
+        app, ["ingest", str(tmp_path / "docs"), str(tmp_path / "my-papers"), "--store", str(store)]
+    )
+    assert result.exit_code == 1 and "my-papers" in result.output and "nothing was ingested" in result.output
+    assert not store.exists()
+
+
 def test_ingest_info_search_json(tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
