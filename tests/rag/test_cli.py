@@ -190,3 +190,19 @@ def test_eval_qa_with_the_embedded_models(tmp_path, monkeypatch):
     assert len(rows) == 3 and all(r["answer"] for r in rows)
     for c in (c for r in rows for c in r["citations"]):
         assert st.document(c["doc"]).text[c["start"] : c["end"]] == c["text"]
+
+
+def test_eval_qa_rejects_an_adapter_for_another_base_naming_the_file(tmp_path, monkeypatch, make_tiny_llm):
+    """An adapter trained on one model, pointed at a base of other sizes: one line naming the adapter's file."""
+    from ragseek.model import ModelConfig, Transformer
+    from ragseek.model.lora import LoRAConfig, apply_lora, save_adapter
+
+    monkeypatch.setenv("RAGSEEK_CACHE", str(tmp_path / "cache"))
+    base = make_tiny_llm("tiny-base", max_seq_len=256)
+    other = Transformer(ModelConfig(vocab_size=300, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8))
+    adapter = save_adapter(apply_lora(other, LoRAConfig(r=2)), tmp_path / "adapter", base=base)
+    args = ["eval", "qa", "--data", str(SQUAD), "--llm", f"local:{adapter}", "--embedder", "word2vec"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    text = " ".join(result.output.split())
+    assert str(adapter / "adapter_model.safetensors") in text and "Traceback" not in text
