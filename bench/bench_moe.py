@@ -112,9 +112,8 @@ def run_setting(name: str, s: dict) -> list[dict]:
         weights, indices, _ = ours.gate(x2d)
         err = (ours(x) - hf["eager"](x)).abs().max().item()
     counts = torch.bincount(indices.flatten(), minlength=s["experts"])
-    padding = (
-        s["experts"] * int(counts.max()) / indices.numel()
-    )  # rows computed / rows needed by padded dispatch
+    # rows computed / rows needed by padded dispatch
+    padding = s["experts"] * int(counts.max()) / indices.numel()
     w = weights.detach()  # experts level: one fixed routing, gradients reach the experts only
 
     def experts(fn: Callable) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -44,9 +44,8 @@ from ragseek.rag.store import Store  # noqa: E402
 
 COMMAND = ".venv/bin/python bench/bench_retrieval.py" + "".join(f" {a}" for a in sys.argv[1:])
 RESULTS = ROOT / "bench" / "results"
-PLAIN_BM25 = BM25Config(
-    stopwords="none", stemmer="none"
-)  # the plain floor: bm25s Lucene k1=1.2 b=0.75
+# the plain floor: bm25s Lucene k1=1.2 b=0.75
+PLAIN_BM25 = BM25Config(stopwords="none", stemmer="none")
 
 
 def log(msg: str) -> None:

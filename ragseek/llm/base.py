@@ -28,16 +28,13 @@ SPECS = "local, local:base, local:PATH, hf:PATH or openai:MODEL"
 class TokenLogprobs:
     """Per-token log-probabilities of a text, in the OpenAI completions `logprobs` layout."""
 
-    tokens: list[
-        str
-    ]  # each token's text (a character split across tokens belongs to the token completing it)
+    # each token's text (a character split across tokens belongs to the token completing it)
+    tokens: list[str]
     text_offset: list[int]  # where each token starts in the text
-    token_logprobs: list[
-        float | None
-    ]  # log p(t_i | t_<i); None for the first token (nothing to condition on)
-    top_logprobs: (
-        list[dict[str, float] | None] | None
-    )  # the k most likely tokens per position (None when k = 0)
+    # log p(t_i | t_<i); None for the first token (nothing to condition on)
+    token_logprobs: list[float | None]
+    # the k most likely tokens per position (None when k = 0)
+    top_logprobs: list[dict[str, float] | None] | None
 
 
 class LLM(Protocol):
@@ -232,9 +229,8 @@ def token_spans(decode: Callable[[list[int]], str], ids: list[int]) -> tuple[lis
     """Each token's text and start offset in decode(ids), from growing prefixes (byte-level BPE safe)."""
     tokens, offsets, done = [], [], ""
     for i in range(len(ids)):
-        text = decode(ids[: i + 1]).rstrip(
-            "\ufffd"
-        )  # an unfinished UTF-8 character decodes to U+FFFD: wait for it
+        # an unfinished UTF-8 character decodes to U+FFFD: wait for it
+        text = decode(ids[: i + 1]).rstrip("\ufffd")
         offsets.append(len(done))
         tokens.append(text[len(done) :])
         done = text

@@ -109,10 +109,9 @@ def create_app(llm: LLM, served_name: str | None = None) -> FastAPI:
         first = err.errors()[0]["loc"][1:] if err.errors() else ()
         return _error(400, "invalid request: " + "; ".join(problems), ".".join(str(x) for x in first) or None)
 
+    # the backend's own checks (prompt too long, ...)
     @app.exception_handler(ValueError)
-    def _value_error(
-        _: Request, err: ValueError
-    ) -> JSONResponse:  # the backend's own checks (prompt too long, ...)
+    def _value_error(_: Request, err: ValueError) -> JSONResponse:
         return _error(400, str(err))
 
     @app.exception_handler(NotImplementedError)

@@ -231,13 +231,11 @@ class MLAttention(nn.Module):
         wkv_b = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = wkv_b[:, : self.nope], wkv_b[:, self.nope :]  # (H, nope, d_c), (H, v_dim, d_c)
         q_latent = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # W_UK^T q_C: (B, H, T, d_c)
-        latent = cache.update(start_pos, latent=torch.cat([c_kv, k_rope], dim=-1))[
-            "latent"
-        ]  # (B, 1, S, d_c + rope)
+        # latent: (B, 1, S, d_c + rope)
+        latent = cache.update(start_pos, latent=torch.cat([c_kv, k_rope], dim=-1))["latent"]
         q = torch.cat([q_latent, q_rope], dim=-1)
-        out_latent = grouped_attention(
-            q, latent, latent[..., : self.kv_lora_rank], mask, self.scale
-        )  # (B,H,T,d_c)
+        # out_latent: (B, H, T, d_c)
+        out_latent = grouped_attention(q, latent, latent[..., : self.kv_lora_rank], mask, self.scale)
         return torch.einsum("bhtc,hdc->bhtd", out_latent, w_uv)  # W_UV applied after attention
 
 

@@ -26,10 +26,8 @@ from ragseek.model.transformer import Transformer
 
 _EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _MTP_OWN = {"enorm", "hnorm", "eh_proj", "shared_head.norm"}
-_MTP_SHARED_COPIES = (
-    "embed_tokens.weight",
-    "shared_head.head.weight",
-)  # V3 stores copies of the shared weights
+# V3 stores copies of the shared weights
+_MTP_SHARED_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
@@ -47,9 +45,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Transfor
         else ModelConfig.from_hf_config(hf)
     )
     tensors = _read_safetensors(path)
-    if (
-        cfg.model_type == "deepseek_v3"
-    ):  # load the MTP modules a V3 checkpoint carries as layers n_layers, n_layers+1..
+    # load the MTP modules a V3 checkpoint carries as layers n_layers, n_layers+1..
+    if cfg.model_type == "deepseek_v3":
         depth = 0
         while f"model.layers.{cfg.n_layers + depth}.eh_proj.weight" in tensors:
             depth += 1
@@ -59,9 +56,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Transfor
     state = hf_to_ragseek(tensors, cfg)
     _check_state(model, state, path)
     model.load_state_dict(state, strict=False, assign=True)
-    model.rotary = type(model.rotary)(
-        cfg
-    )  # buffers are not in the checkpoint: rebuild them off the meta device
+    # buffers are not in the checkpoint: rebuild them off the meta device
+    model.rotary = type(model.rotary)(cfg)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     for moe in model.moe_layers:

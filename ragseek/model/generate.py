@@ -186,9 +186,8 @@ def stream(
     cfg = _resolve(cfg, overrides)
     tokens: list[int] = []
     emitted = 0
-    hold = max(
-        (len(s) for s in cfg.stop), default=0
-    )  # keep back text that might be the start of a stop string
+    # keep back text that might be the start of a stop string
+    hold = max((len(s) for s in cfg.stop), default=0)
     for nxt, _ in decode_steps(model, [tokenizer.encode(prompt)], cfg, {tokenizer.eos_id}):
         t = int(nxt[0])
         if t == tokenizer.eos_id:

@@ -211,9 +211,8 @@ def _from_folder(folder: Path) -> Tokenizer:
     special_map = _read_json(folder / "special_tokens_map.json")
     model_config = _read_json(folder / "config.json")
 
-    def special(
-        name: str,
-    ) -> str | None:  # "<|im_end|>", {"content": "<|im_end|>", ...}, or the model's token id
+    # a special token is given as "<|im_end|>", {"content": "<|im_end|>", ...}, or the model's token id
+    def special(name: str) -> str | None:
         value = config.get(name) or special_map.get(name)
         if isinstance(value, dict):
             value = value["content"]
@@ -228,9 +227,8 @@ def _from_folder(folder: Path) -> Tokenizer:
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    if (
-        template is None and (folder / "chat_template.jinja").is_file()
-    ):  # transformers >= 4.50 writes it apart
+    # transformers >= 4.50 writes it apart
+    if template is None and (folder / "chat_template.jinja").is_file():
         template = (folder / "chat_template.jinja").read_text()
     return Tokenizer(
         backend,

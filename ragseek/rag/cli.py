@@ -208,10 +208,8 @@ def search(
         raise typer.BadParameter(f"{store} is not a store: run `ragseek ingest PATH --store {store}` first")
     try:
         hits = Searcher(Store(store), search_cfg, bm25, ann).search(query)
-    except (
-        LookupError,
-        ValueError,
-    ) as e:  # no chunks, or no vectors for the chosen embedder: say what to run
+    # no chunks, or no vectors for the chosen embedder: say what to run
+    except (LookupError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from e
     if json_:
@@ -408,9 +406,8 @@ def qa(
                     _on_progress(progress),
                 )  # fmt: skip
         searcher = Searcher(Store(store), search_cfg, bm25, ann)
-        searcher.rank(
-            [items[0].question], 1
-        )  # an empty store or missing vectors fail here, before the LLM loads
+        # an empty store or missing vectors fail here, before the LLM loads
+        searcher.rank([items[0].question], 1)
         model = load_llm(llm, base_url)
         with _progress() as progress:
             result = run_qa(items, searcher, model, ask_cfg, steps, oracle, _on_progress(progress))

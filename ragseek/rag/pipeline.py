@@ -100,9 +100,8 @@ class Answer:
     question: str
     answer: str
     citations: list[Citation]
-    chunks: list[
-        Hit
-    ]  # the numbered sources of the prompt ([1] is chunks[0]); empty when the answer is DONT_KNOW
+    # the numbered sources of the prompt ([1] is chunks[0]); empty when the answer is DONT_KNOW
+    chunks: list[Hit]
     queries: list[str]  # what was retrieved by (the transformed query / queries / HyDE passage)
     timings: dict[str, float]  # seconds per step
     prompt: str = ""

@@ -376,9 +376,8 @@ class Searcher:
     def matrix(self) -> np.ndarray:
         def make() -> np.ndarray:
             if self.cfg.contextual:  # context + chunk vectors: the missing ones are embedded on first use
-                texts = contextual_texts(
-                    self.store, self.cfg.contextual
-                )  # no contexts: fails before a model loads
+                # no contexts: fails before a model loads
+                texts = contextual_texts(self.store, self.cfg.contextual)
                 self.store.embed(self.embedder(), name=name, texts=texts)
             return self.store.vectors(name)
 

@@ -211,18 +211,15 @@ class Store:
                         report.chunks += added
             except (DocumentError, OSError) as e:
                 report.failed.append({"path": str(path), "reason": str(e)})
-            except (
-                Exception
-            ) as e:  # a loader's unexpected error (a library bug on an odd file) must not stop the rest
+            # a loader's unexpected error (a library bug on an odd file) must not stop the rest
+            except Exception as e:
                 report.failed.append({"path": str(path), "reason": f"unreadable ({type(e).__name__}: {e})"})
             if on_progress:
                 on_progress("documents", n + 1, len(files))
         if cfg.prune:
             report.removed = self.prune_missing()
-        word_model = cfg.embedder in (
-            "word2vec",
-            "glove",
-        )  # may need retraining even when no vector is missing
+        # may need retraining even when no vector is missing
+        word_model = cfg.embedder in ("word2vec", "glove")
         if cfg.embedder != "none" and (word_model or self.missing_vectors(self.embedder_name(cfg.embedder))):
             report.embedded = self.embed(
                 self.embedder(cfg.embedder, cfg.batch_size, word_cfg), cfg.batch_size, on_progress

@@ -45,9 +45,8 @@ def test_logprobs_equal_hand_computation(local_llm):
     # one-token continuations of a shared prompt ("yes" / "no" after CHAT) take the one-forward path
     prompts = ["The capital of France is", CHAT, "a b c d e f g h i j k l m n o p q r s t", "Answer:", CHAT]
     conts = [" Paris", "yes", " u v w", " no", "no"]
-    tight = LocalLLM(
-        local_llm.model, local_llm.tokenizer, max_batch_tokens=40
-    )  # several right-padded batches
+    # several right-padded batches
+    tight = LocalLLM(local_llm.model, local_llm.tokenizer, max_batch_tokens=40)
     got = tight.logprobs(prompts, conts)
     texts = [p if isinstance(p, str) else local_llm.render(p) for p in prompts]
     expected = [hand_logprob(local_llm, t, c) for t, c in zip(texts, conts, strict=True)]

@@ -118,9 +118,8 @@ def test_bad_requests_are_400_with_a_clear_message(client, server_url):
         client.client.chat.completions.create(model="tiny", messages=[{"role": "wizard", "content": "hi"}])
     with pytest.raises(openai.BadRequestError, match="top_p"):
         client.client.chat.completions.create(model="tiny", messages=CHAT, top_p=0.5)
-    with pytest.raises(
-        openai.BadRequestError, match="max_seq_len"
-    ):  # the backend's own check, also when streaming
+    # the backend's own check, also when streaming
+    with pytest.raises(openai.BadRequestError, match="max_seq_len"):
         client.complete(["word " * 300], max_tokens=4)
     with pytest.raises(openai.BadRequestError, match="max_seq_len"):
         list(client.stream([{"role": "user", "content": "word " * 300}], max_tokens=4))

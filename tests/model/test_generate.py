@@ -39,11 +39,8 @@ def argmax_loop(model, prompt, n):
 
 
 def test_batched_greedy_equals_plain_loop_and_logprobs(model):
-    prompts = [
-        [5, 17, 300, 42],
-        [9, 8],
-        [1000, 2000, 3000, 4000, 5000, 6000],
-    ]  # left padding inside the batch
+    # left padding inside the batch
+    prompts = [[5, 17, 300, 42], [9, 8], [1000, 2000, 3000, 4000, 5000, 6000]]
     gens = generate_ids(model, prompts, SamplingConfig(max_new_tokens=10), eos_ids=set())
     for p, g in zip(prompts, gens, strict=False):
         assert g.tokens == argmax_loop(model, p, 10)

@@ -28,9 +28,8 @@ def tiny_vocab() -> tuple[list[str], list[int]]:
     alphabet = [chr(b) for b in range(ord("!"), ord("~") + 1)] + [
         chr(b) for b in range(ord("¡"), ord("¬") + 1)
     ]
-    alphabet += [chr(b) for b in range(ord("®"), ord("ÿ") + 1)] + [
-        chr(256 + n) for n in range(68)
-    ]  # 256 in all
+    # 256 in all
+    alphabet += [chr(b) for b in range(ord("®"), ord("ÿ") + 1)] + [chr(256 + n) for n in range(68)]
     merged = ["".join(m.split(" ")) for m in MERGES]
     tokens = SPECIALS + alphabet + merged + ["<think>"]
     types = [3] * len(SPECIALS) + [1] * (len(alphabet) + len(merged)) + [4]
@@ -196,10 +195,8 @@ def test_f32_weights_come_back_exactly(tmp_path, arch, tied):
 
 
 def test_f16_and_q8_0_dequantise_close(tmp_path):
-    for qtype, tol in (
-        (F16, 2e-3),
-        (Q8_0, 3e-2),
-    ):  # F16 rel. error 2^-11; Q8_0 step = max|w| / 127 per 32 values
+    # F16 rel. error 2^-11; Q8_0 step = max|w| / 127 per 32 values
+    for qtype, tol in ((F16, 2e-3), (Q8_0, 3e-2)):
         path = tmp_path / f"{qtype.name}.gguf"
         weights = write_tiny_gguf(path, qtype=qtype)
         state = read_gguf(path).state_dict

@@ -82,11 +82,8 @@ def hf_tok():
 
 
 def test_special_ids(tok):
-    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (
-        1,
-        2,
-        2,
-    )  # <|im_start|>, <|im_end|>, padding id 2 in the file
+    # <|im_start|>, <|im_end|>, padding id 2 in the file
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 2)
     assert tok.special_ids == set(range(17))  # <|endoftext|> ... <empty_output>: the 17 control tokens
     assert tok.vocab_size == 49152
     assert tok.token_to_id("<|im_end|>") == 2 and tok.token_to_id("no-such-token") is None
@@ -114,9 +111,8 @@ def test_pinned_ids(tok):
         2,
         198,
     ]
-    assert tok.encode(text, add_special_tokens=True) == tok.encode(
-        text
-    )  # the file says add_bos_token = False
+    # the file says add_bos_token = False
+    assert tok.encode(text, add_special_tokens=True) == tok.encode(text)
 
 
 def test_round_trip_and_batch(tok):
@@ -213,9 +209,8 @@ def test_ids_match_transformers(tok, hf_tok):
         hf_tok.pad_token_id,
     )
     assert set(hf_tok.all_special_ids) <= tok.special_ids  # bos, eos, unk, pad
-    assert tok.special_ids == {
-        i for i, t in hf_tok.added_tokens_decoder.items() if t.special
-    }  # what decode skips
+    # what decode skips
+    assert tok.special_ids == {i for i, t in hf_tok.added_tokens_decoder.items() if t.special}
 
 
 @pytest.mark.slow
@@ -236,9 +231,8 @@ def test_saved_folder_reads_in_transformers(tok, tmp_path):
         assert hf.encode(text, add_special_tokens=False) == tok.encode(text), text
         assert hf.encode(text) == tok.encode(text, add_special_tokens=True), text
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
-    plain = Tokenizer(
-        tok.backend, eos_token="<|im_end|>"
-    )  # no template: plain ChatML, saved as CHATML_TEMPLATE
+    # no template: plain ChatML, saved as CHATML_TEMPLATE
+    plain = Tokenizer(tok.backend, eos_token="<|im_end|>")
     plain.save(tmp_path / "plain")
     hf_plain = AutoTokenizer.from_pretrained(str(tmp_path / "plain"))
     for conv in CONVERSATIONS:

@@ -63,9 +63,8 @@ def test_ingest_info_search_json(tmp_path):
         == "# Foxes\n\nThe quick brown fox jumps over the lazy dog.\n\nFoxes are wild canines."
     )
     assert {"doc_id", "start", "end", "score", "text"} <= set(hits[0])
-    assert "fox" not in json.dumps(
-        [h for h in hits if h["doc_id"].endswith("b.html")]
-    )  # the script was dropped
+    # the script was dropped
+    assert "fox" not in json.dumps([h for h in hits if h["doc_id"].endswith("b.html")])
 
 
 def test_eval_beir_json(tmp_path):
@@ -132,9 +131,8 @@ def test_eval_qa_retrieved_with_dropped_gold(tmp_path, monkeypatch, tiny_llm):
     st = Store(out["store"])
     assert st.info()["documents"] == 4 - out["dropped"]
     for r in rows:
-        assert set(r) == {"id", "answer", "citations"} and r["citations"], (
-            r
-        )  # attribution cites every sentence
+        # attribution cites every sentence
+        assert set(r) == {"id", "answer", "citations"} and r["citations"], r
         for c in r["citations"]:
             assert set(c) == {"doc", "start", "end", "text"}
             assert st.document(c["doc"]).text[c["start"] : c["end"]] == c["text"]

@@ -75,9 +75,8 @@ def test_word_embedder_encode_save_load(tmp_path, kind, pooling):
     )
     again = train_word_embedder(kind, TEXTS, cfg)
     assert again.name == emb.name
-    np.testing.assert_allclose(
-        again.encode(["the cat sat"]), out[:1], atol=1e-6
-    )  # deterministic given the seed
+    # deterministic given the seed
+    np.testing.assert_allclose(again.encode(["the cat sat"]), out[:1], atol=1e-6)
 
 
 def test_mean_pooling_hand_worked():

@@ -54,9 +54,8 @@ RUN = {
 def reference(run, qrels):
     ev = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut_10", "recall_10", "recall_100"})
     top10 = {q: dict(sorted(s.items(), key=lambda kv: -kv[1])[:10]) for q, s in run.items()}
-    rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(
-        top10
-    )  # MRR@10 = RR of the top-10 run
+    # MRR@10 = RR of the top-10 run
+    rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)
     per = ev.evaluate(run)
     mean = lambda key, res: float(np.mean([res[q][key] for q in qrels]))  # noqa: E731
     return {

@@ -89,9 +89,8 @@ def test_sft_prompt_masked_response_and_end_of_turn_trained(tok, tmp_path):
         tok.decode([i for i, m in zip(ids, mask, strict=True) if m], skip_special_tokens=False)
         == "The answer is 19.<|im_end|>"
     )
-    assert (
-        mask[-1] == 0 and ids[-2] == tok.eos_id and mask[-2] == 1
-    )  # the "\n" after <|im_end|> is not trained
+    # the "\n" after <|im_end|> is not trained
+    assert mask[-1] == 0 and ids[-2] == tok.eos_id and mask[-2] == 1
 
 
 def test_multi_turn_trains_every_assistant_turn(tok):
@@ -103,11 +102,12 @@ def test_multi_turn_trains_every_assistant_turn(tok):
         {"role": "assistant", "content": "19"},
     ]
     ids, mask = tokenize_chat(tok, messages)
+    # a system message given: no default one
     full = (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n"
         "Hello, how are you?<|im_end|>\n<|im_start|>user\nWhat is 12 + 7?<|im_end|>\n<|im_start|>assistant\n"
         "19<|im_end|>\n"
-    )  # a system message given: no default one
+    )
     assert ids == tok.encode(full) and len(mask) == len(ids)
     spans = [tok.decode(s, skip_special_tokens=False) for s in trained_spans(ids, mask)]
     assert spans == ["Hello, how are you?<|im_end|>", "19<|im_end|>"]

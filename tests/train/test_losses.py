@@ -312,9 +312,8 @@ def test_gae_matches_the_sum_over_future_residuals():
             for i in range(n)
         ]
         for i in range(n):
-            expected[b, i] = sum(
-                (gamma * lam) ** k * delta[i + k] for k in range(n - i)
-            )  # Σ_ℓ (γλ)^ℓ δ_{t+ℓ}
+            # Σ_ℓ (γλ)^ℓ δ_{t+ℓ}
+            expected[b, i] = sum((gamma * lam) ** k * delta[i + k] for k in range(n - i))
     advantages, returns = gae(rewards, values, mask, gamma=gamma, lam=lam)
     close(advantages, expected.tolist())
     close(returns, ((expected + values) * mask).tolist())
@@ -460,9 +459,8 @@ def test_grpo_loss_hand_worked_loss_types_and_clipping():
     assert metrics["clip_low"] == pytest.approx(1 / 5) and metrics["clip_high"] == pytest.approx(1 / 5)
     assert "kl" not in metrics
     close(grpo_loss(logps, old, None, advantages, mask, loss_type="dapo")[0], -(2.9 - 4.2) / 5)  # Σ / Σ|y_i|
-    close(
-        grpo_loss(logps, old, None, advantages, mask, loss_type="dr_grpo")[0], -(2.9 - 4.2) / (2 * 3)
-    )  # B · T
+    # B · T
+    close(grpo_loss(logps, old, None, advantages, mask, loss_type="dr_grpo")[0], -(2.9 - 4.2) / (2 * 3))
     dr = grpo_loss(logps, old, None, advantages, mask, loss_type="dr_grpo", max_completion_length=8)[0]
     close(dr, -(2.9 - 4.2) / (2 * 8))
     # padding may hold anything (here π_old = e^-10000, so r = inf): neither the loss nor the gradient sees it

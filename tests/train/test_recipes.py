@@ -299,9 +299,8 @@ def test_data_distillation_writes_the_teachers_answers_then_sft(models, toy, tok
     rows = distill.train(cfg)
     written = [json.loads(line) for line in (tmp_path / "teacher_sft.jsonl").read_text().splitlines()]
     teacher = Transformer.from_pretrained(teacher_dir).eval()
-    for row, (a, b) in zip(
-        written, PROBLEMS, strict=True
-    ):  # the teacher's greedy answers, generated one by one
+    # the teacher's greedy answers, generated one by one
+    for row, (a, b) in zip(written, PROBLEMS, strict=True):
         chat = tokenizer.apply_chat_template(
             [{"role": "user", "content": row["prompt"]}], add_generation_prompt=True
         )

@@ -231,13 +231,8 @@ def test_grpo_resume_after_sigkill_reproduces_the_losses(tmp_path):
     assert ckpt_step % 3 == 0 and ckpt_step >= 6
     for got, want in zip(resumed, reference[ckpt_step:], strict=True):
         assert got["step"] == want["step"]
-        for key in (
-            "loss",
-            "grad_norm",
-            "reward_mean",
-            "entropy",
-            "response_length",
-        ):  # grad_norm: the weights
+        # grad_norm: the weights
+        for key in ("loss", "grad_norm", "reward_mean", "entropy", "response_length"):
             assert got[key] == pytest.approx(want[key], abs=1e-6), (got["step"], key)
     assert [r["step"] for r in read_metrics(metrics)] == list(range(1, 15))
 
@@ -258,9 +253,8 @@ def test_eval_math_hand_worked(tmp_path):
 
     app = typer.Typer()
     register_math(app)
-    app.command("noop")(
-        lambda: None
-    )  # a second command keeps typer from collapsing the group into one command
+    # a second command keeps typer from collapsing the group into one command
+    app.command("noop")(lambda: None)
     runner = CliRunner()
     for extra, accuracy, n in (([], 3 / 5, 5), (["--n", "4"], 2 / 4, 4), (["--batch-size", "2"], 3 / 5, 5)):
         result = runner.invoke(
