@@ -42,12 +42,6 @@ class Document:
     def content_hash(self) -> str:
         return content_hash(self.title + "\x00" + self.text)
 
-    def raw_span(self, start: int, end: int) -> tuple[int, int]:
-        """The span of the original (raw) text that the cleaned span `[start, end)` came from."""
-        if self.offsets is None or start >= end:
-            return start, end
-        return int(self.offsets[start]), int(self.offsets[end - 1]) + 1
-
 
 def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -269,17 +269,6 @@ def collate_preference(rows: Sequence[Mapping[str, Sequence[int]]], pad_id: int)
     }
 
 
-def collate_prompts(rows: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, Any]:
-    """{"input_ids", "attention_mask"} (B, T_max), plus the "prompt" texts and "answer"s as lists."""
-    ids = [r["prompt_ids"] for r in rows]
-    return {
-        "input_ids": pad_right(ids, pad_id),
-        "attention_mask": _attention_mask(ids),
-        "prompt": [r["prompt"] for r in rows],
-        "answer": [r["answer"] for r in rows],
-    }
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # a resumable sampler
 

@@ -63,7 +63,7 @@ def _check_shapes(**tensors: Tensor | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Per-token log-probabilities and entropy
+# Per-token log-probabilities
 
 
 class _LabelLogSoftmax(torch.autograd.Function):
@@ -113,15 +113,6 @@ def token_logps(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Ten
         )
     logps = _LabelLogSoftmax.apply(logits, labels.clamp(min=0), temperature)
     return logps.masked_fill(labels < 0, 0.0)
-
-
-def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """H(π(· | x, y_<t)) = −Σ_v p_v log p_v per position, in nats: (B, T, V) -> (B, T), one sequence at a time."""
-    rows = []
-    for row_logits in logits:
-        logp = F.log_softmax(_scaled(row_logits, temperature), dim=-1)  # (T, V)
-        rows.append(-(logp.exp() * logp).sum(-1))
-    return torch.stack(rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -331,9 +322,8 @@ def _policy_metrics(
     low: Tensor,
     high: Tensor,
     mask: Tensor,
-    entropy: Tensor | None,
 ) -> Metrics:
-    metrics = {
+    return {
         "loss": loss.item(),
         "clip_low": _token_mean(low.float(), mask).item(),
         "clip_high": _token_mean(high.float(), mask).item(),
@@ -341,9 +331,6 @@ def _policy_metrics(
         # KL(π_old ‖ π_θ) under samples from π_old: k3 with the two policies' roles swapped, r − log r − 1.
         "approx_kl": _token_mean(kl_k3(old_logps.detach(), logps.detach()), mask).item(),
     }
-    if entropy is not None:
-        metrics["entropy"] = _token_mean(entropy.detach(), mask).item()
-    return metrics
 
 
 def ppo_policy_loss(
@@ -352,7 +339,6 @@ def ppo_policy_loss(
     advantages: Tensor,
     mask: Tensor,
     epsilon: float = 0.2,
-    entropy: Tensor | None = None,
 ) -> tuple[Tensor, Metrics]:
     """The lecture's PPO loss for LLMs (Schulman et al. 2017, arXiv:1707.06347, eq. 7), per-token advantages (B, T):
 
@@ -362,14 +348,14 @@ def ppo_policy_loss(
     Computed as min(r·A, clip(r, 1−ε, 1+ε)·A), which equals the lecture's form for both signs of A. The π_ref of
     the slide is the rollout policy π_old here (the frozen reference of RLHF enters through the per-token KL reward,
     `kl_penalized_rewards`). Sequence mean (the 1/|y|), then the batch mean. Metrics: clip fractions (low: r < 1−ε
-    with A < 0, high: r > 1+ε with A > 0), approx KL(π_old ‖ π_θ) (k3), and the mean of `entropy` (B, T) if given.
+    with A < 0, high: r > 1+ε with A > 0), and approx KL(π_old ‖ π_θ) (k3).
     TRL's PPOTrainer takes one token mean instead of the sequence mean.
     """
     _check_shapes(logps=logps, old_logps=old_logps, advantages=advantages, mask=mask)
     ratio = torch.exp(_masked(logps - old_logps.detach(), mask))  # padding: r = 1, whatever it holds
     objective, low, high = _clipped_surrogate(ratio, advantages.detach(), epsilon, epsilon)
     loss = _sequence_mean(-objective, mask)
-    return loss, _policy_metrics(loss, logps, old_logps, low, high, mask, entropy)
+    return loss, _policy_metrics(loss, logps, old_logps, low, high, mask)
 
 
 def value_loss(
@@ -479,7 +465,6 @@ def grpo_loss(
     beta: float = 0.0,
     loss_type: GRPOLossType = "grpo",
     max_completion_length: int | None = None,
-    entropy: Tensor | None = None,
 ) -> tuple[Tensor, Metrics]:
     """The lecture's GRPO loss, L = −E_x [ (1/G) Σ_i F(x, y_i) ], with per token
 
@@ -496,7 +481,7 @@ def grpo_loss(
     token-level importance sampling); differences: TRL's "grpo" counts a row without tokens as 0 in the batch mean
     (here it is left out), and TRL's "dapo" divides by the tokens of the whole generation batch across gradient
     accumulation (here: of this call). Metrics: clip fractions, KL(π_θ ‖ π_ref) (k3 token mean, when β > 0),
-    approx KL(π_old ‖ π_θ), and the mean `entropy` if given.
+    and approx KL(π_old ‖ π_θ).
     """
     _check_shapes(logps=logps, old_logps=old_logps, ref_logps=ref_logps, mask=mask)
     if beta != 0 and ref_logps is None:
@@ -514,7 +499,7 @@ def grpo_loss(
     kl = kl_k3(_masked(logps, mask), _masked(ref_logps.detach(), mask)) if beta != 0 else None
     per_token = -objective if kl is None else -objective + beta * kl
     loss = GRPO_AGGREGATION[loss_type](per_token, mask, max_completion_length or mask.shape[-1])
-    metrics = _policy_metrics(loss, logps, old_logps, low, high, mask, entropy)
+    metrics = _policy_metrics(loss, logps, old_logps, low, high, mask)
     if kl is not None:
         metrics["kl"] = _token_mean(kl.detach(), mask).item()
     return loss, metrics

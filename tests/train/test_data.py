@@ -16,7 +16,6 @@ from ragseek.model.tokenizer import Tokenizer, load_tokenizer
 from ragseek.train.data import (
     EpochSampler,
     collate_preference,
-    collate_prompts,
     collate_sft,
     load_preference,
     load_prompts,
@@ -197,9 +196,6 @@ def test_rl_prompts_keep_the_answer(tok, tmp_path):
         ("What is 12 + 7?", "12 + 7 = 19\n#### 19"),
         ("Hello there", None),
     ]
-    batch = collate_prompts(prompts, pad_id=tok.pad_id)
-    assert batch["attention_mask"].sum(1).tolist() == [len(p["prompt_ids"]) for p in prompts]
-    assert batch["answer"] == ["12 + 7 = 19\n#### 19", None]
 
 
 @pytest.mark.parametrize(

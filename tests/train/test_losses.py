@@ -14,7 +14,6 @@ from ragseek.train.losses import (
     bradley_terry_loss,
     distill_loss,
     dpo_loss,
-    entropy_from_logits,
     gae,
     grpo_advantages,
     grpo_loss,
@@ -55,7 +54,7 @@ def random_batch(b=3, t_=6, v=11, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# token_logps, entropy
+# token_logps
 
 
 def test_token_logps_hand_worked_and_ignore_index():
@@ -101,12 +100,6 @@ def test_token_logps_bf16_rows_are_upcast():
     )
     assert low.grad.dtype == torch.bfloat16
     torch.testing.assert_close(low.grad.double(), exact, atol=1e-2, rtol=0)
-
-
-def test_entropy_hand_worked():
-    # uniform over 4 -> ln 4;  logits [ln 3, 0] -> p = [3/4, 1/4], H = −(3/4 ln 3/4 + 1/4 ln 1/4)
-    close(entropy_from_logits(t([[[0.0, 0.0, 0.0, 0.0]]])), [[LN(4)]])
-    close(entropy_from_logits(t([[[LN(3), 0.0]]])), [[-(0.75 * LN(0.75) + 0.25 * LN(0.25))]])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -523,10 +516,9 @@ def test_grpo_loss_matches_loop(loss_type):
 
 
 @pytest.mark.slow
-def test_std_logps_and_entropy_match_trl():
-    """TRL's own helpers (importing trl takes ~30 s here, hence slow): nanstd, selective_log_softmax,
-    entropy_from_logits, and the advantage formula of GRPOTrainer._generate_and_score_completions."""
-    from trl.trainer.utils import entropy_from_logits as trl_entropy
+def test_std_and_logps_match_trl():
+    """TRL's own helpers (importing trl takes ~30 s here, hence slow): nanstd, selective_log_softmax, and the
+    advantage formula of GRPOTrainer._generate_and_score_completions."""
     from trl.trainer.utils import nanstd, selective_log_softmax
 
     g = torch.Generator().manual_seed(8)
@@ -542,4 +534,3 @@ def test_std_logps_and_entropy_match_trl():
     torch.testing.assert_close(
         token_logps(logits, labels), selective_log_softmax(logits, labels), atol=ATOL, rtol=0
     )
-    torch.testing.assert_close(entropy_from_logits(logits), trl_entropy(logits), atol=ATOL, rtol=0)
