@@ -8,8 +8,20 @@ Conventions for every function here:
 - a loss returns `(loss, metrics)`: a scalar with gradient, and detached Python floats for logging.
 
 SFT, distillation, Bradley-Terry and DPO are post-training I; GAE, the KL-penalised reward, PPO, the value loss and
-GRPO (group advantages, k3, the clipped objective) are post-training II. The docstrings quote the lecture
-(`../shared/seed/000_bd9505d98dddb8dd.txt`) and the paper each formula comes from.
+GRPO (group advantages, k3, the clipped objective) are post-training II. The docstrings quote the lecture,
+Nathanaël Fijalkow's "Large Language Models: Retrieval-Augmented Generation" (its second half, "The DeepSeek
+special"; docs/lecture.md), and the paper each formula comes from. The lecture's slides, by title:
+
+    sft_loss               "Option 1: Supervised fine-tuning (SFT)"
+    distill_loss           "Option 1 bis: Traditional distillation"
+    bradley_terry_loss     "Step 1: Learning a reward model" (the Bradley-Terry model)
+    kl_penalized_rewards   the KL-constrained loss of "Option 2: RLHF" (after "Step 1"), per-token KL penalty
+    gae                    "Advantage estimates" (GAE)
+    ppo_policy_loss        "Step 3: Proximal policy optimization (PPO)", the LLM form of the clipped surrogate
+    dpo_loss               "Option 3: Direct preference optimization (DPO)"
+    grpo_advantages,       the GRPO slides after "Step 3: PPO" ("can we get rid of the value function?"): the
+    kl_k3, grpo_loss       group advantage, the KL estimate added to the loss, and L = −E[(1/G) Σ_i F(x, y_i)];
+                           old_logps=None is their "vanilla policy gradient" form ("Vanilla policy gradient")
 """
 
 from __future__ import annotations
