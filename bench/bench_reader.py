@@ -105,6 +105,24 @@ def latency(n: int = 20) -> dict:
     return {"n": len(rows), "p50": p50, "max_total_s": max(r["total_s"] for r in rows)}
 
 
+def plot_curves() -> list[str]:
+    """docs/img/reader_sft.png (loss per step) and reader_grpo.png (rewards, response length) from the runs."""
+    from ragseek.train.loop import plot_metrics
+
+    runs = {
+        "reader_sft.png": (ROOT / "runs/reader-sft/metrics.jsonl", ["loss", "grad_norm"]),
+        "reader_grpo.png": (
+            ROOT / "runs/reader-grpo/metrics.jsonl",
+            ["reward_mean", "reward_reader_f1", "reward_reader_citation", "response_length"],
+        ),
+    }
+    return [
+        str(plot_metrics(jsonl, ROOT / "docs" / "img" / name, keys).relative_to(ROOT))
+        for name, (jsonl, keys) in runs.items()
+        if jsonl.exists()
+    ]
+
+
 def write_md(results: dict) -> None:
     def pct(x):
         return "–" if x is None else f"{100 * x:.1f}"
@@ -143,6 +161,7 @@ def write_md(results: dict) -> None:
             f"stopped at end of turn) {lat['answer_s']:.2f} s; total {lat['total_s']:.2f} s "
             f"(slowest {results['latency']['max_total_s']:.2f} s).",
         ]
+    lines += ["", "Training curves: " + ", ".join(f"[{c}]({c})" for c in results.get("curves", []))]
     (RESULTS / "reader.md").write_text("\n".join(lines) + "\n")
 
 
@@ -172,6 +191,8 @@ def main() -> None:
         results["latency"] = latency()
         log(json.dumps(results["latency"]))
         path.write_text(json.dumps(results, indent=1))
+    results["curves"] = plot_curves()
+    path.write_text(json.dumps(results, indent=1))
     write_md(results)
 
 
