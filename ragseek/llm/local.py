@@ -29,10 +29,8 @@ class LocalLLM:
         max_batch_tokens: int = 2048,
     ):
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
-        self.batch_size = batch_size  # prompts generated together
-        self.max_batch_tokens = (
-            max_batch_tokens  # padded tokens per scoring forward (its logits are B·T·vocab floats)
-        )
+        # prompts generated together; padded tokens per scoring forward (its logits are B·T·vocab floats)
+        self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
 
     @classmethod
     def from_path(cls, path: str | Path | None = None, **kwargs) -> LocalLLM:
