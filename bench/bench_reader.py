@@ -37,7 +37,7 @@ DATA = ROOT / "runs" / "data" / "reader" / "val_sample.json"
 READERS = {
     "base": ("SmolLM2-135M-Instruct", "local:base"),
     "sft": ("SFT (LoRA r=16, configs/reader_sft.yaml)", "local:runs/reader-sft/final"),
-    "grpo": ("SFT + GRPO (the shipped reader, `--llm local`)", "local"),
+    "grpo": ("SFT + GRPO (configs/reader_grpo.yaml, 20 steps)", "local:runs/reader-grpo/final"),
 }
 MODES = {"retrieved": [], "oracle": ["--oracle"], "dropped": ["--drop-gold-frac", "0.2"]}
 
@@ -47,8 +47,11 @@ def log(msg: str) -> None:
 
 
 def eval_row(spec: str, mode: str, n: int | None) -> dict:
+    predictions = ROOT / "runs" / "reader-eval" / f"{spec.replace(':', '_').replace('/', '_')}-{mode}.jsonl"
+    predictions.parent.mkdir(parents=True, exist_ok=True)
+    ragseek = str(ROOT / ".venv" / "bin" / "ragseek")
     cmd = [
-        str(ROOT / ".venv" / "bin" / "ragseek"),
+        ragseek,
         "eval",
         "qa",
         "--data",
@@ -56,15 +59,13 @@ def eval_row(spec: str, mode: str, n: int | None) -> dict:
         "--llm",
         spec,
         "--json",
+        "--predictions",
+        str(predictions),
     ]
     cmd += MODES[mode] + (["--n", str(n)] if n else [])
     t0 = time.time()
     out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
-    return {
-        **json.loads(out.strip().splitlines()[-1]),
-        "wall_s": time.time() - t0,
-        "command": " ".join(cmd[1:]),
-    }
+    return {**json.loads(out), "wall_s": time.time() - t0, "command": " ".join(cmd[1:])}
 
 
 def latency(n: int = 20) -> dict:
