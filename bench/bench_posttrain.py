@@ -33,7 +33,7 @@ import torch
 
 from ragseek.defaults import smollm2_gguf
 from ragseek.model import ModelConfig, Transformer, load_tokenizer
-from ragseek.train.data import load_preference, load_prompts
+from ragseek.train.data import load_preference, load_prompts, write_jsonl
 from ragseek.train.loop import LoopConfig, build_optimizer, train_step
 from ragseek.train.recipes import distill, dpo, sft
 from ragseek.train.run import preference_micro_batches
@@ -337,7 +337,7 @@ def main() -> None:
         dpo_problems, rejected = own_wrong_answers(
             base, addition.train_problems(sizes.dpo_problems, seed=2), work, sizes.eval_batch
         )
-        pairs = addition.write_jsonl(
+        pairs = write_jsonl(
             work / "dpo_pairs.jsonl",
             (
                 {"prompt": p.question, "chosen": corrected(bad, p), "rejected": bad}
@@ -382,7 +382,7 @@ def main() -> None:
 
     if not args.skip_trl and missing("dpo_step_vs_trl"):
         pairs_128 = long_pairs(4)
-        pairs_file = addition.write_jsonl(work / "dpo_128.jsonl", pairs_128)
+        pairs_file = write_jsonl(work / "dpo_128.jsonl", pairs_128)
         hf_dir = work / "smollm2_hf"
         Transformer.from_pretrained(base).save_pretrained(hf_dir)
         load_tokenizer(base).save(hf_dir)

@@ -420,13 +420,18 @@ def _check_fingerprint(model: Transformer, meta: dict[str, str], path: Path) -> 
         )
 
 
+def adapter_base_name(folder: str | Path) -> str:
+    """The base_model_name_or_path an adapter folder records ("" when none): a hub name or a local path."""
+    return _read_config(Path(folder) / CONFIG_FILE).get("base_model_name_or_path") or ""
+
+
 def adapter_base(folder: str | Path) -> Path:
     """The model an adapter folder goes onto: its base_model_name_or_path when that is a local folder or file,
     else the embedded SmolLM2 (a hub name such as HuggingFaceTB/SmolLM2-135M-Instruct is never downloaded);
     `load_adapter` then checks that the sizes match."""
     from ragseek.defaults import smollm2_gguf
 
-    base = _read_config(Path(folder) / CONFIG_FILE).get("base_model_name_or_path") or ""
+    base = adapter_base_name(folder)
     return Path(base) if base and Path(base).exists() else smollm2_gguf()
 
 

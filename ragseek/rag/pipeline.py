@@ -241,7 +241,9 @@ def sources(
     retrieve as if the documents in `exclude` (a gold passage) were not in the store."""
     k = searcher.cfg.k
     depth = max(k, steps.rerank_depth) if steps.rerank == "llm" else k
-    (texts,), (hits,), t = rank(searcher, [question], llm, steps, depth + (k + 2) * len(exclude))
+    # the excluded documents' chunks may all rank first: retrieve that many more
+    extra = sum(d in exclude for d in searcher.store.chunks().doc_ids) if exclude else 0
+    (texts,), (hits,), t = rank(searcher, [question], llm, steps, depth + extra)
     clock = time.perf_counter()
     hits = [h for h in hits if h.doc_id not in exclude]
     chunks = relevant(searcher, question, hits[:k], cfg, reranked=steps.rerank == "llm")

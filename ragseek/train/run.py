@@ -28,6 +28,7 @@ from ragseek.model.lora import (
     CONFIG_FILE,
     LoRAConfig,
     adapter_base,
+    adapter_base_name,
     apply_lora,
     load_adapter,
     lora_layers,
@@ -217,9 +218,10 @@ def save_final(model: nn.Module, tokenizer: Tokenizer, folder: Path, base: str =
     (or `load_reward_model`) and `load_tokenizer` read; a model with LoRA layers as a PEFT adapter folder of
     `base` (`save_adapter`; "" = the embedded SmolLM2), which `--llm local:FOLDER` and peft load."""
     if next(lora_layers(model), None) is not None:
-        if base and (Path(base) / CONFIG_FILE).is_file():  # trained on from an adapter: the same base
-            base = str(adapter_base(base))
-        save_adapter(model, folder, base=base if base and Path(base).exists() else EMBEDDED_BASE)
+        # trained on from an adapter folder: the base it names, as it names it (a hub name stays a hub name)
+        if base and (Path(base) / CONFIG_FILE).is_file():
+            base = adapter_base_name(base)
+        save_adapter(model, folder, base=base or EMBEDDED_BASE)
     else:
         model.save_pretrained(folder)
     tokenizer.save(folder)

@@ -97,24 +97,18 @@ def tiny_llm(make_tiny_llm):
     return f"local:{make_tiny_llm('tiny-qa', max_seq_len=4096)}"
 
 
+def tiny_qa_args(llm: str) -> list[str]:
+    """`eval qa` on the committed slice with the tiny model, word2vec vectors and 4-token answers."""
+    return ["eval", "qa", "--data", str(SQUAD), "--llm", llm, "--embedder", "word2vec", "--max-tokens", "4"]
+
+
 def test_eval_qa_retrieved_with_dropped_gold(tmp_path, monkeypatch, tiny_llm):
     """eval qa end to end on the committed slice with a tiny random model: the store is built from --data (one
     document per paragraph, cached), gold paragraphs of about 30% of the questions are dropped from it, and every
     question gets a prediction line whose citations are exact spans of stored paragraphs."""
     monkeypatch.setenv("RAGSEEK_CACHE", str(tmp_path / "cache"))
     preds = tmp_path / "p.jsonl"
-    args = [
-        "eval",
-        "qa",
-        "--data",
-        str(SQUAD),
-        "--llm",
-        tiny_llm,
-        "--embedder",
-        "word2vec",
-        "--max-tokens",
-        "4",
-    ]
+    args = tiny_qa_args(tiny_llm)
     args += ["--min-similarity", "-1", "--attribute-min", "-1", "--drop-gold-frac", "0.3"]
     out = json.loads(invoke(*args, "--json", "--predictions", str(preds)).stdout)
     assert {"em", "f1", "citation_accuracy", "dont_know_rate", "p50_s", "p95_s", "n"} <= set(out)
@@ -141,18 +135,7 @@ def test_eval_qa_retrieved_with_dropped_gold(tmp_path, monkeypatch, tiny_llm):
 def test_eval_qa_oracle_reads_the_gold_paragraph(tmp_path, monkeypatch, tiny_llm):
     monkeypatch.setenv("RAGSEEK_CACHE", str(tmp_path / "cache"))
     preds = tmp_path / "p.jsonl"
-    args = [
-        "eval",
-        "qa",
-        "--data",
-        str(SQUAD),
-        "--llm",
-        tiny_llm,
-        "--embedder",
-        "word2vec",
-        "--max-tokens",
-        "4",
-    ]
+    args = tiny_qa_args(tiny_llm)
     args += ["--oracle", "--n", "4", "--attribute-min", "-1", "--json", "--predictions", str(preds)]
     out = json.loads(invoke(*args).stdout)
     assert (out["n"], out["oracle"], out["gold_missing"]) == (4, True, 0)
@@ -199,8 +182,7 @@ def test_eval_qa_rejects_an_adapter_for_another_base_naming_the_file(tmp_path, m
     base = make_tiny_llm("tiny-base", max_seq_len=256)
     other = Transformer(ModelConfig(vocab_size=300, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8))
     adapter = save_adapter(apply_lora(other, LoRAConfig(r=2)), tmp_path / "adapter", base=base)
-    args = ["eval", "qa", "--data", str(SQUAD), "--llm", f"local:{adapter}", "--embedder", "word2vec"]
-    result = runner.invoke(app, args)
+    result = runner.invoke(app, tiny_qa_args(f"local:{adapter}"))
     assert result.exit_code == 1
     text = " ".join(result.output.split())
     assert str(adapter / "adapter_model.safetensors") in text and "Traceback" not in text

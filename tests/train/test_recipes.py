@@ -203,6 +203,21 @@ def test_sft_with_a_lora_block_trains_and_saves_only_an_adapter(models, toy, tok
     assert_resume_reproduces(sft.train, cfg, 6)
 
 
+def test_an_adapter_trained_on_keeps_its_base_name(models, tokenizer, tmp_path):
+    """save_final of a model that went on from an adapter folder records that adapter's base as written there: a
+    hub name stays a hub name (never the local file it was resolved to), a path stays that path."""
+    from ragseek.model.lora import LoRAConfig, adapter_base_name, apply_lora, save_adapter
+    from ragseek.train.run import EMBEDDED_BASE, save_final
+
+    base = models["dense_gqa"]
+    model = apply_lora(Transformer.from_pretrained(base), LoRAConfig(r=2))
+    for name in (EMBEDDED_BASE, str(base)):
+        first = save_adapter(model, tmp_path / "first", base=name)
+        again = save_final(model, tokenizer, tmp_path / "again", base=str(first))
+        assert adapter_base_name(again) == name
+    assert adapter_base_name(save_final(model, tokenizer, tmp_path / "fresh")) == EMBEDDED_BASE
+
+
 def test_sft_cli_resume_after_sigkill(models, toy, tmp_path):
     """`ragseek train sft` killed with SIGKILL after its first checkpoint, then --resume: the same loss curve."""
     args = ["--config", str(REPO / "configs/sft_tiny.yaml")]

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ragseek.model import Tokenizer, Transformer
 from ragseek.model.config import config_field as _f
-from ragseek.train.data import EpochSampler, collate_sft, load_sft, read_jsonl
+from ragseek.train.data import EpochSampler, collate_sft, load_sft, read_jsonl, write_jsonl
 from ragseek.train.loop import LoopConfig, build_optimizer, micro_batches, set_seed, train_step
 from ragseek.train.losses import SFTReduction, distill_loss, sft_loss
 from ragseek.train.run import (
@@ -39,7 +39,6 @@ from ragseek.train.run import (
     recipe_main,
     start_run,
 )
-from ragseek.train.tasks.addition import write_jsonl
 
 DistillKind = Literal["data", "logit"]
 PLOT_KEYS: dict[DistillKind, tuple[str, ...]] = {

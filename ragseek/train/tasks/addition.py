@@ -14,7 +14,6 @@ recipes read: SFT {"prompt", "response"}, DPO {"prompt", "chosen", "rejected"}, 
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
+from ragseek.train.data import write_jsonl
 from ragseek.train.rewards import numbers_match
 
 Style = Literal["worked", "answer", "think"]
@@ -150,15 +150,6 @@ def accuracy(completions: Sequence[str], problems: Sequence[Problem]) -> float:
     if len(completions) != len(problems):
         raise ValueError(f"{len(completions)} completions for {len(problems)} problems: pass one per problem")
     return sum(is_correct(c, p) for c, p in zip(completions, problems, strict=True)) / len(problems)
-
-
-def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
-    """One JSON object per line, UTF-8; parent folders created."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    return path
 
 
 def write_sft_jsonl(path: str | Path, problems: Iterable[Problem], style: Style = "worked") -> Path:

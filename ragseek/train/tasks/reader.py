@@ -28,7 +28,7 @@ from ragseek.rag.evaluate import QAItem, load_squad, normalize_answer, squad_sto
 from ragseek.rag.pipeline import DONT_KNOW, AskConfig, StepsConfig, build_prompt, sources
 from ragseek.rag.search import Hit, SearchConfig, Searcher
 from ragseek.rag.store import Store
-from ragseek.train.tasks.addition import write_jsonl
+from ragseek.train.data import write_jsonl
 
 SPLIT_SEED = 20261204
 
