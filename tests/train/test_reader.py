@@ -1,5 +1,6 @@
 """The reader's training rows: ask's exact prompt, the cited target, don't-know rows, the split by article."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -7,9 +8,16 @@ import pytest
 
 from ragseek.rag.evaluate import load_squad, squad_store
 from ragseek.rag.pipeline import DONT_KNOW, AskConfig, StepsConfig, build_prompt, sources
-from ragseek.rag.search import SearchConfig, Searcher
+from ragseek.rag.search import Hit, SearchConfig, Searcher
 from ragseek.rag.store import Store, StoreConfig
-from ragseek.train.tasks.reader import reader_rows, split_articles, target_answer, write_squad
+from ragseek.train.tasks.reader import (
+    mentions,
+    reader_row,
+    reader_rows,
+    split_articles,
+    target_answer,
+    write_squad,
+)
 
 SLICE = Path(__file__).resolve().parents[1] / "rag" / "data" / "squad-slice.json"
 NO_GATE = AskConfig(min_similarity=-1)
@@ -44,15 +52,55 @@ def test_rows_are_asks_prompt_with_the_cited_answer(searcher):
 
 
 def test_dropped_rows_never_see_their_gold_paragraph(searcher):
-    items = load_squad(SLICE)
-    rows = reader_rows(items, searcher, dont_know=1.0, cfg=NO_GATE)
-    for item, row in zip(items, rows, strict=True):
+    items = {it.id: it for it in load_squad(SLICE)}
+    rows = reader_rows(list(items.values()), searcher, dont_know=1.0, cfg=NO_GATE)
+    assert rows
+    for row in rows:
+        item = items[row["id"]]
         assert row["dropped"] and row["gold"] == 0 and row["response"] == DONT_KNOW
         assert f"(from {item.doc_id})" not in row["prompt"]
+        _, chunks, _ = sources(
+            item.question, searcher, None, NO_GATE, StepsConfig(), frozenset({item.doc_id})
+        )
+        assert not mentions(item.answers, chunks)  # the don't-know target is right: no source holds an answer
     # the draw is seeded: the same questions are dropped each time
-    half = [r["dropped"] for r in reader_rows(items, searcher, dont_know=0.5, cfg=NO_GATE)]
-    assert half == [r["dropped"] for r in reader_rows(items, searcher, dont_know=0.5, cfg=NO_GATE)]
+    half = [r["dropped"] for r in reader_rows(list(items.values()), searcher, dont_know=0.5, cfg=NO_GATE)]
+    assert half == [
+        r["dropped"] for r in reader_rows(list(items.values()), searcher, dont_know=0.5, cfg=NO_GATE)
+    ]
     assert 0 < sum(half) < len(half)
+
+
+def test_a_dropped_row_whose_answer_another_source_holds_is_left_out(searcher):
+    item = next(it for it in load_squad(SLICE) if it.question.startswith("What is the original meaning"))
+    assert reader_row(item, searcher, drop_gold=True, cfg=NO_GATE) is not None
+    # "France" is also in Normans/0, which the question retrieves: "I don't know" would be a wrong target
+    ambiguous = dataclasses.replace(item, answers=["France"])
+    _, chunks, _ = sources(item.question, searcher, None, NO_GATE, StepsConfig(), frozenset({item.doc_id}))
+    assert mentions(ambiguous.answers, chunks)
+    assert reader_row(ambiguous, searcher, drop_gold=True, cfg=NO_GATE) is None
+
+
+def test_shuffled_rows_cite_the_gold_paragraph_where_it_is_shown(searcher):
+    items = {it.id: it for it in load_squad(SLICE)}
+    ranked = {r["id"]: r for r in reader_rows(list(items.values()), searcher, dont_know=0.0, cfg=NO_GATE)}
+    shuffled = reader_rows(list(items.values()), searcher, dont_know=0.0, cfg=NO_GATE, shuffle=1.0)
+    assert {r["id"] for r in shuffled} == set(ranked)
+    moved = 0
+    for row in shuffled:
+        if row["gold"]:
+            assert f"Source [{row['gold']}] (from {items[row['id']].doc_id}):" in row["prompt"]
+            assert row["response"].endswith(f" [{row['gold']}]")
+        moved += row["gold"] != ranked[row["id"]]["gold"]
+    assert moved > 0
+
+
+def test_mentions_matches_whole_words_after_normalisation():
+    chunks = [Hit(0, 0, "a", 0, 30, 1.0, "The Normans (Norman: Nourmands) came in 911.")]
+    assert mentions(["the normans"], chunks) and mentions(["911"], chunks)
+    assert (
+        not mentions(["Norma"], chunks) and not mentions(["91"], chunks) and not mentions(["", "a"], chunks)
+    )
 
 
 def test_split_is_by_article_and_the_val_file_keeps_every_paragraph(tmp_path):
