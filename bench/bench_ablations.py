@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
+from ragseek.config import load_config
 from ragseek.model.generate import SamplingConfig, generate_ids, speculative_generate
 from ragseek.model.transformer import Transformer
 from ragseek.train.loop import read_metrics, set_seed
 from ragseek.train.recipes.pretrain import PretrainConfig, build_model, open_tokens, prepare_data, train
-from ragseek.train.run import load_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent

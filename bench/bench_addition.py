@@ -28,9 +28,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from ragseek.config import load_config  # noqa: E402
 from ragseek.train.loop import read_metrics  # noqa: E402
 from ragseek.train.recipes import grpo, ppo, rm, sft  # noqa: E402
-from ragseek.train.run import load_config  # noqa: E402
 from ragseek.train.tasks import addition  # noqa: E402
 from ragseek.train.tasks.math_eval import evaluate_file  # noqa: E402
 

@@ -36,7 +36,7 @@ from ragseek.defaults import cache_dir, shared_data_dir  # noqa: E402
 from ragseek.llm.base import load_llm  # noqa: E402
 from ragseek.rag.documents import load_beir_rows  # noqa: E402
 from ragseek.rag.evaluate import doc_run, evaluate, load_qrels, load_queries  # noqa: E402
-from ragseek.rag.pipeline import StepsConfig, rank  # noqa: E402
+from ragseek.rag.pipeline import StepsConfig, search  # noqa: E402
 from ragseek.rag.search import SearchConfig, Searcher  # noqa: E402
 from ragseek.rag.splitters import SplitterConfig  # noqa: E402
 from ragseek.rag.store import Store  # noqa: E402
@@ -61,12 +61,11 @@ def recall_at(run: dict[str, dict[str, float]], qrels: dict, k: int) -> float:
 def score(searcher: Searcher, llm, steps: StepsConfig, queries: dict, qrels: dict, depth: int = 300) -> dict:
     """Run the retrieval half of `ragseek ask` for every query; nDCG@10, failure@20 and seconds per query per step."""
     qids = list(qrels)
-    texts, hits, seconds = rank(searcher, [queries[q] for q in qids], llm, steps, depth)
+    texts, hits, seconds = search(searcher, [queries[q] for q in qids], llm, steps, depth)
     run = {}
     for q, hs in zip(qids, hits, strict=True):
         by_rank = -np.arange(len(hs), dtype=np.float64)  # a reranked head and the tail do not share a scale
-        rows = np.searchsorted(searcher.store.chunks().ids, [h.chunk_id for h in hs])
-        run[q] = doc_run(searcher.store.chunks().doc_ids, rows, by_rank, 100)
+        run[q] = doc_run(searcher.store.chunks().doc_ids, np.array([h.row for h in hs]), by_rank, 100)
     m = evaluate(run, qrels)
     row = {
         "ndcg@10": round(m["ndcg@10"], 4),
@@ -175,7 +174,7 @@ def contextual_rows(
     keep: dict[str, None] = {}
     for rels in qrels.values():
         keep.update(dict.fromkeys(d for d, r in rels.items() if r > 0))
-    _, hits, _ = rank(full, [queries[q] for q in qrels], None, StepsConfig(), 60)
+    _, hits, _ = search(full, [queries[q] for q in qrels], None, StepsConfig(), 60)
     for q, hs in zip(qrels, hits, strict=True):
         negatives = [h.doc_id for h in hs if h.doc_id not in qrels[q]]
         keep.update(dict.fromkeys(list(dict.fromkeys(negatives))[: args.hard_negatives]))

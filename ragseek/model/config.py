@@ -7,28 +7,18 @@ Names follow the DeepSeek-V3 reference code (`dim`, `inter_dim`, `n_routed_exper
 
 from __future__ import annotations
 
-import copy
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
+
+from ragseek.config import config_field as _f
 
 AttentionKind = Literal["mha", "gqa", "mqa", "mla"]
 MLAImpl = Literal["naive", "absorbed"]
 ScoreFunc = Literal["softmax", "sigmoid"]
 ModelType = Literal["llama", "qwen2", "deepseek_v3", "ragseek"]
-
-
-def config_field(default: Any, help: str) -> Any:
-    """A dataclass field with help text (what `--help` and the config docs show); a list, dict or dataclass default
-    is deep-copied per instance."""
-    if isinstance(default, (dict, list)) or is_dataclass(default):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
-_f = config_field
 
 
 @dataclass

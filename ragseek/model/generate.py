@@ -10,11 +10,12 @@ generated token (log-softmax of the raw logits: what RL recipes compare against)
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from ragseek.config import config_field as _f
 from ragseek.model.transformer import Transformer
 
 if TYPE_CHECKING:
@@ -25,18 +26,12 @@ FinishReason = Literal["eos", "stop", "length"]
 
 @dataclass
 class SamplingConfig:
-    max_new_tokens: int = field(default=128, metadata={"help": "tokens generated at most per prompt"})
-    temperature: float = field(
-        default=0.0, metadata={"help": "0 = greedy; otherwise logits are divided by it"}
-    )
-    top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens (0 = all)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus: keep the smallest set with mass >= top_p"})
-    seed: int | None = field(
-        default=None, metadata={"help": "seed of the sampling generator (None = random)"}
-    )
-    stop: list[str] = field(
-        default_factory=list, metadata={"help": "stop strings; the text is cut before them"}
-    )
+    max_new_tokens: int = _f(128, "tokens generated at most per prompt")
+    temperature: float = _f(0.0, "0 = greedy; otherwise logits are divided by it")
+    top_k: int = _f(0, "keep the k most likely tokens (0 = all)")
+    top_p: float = _f(1.0, "nucleus: keep the smallest set with mass >= top_p")
+    seed: int | None = _f(None, "seed of the sampling generator (None = random)")
+    stop: list[str] = _f([], "stop strings; the text is cut before them")
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_new_tokens < 0:

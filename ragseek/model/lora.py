@@ -40,9 +40,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ragseek.config import config_field as _f
 from ragseek.model.attention import MLAttention
 from ragseek.model.checkpoint import hf_to_ragseek, ragseek_to_hf
-from ragseek.model.config import config_field
 from ragseek.model.transformer import Transformer
 
 CONFIG_FILE = "adapter_config.json"
@@ -61,7 +61,6 @@ FINGERPRINT = (
     "inter_dim",
     "attention",
 )
-_f = config_field
 
 
 @dataclass

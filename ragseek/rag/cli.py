@@ -1,13 +1,12 @@
 """`ragseek ingest | info | search | ask`, `ragseek eval beir` and `ragseek eval qa`. Flags come from the config dataclasses' fields
-(`SplitterConfig`, `StoreConfig`, `WordVectorConfig`, `SearchConfig`, `BM25Config`, `ANNConfig`), whose help is
-written once, there. Heavy libraries load inside the commands, so `ragseek --help` stays fast."""
+(`SplitterConfig`, `StoreConfig`, `WordVectorConfig`, `SearchConfig`, `BM25Config`, `ANNConfig`, `AskConfig`,
+`StepsConfig`), whose help is written once, there; each command also reads them from `--config FILE.yaml` and
+`--set key=value` (`ragseek.config.with_configs`). Heavy libraries load inside the commands, so `ragseek --help` stays fast."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
-import inspect
 import json
 import sys
 import typing
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import typer
 
+from ragseek.config import with_configs
 from ragseek.llm.cli import BASE_URL_HELP, LLM_HELP
 from ragseek.rag.embedders import WordVectorConfig
 from ragseek.rag.splitters import SplitterConfig
@@ -33,45 +33,6 @@ def _config_classes() -> dict[str, type]:
 
     classes = (SplitterConfig, StoreConfig, WordVectorConfig, SearchConfig, BM25Config, ANNConfig)
     return {c.__name__: c for c in (*classes, AskConfig, StepsConfig)}
-
-
-def with_configs(fn, **defaults):
-    """Replace each parameter of `fn` typed with a config dataclass by one `--flag` per field of that class;
-    `defaults` overrides a field's default for this command (e.g. k=4)."""
-    classes = _config_classes()
-    sig = inspect.signature(fn)
-    params, groups, seen = [], {}, set()
-    for p in sig.parameters.values():
-        cls = classes.get(p.annotation if isinstance(p.annotation, str) else p.annotation.__name__)
-        if cls is None:
-            params.append(p)
-            continue
-        hints = typing.get_type_hints(cls)
-        groups[p.name] = cls
-        for f in dataclasses.fields(cls):
-            if f.name in seen:
-                raise TypeError(
-                    f"{fn.__name__}: the flag --{f.name} comes from two config classes; rename one field"
-                )
-            seen.add(f.name)
-            default = defaults.get(f.name, f.default)
-            opt = typer.Option(default, "--" + f.name.replace("_", "-"), help=f.metadata.get("help", ""))
-            params.append(
-                inspect.Parameter(
-                    f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=hints[f.name]
-                )
-            )
-
-    @functools.wraps(fn)
-    def wrapper(**kwargs):
-        for name, cls in groups.items():
-            kwargs[name] = cls(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(cls)})
-        return fn(**kwargs)
-
-    wrapper.__signature__ = sig.replace(parameters=params)
-    wrapper.__annotations__ = {p.name: p.annotation for p in params}  # typer resolves these, not fn's
-    del wrapper.__wrapped__
-    return wrapper
 
 
 STORE = typer.Option(..., "--store", help="store folder (created by ingest if absent)")
@@ -247,7 +208,7 @@ def ask(
         raise typer.BadParameter(f"{store} is not a store: run `ragseek ingest PATH --store {store}` first")
     searcher = Searcher(Store(store), search_cfg, bm25, ann)
     try:
-        searcher.rank([question], 1)  # an empty store or missing vectors fail here, before the LLM loads
+        searcher.check()  # an empty store or missing vectors fail here, before the LLM loads
         model = load_llm(llm, base_url)
         on_text = None if json_ else lambda piece: (sys.stdout.write(piece), sys.stdout.flush())
         result = run_ask(question, searcher, model, ask_cfg, steps, on_text)
@@ -264,12 +225,11 @@ def ask(
         typer.echo("\nSources:")
     for c in result.citations:
         span = " ".join(c.text.split())
-        how = " (attributed)" if c.by == "attribution" else ""
+        how = {"model": "", "match": " (re-cited: holds the phrase)", "attribution": " (attributed)"}[c.by]
         typer.echo(
             f"  [{c.n}]{how} {c.doc} [{c.start}:{c.end}]  {span[:150]}{'…' if len(span) > 150 else ''}"
         )
-    steps = "  ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
-    typer.echo(steps, err=True)
+    typer.echo("  ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()), err=True)
 
 
 def beir(
@@ -406,8 +366,7 @@ def qa(
                     _on_progress(progress),
                 )  # fmt: skip
         searcher = Searcher(Store(store), search_cfg, bm25, ann)
-        # an empty store or missing vectors fail here, before the LLM loads
-        searcher.rank([items[0].question], 1)
+        searcher.check()  # an empty store or missing vectors fail here, before the LLM loads
         model = load_llm(llm, base_url)
         with _progress() as progress:
             result = run_qa(items, searcher, model, ask_cfg, steps, oracle, _on_progress(progress))
@@ -425,8 +384,9 @@ def qa(
 
 def register(app: typer.Typer, eval_app: typer.Typer) -> None:
     """Add ingest, info, search and ask to `app`, beir and qa to `eval_app`."""
+    classes = _config_classes()
     for fn in (ingest, info, search):
-        app.command(fn.__name__)(with_configs(fn))
-    app.command("ask")(with_configs(ask, **ASK_DEFAULTS))
-    eval_app.command("beir")(with_configs(beir))
-    eval_app.command("qa")(with_configs(qa, **ASK_DEFAULTS))  # the sources `ragseek ask` would use
+        app.command(fn.__name__)(with_configs(fn, classes))
+    app.command("ask")(with_configs(ask, classes, **ASK_DEFAULTS))
+    eval_app.command("beir")(with_configs(beir, classes))
+    eval_app.command("qa")(with_configs(qa, classes, **ASK_DEFAULTS))  # the sources `ragseek ask` would use

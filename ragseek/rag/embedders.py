@@ -17,12 +17,13 @@ from __future__ import annotations
 import hashlib
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
 
+from ragseek.config import config_field as _f
 from ragseek.rag.splitters import words
 
 WordModel = Literal["word2vec", "glove"]
@@ -65,20 +66,16 @@ class SentenceTransformerEmbedder:
 
 @dataclass
 class WordVectorConfig:
-    dim: int = field(default=100, metadata={"help": "word vector size (word2vec, GloVe)"})
-    window: int = field(default=8, metadata={"help": "context window, in words, each side"})
-    min_count: int = field(default=2, metadata={"help": "words seen fewer times are dropped"})
-    epochs: int = field(
-        default=15, metadata={"help": "passes over the corpus (word2vec) or its co-occurrences (GloVe)"}
-    )
-    pooling: Pooling = field(
-        default="sif", metadata={"help": "mean, or SIF (a/(a+p(w)) weights, first PC removed)"}
-    )
-    sif_a: float = field(default=1e-3, metadata={"help": "SIF smoothing a"})
-    x_max: float = field(default=100.0, metadata={"help": "GloVe weighting f(x) = min(1, (x/x_max)^alpha)"})
-    alpha: float = field(default=0.75, metadata={"help": "GloVe weighting exponent"})
-    lr: float = field(default=0.1, metadata={"help": "GloVe Adagrad learning rate"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
+    dim: int = _f(100, "word vector size (word2vec, GloVe)")
+    window: int = _f(8, "context window, in words, each side")
+    min_count: int = _f(2, "words seen fewer times are dropped")
+    epochs: int = _f(15, "passes over the corpus (word2vec) or its co-occurrences (GloVe)")
+    pooling: Pooling = _f("sif", "mean, or SIF (a/(a+p(w)) weights, first PC removed)")
+    sif_a: float = _f(1e-3, "SIF smoothing a")
+    x_max: float = _f(100.0, "GloVe weighting f(x) = min(1, (x/x_max)^alpha)")
+    alpha: float = _f(0.75, "GloVe weighting exponent")
+    lr: float = _f(0.1, "GloVe Adagrad learning rate")
+    seed: int = _f(0, "random seed")
 
 
 class PooledWordEmbedder:

@@ -460,7 +460,7 @@ def oracle_hit(store: Store, item: QAItem) -> Hit:
         text = store.document(item.doc_id).text
     except KeyError:
         text = clean(item.context)[0]
-    return Hit(chunk_id=-1, doc_id=item.doc_id, start=0, end=len(text), score=1.0, text=text)
+    return Hit(row=-1, chunk_id=-1, doc_id=item.doc_id, start=0, end=len(text), score=1.0, text=text)
 
 
 def _mean(xs: list[float]) -> float | None:

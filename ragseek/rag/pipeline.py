@@ -7,7 +7,7 @@
         print(c.n, c.doc, c.start, c.end, c.text[:80])
 
 `ask` reads top to bottom: transform the query → retrieve → (rerank) → keep what is relevant → build_prompt →
-generate → attach citations. There are no chain classes; every step is a function you can call on its own.
+generate → check the citations against the sources → attach them. There are no chain classes; every step is a function you can call on its own.
 
 "Don't know": a chunk enters the prompt only if it is relevant enough — its cosine similarity to the question
 under the store's embedder is at least `min_similarity`, and, when reranking, the LLM's P(relevant) is at least
@@ -20,11 +20,12 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
 
+from ragseek.config import config_field as _f
 from ragseek.llm.base import LLM
 from ragseek.rag.query import QueryMode, retrieve, transform
 from ragseek.rag.rerank import rerank
@@ -37,52 +38,34 @@ DONT_KNOW = "I don't know: the sources do not contain the answer."
 class StepsConfig:
     """The LLM steps around retrieval, shared by `ragseek ask` and `ragseek eval beir`."""
 
-    query: QueryMode = field(
-        default="naive", metadata={"help": "query transformation: naive, rewrite, multi or hyde"}
+    query: QueryMode = _f("naive", "query transformation: naive, rewrite, multi or hyde")
+    n_queries: int = _f(3, "--query multi: LLM-written queries fused with the question")
+    hyde_query_weight: float = _f(
+        0.5, "--query hyde: weight of the question's embedding averaged with the passage's"
     )
-    n_queries: int = field(
-        default=3, metadata={"help": "--query multi: LLM-written queries fused with the question"}
+    rerank: Literal["none", "llm"] = _f(
+        "none", "rerank the top --rerank-depth hits by the LLM's P(yes) (off: see docs/rag.md)"
     )
-    hyde_query_weight: float = field(
-        default=0.5,
-        metadata={"help": "--query hyde: weight of the question's embedding averaged with the passage's"},
-    )
-    rerank: Literal["none", "llm"] = field(
-        default="none",
-        metadata={"help": "rerank the top --rerank-depth hits by the LLM's P(yes) (off: see docs/rag.md)"},
-    )
-    rerank_depth: int = field(
-        default=20, metadata={"help": "hits reranked by the LLM (the rest keep their order)"}
-    )
-    rerank_chars: int = field(default=2000, metadata={"help": "characters of each chunk the reranker reads"})
+    rerank_depth: int = _f(20, "hits reranked by the LLM (the rest keep their order)")
+    rerank_chars: int = _f(2000, "characters of each chunk the reranker reads")
 
 
 @dataclass
 class AskConfig:
     """The don't-know gate, citations and the answer's generation."""
 
-    min_similarity: float = field(
-        default=0.2,
-        metadata={
-            "help": "don't-know gate: least cosine(question, chunk) under the store's embedder (-1 = off)"
-        },
+    min_similarity: float = _f(
+        0.2, "don't-know gate: least cosine(question, chunk) under the store's embedder (-1 = off)"
     )
-    min_relevance: float = field(
-        default=0.5, metadata={"help": "don't-know gate with --rerank llm: least P(relevant) of a chunk"}
+    min_relevance: float = _f(0.5, "don't-know gate with --rerank llm: least P(relevant) of a chunk")
+    attribute_min: float = _f(
+        0.35,
+        "cite for the model: an answer sentence with no [n] gets its most similar source if their "
+        "cosine is at least this (2 = off)",
     )
-    attribute_min: float = field(
-        default=0.35,
-        metadata={
-            "help": "cite for the model: an answer sentence with no [n] gets its most similar source if their "
-            "cosine is at least this (2 = off)"
-        },
-    )
-    one_paragraph: bool = field(
-        default=True,
-        metadata={"help": "stop the answer at its first blank line (small models ramble after it)"},
-    )
-    max_tokens: int = field(default=64, metadata={"help": "most answer tokens"})
-    temperature: float = field(default=0.0, metadata={"help": "answer sampling temperature (0 = greedy)"})
+    one_paragraph: bool = _f(True, "stop the answer at its first blank line (small models ramble after it)")
+    max_tokens: int = _f(64, "most answer tokens")
+    temperature: float = _f(0.0, "answer sampling temperature (0 = greedy)")
 
 
 @dataclass
@@ -92,7 +75,8 @@ class Citation:
     start: int  # char offsets into the stored (cleaned) document text
     end: int
     text: str  # the exact span: document.text[start:end]
-    by: Literal["model", "attribution"] = "model"  # written by the LLM, or added by `attribute`
+    # written by the LLM, moved by `recite` to the source that holds the cited phrase, or added by `attribute`
+    by: Literal["model", "match", "attribution"] = "model"
 
 
 @dataclass
@@ -147,6 +131,36 @@ def cite(answer: str, chunks: list[Hit]) -> list[Citation]:
     ]
 
 
+WORD = re.compile(r"\w+")
+
+
+def _words(text: str) -> str:
+    """`text` as lower-case words and digits between single spaces, padded with one space on each side."""
+    return " " + " ".join(WORD.findall(text.casefold())) + " "
+
+
+def recite(answer: str, chunks: list[Hit]) -> tuple[str, set[int]]:
+    """Check each `[n]` against its source: when the phrase before it (since the previous citation) is not in
+    source n, word for word, but is in another source, cite the best-ranked such source instead. A small reader
+    finds the right phrase more often than the right number (it learns that [1] is usually right).
+
+    Returns the answer and the numbers it now cites in place of the model's; a phrase no source holds, a
+    sentence that paraphrases, and `[n, m]` are left as written."""
+    texts = [_words(h.text) for h in chunks]
+    pieces, moved, last = [], set(), 0
+    for m in CITATION.finditer(answer):
+        phrase, n = _words(answer[last : m.start()]), m.group(1)
+        pieces.append(answer[last : m.start()])
+        holders = [i for i, t in enumerate(texts, 1) if phrase.strip() and phrase in t]
+        if n.isdigit() and holders and int(n) not in holders:
+            pieces.append(f"[{holders[0]}]")
+            moved.add(holders[0])
+        else:
+            pieces.append(m.group())
+        last = m.end()
+    return "".join(pieces) + answer[last:], moved
+
+
 SENTENCE = re.compile(r"[^.!?\n]*[^.!?\n\s][^.!?\n]*[.!?]*")
 
 
@@ -166,27 +180,7 @@ def attribute(
     return answer
 
 
-def relevant(searcher: Searcher, question: str, hits: list[Hit], cfg: AskConfig, reranked: bool) -> list[Hit]:
-    """The hits that pass the don't-know gate (module docstring)."""
-    keep = np.ones(len(hits), dtype=bool)
-    if cfg.min_similarity > -1 and hits:
-        try:
-            matrix = searcher.matrix()
-        except LookupError as e:
-            raise LookupError(
-                f"the don't-know gate compares embeddings ({e}); or pass --min-similarity -1"
-            ) from e
-        rows = np.searchsorted(searcher.store.chunks().ids, [h.chunk_id for h in hits])
-        keep &= (
-            similarity(searcher.embedder().encode([question]), matrix[rows], "cosine")[0]
-            >= cfg.min_similarity
-        )
-    if reranked:
-        keep &= np.array([h.score >= cfg.min_relevance for h in hits], dtype=bool)
-    return [h for h, k in zip(hits, keep, strict=True) if k]
-
-
-def rank(
+def search(
     searcher: Searcher, questions: list[str], llm: LLM | None, steps: StepsConfig, depth: int
 ) -> tuple[list[list[str]], list[list[Hit]], dict[str, float]]:
     """The retrieval half of the pipeline for a batch of questions: transform → retrieve `depth` hits → rerank.
@@ -217,12 +211,8 @@ def ranking(
     (a reranked head's probabilities and the tail's retriever scores do not share a scale)."""
 
     def rank_rows(questions: list[str], depth: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        ids = searcher.store.chunks().ids
-        _, hits, _ = rank(searcher, questions, llm, steps, depth)
-        return [
-            (np.searchsorted(ids, [h.chunk_id for h in hs]), -np.arange(len(hs), dtype=np.float64))
-            for hs in hits
-        ]
+        _, hits, _ = search(searcher, questions, llm, steps, depth)
+        return [(np.array([h.row for h in hs]), -np.arange(len(hs), dtype=np.float64)) for hs in hits]
 
     return rank_rows
 
@@ -243,10 +233,13 @@ def sources(
     depth = max(k, steps.rerank_depth) if steps.rerank == "llm" else k
     # the excluded documents' chunks may all rank first: retrieve that many more
     extra = sum(d in exclude for d in searcher.store.chunks().doc_ids) if exclude else 0
-    (texts,), (hits,), t = rank(searcher, [question], llm, steps, depth + extra)
+    (texts,), (hits,), t = search(searcher, [question], llm, steps, depth + extra)
     clock = time.perf_counter()
-    hits = [h for h in hits if h.doc_id not in exclude]
-    chunks = relevant(searcher, question, hits[:k], cfg, reranked=steps.rerank == "llm")
+    chunks = [h for h in hits if h.doc_id not in exclude][:k]
+    if cfg.min_similarity > -1:
+        chunks = searcher.relevant(question, chunks, cfg.min_similarity)
+    if steps.rerank == "llm":
+        chunks = [h for h in chunks if h.score >= cfg.min_relevance]
     t["gate"] = time.perf_counter() - clock
     return texts, chunks, t
 
@@ -300,8 +293,12 @@ def ask(
         answer = llm.complete([chat], **gen)[0].strip()
     lap("generate")
     by_model = {c.n for c in cite(answer, chunks)}
-    answer = attribute(answer, chunks, searcher.embedder().encode, cfg.attribute_min)
-    citations = [replace(c, by="model" if c.n in by_model else "attribution") for c in cite(answer, chunks)]
+    answer, moved = recite(answer, chunks)
+    answer = attribute(answer, chunks, searcher.encode, cfg.attribute_min)
+    citations = [
+        replace(c, by="match" if c.n in moved - by_model else "model" if c.n in by_model else "attribution")
+        for c in cite(answer, chunks)
+    ]
     lap("cite")
     t["total"] = time.perf_counter() - start
     return Answer(question, answer, citations, chunks, texts, t, prompt)

@@ -19,13 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
+from ragseek.config import config_field as _f
 from ragseek.rag.contextual import contextual_name, contextual_texts
 from ragseek.rag.embedders import Embedder
 from ragseek.rag.splitters import words
@@ -80,14 +81,10 @@ def exact_knn(
 
 @dataclass
 class ANNConfig:
-    ann: bool = field(
-        default=False, metadata={"help": "dense search through a faiss HNSW graph instead of exact kNN"}
-    )
-    hnsw_m: int = field(default=32, metadata={"help": "HNSW neighbours per node (M)"})
-    ef_construction: int = field(default=200, metadata={"help": "HNSW build beam width"})
-    ef_search: int = field(
-        default=128, metadata={"help": "HNSW query beam width (higher: better recall, slower)"}
-    )
+    ann: bool = _f(False, "dense search through a faiss HNSW graph instead of exact kNN")
+    hnsw_m: int = _f(32, "HNSW neighbours per node (M)")
+    ef_construction: int = _f(200, "HNSW build beam width")
+    ef_search: int = _f(128, "HNSW query beam width (higher: better recall, slower)")
 
 
 class HNSWIndex:
@@ -202,18 +199,16 @@ def convex(
 
 @dataclass
 class BM25Config:
-    k1: float = field(default=1.2, metadata={"help": "BM25 term-frequency saturation k1"})
-    b: float = field(default=0.75, metadata={"help": "BM25 length normalisation b"})
-    method: Literal["lucene", "robertson", "atire", "bm25l", "bm25+"] = field(
-        default="lucene", metadata={"help": "BM25 variant (bm25s): lucene, robertson, atire, bm25l, bm25+"}
+    k1: float = _f(1.2, "BM25 term-frequency saturation k1")
+    b: float = _f(0.75, "BM25 length normalisation b")
+    method: Literal["lucene", "robertson", "atire", "bm25l", "bm25+"] = _f(
+        "lucene", "BM25 variant (bm25s): lucene, robertson, atire, bm25l, bm25+"
     )
-    stopwords: Literal["none", "en", "en_plus"] = field(
-        default="none",  # on SciFact stopword removal costs 0.001-0.003 nDCG@10 (bench/results/retrieval.md)
-        metadata={"help": "stopword list dropped by the analyzer: none, en (Lucene's 33), en_plus (179)"},
+    stopwords: Literal["none", "en", "en_plus"] = _f(
+        "none", "stopword list dropped by the analyzer: none, en (Lucene's 33), en_plus (179)"
     )
-    stemmer: Literal["none", "porter"] = field(
-        default="porter",  # +0.029 nDCG@10 on SciFact
-        metadata={"help": "stemmer in the analyzer (porter: gensim's Porter stemmer)"},
+    stemmer: Literal["none", "porter"] = _f(
+        "porter", "stemmer in the analyzer (porter: gensim's Porter stemmer)"
     )
 
     @property
@@ -280,38 +275,27 @@ class BM25Index:
 
 @dataclass
 class SearchConfig:
-    retriever: RetrieverName = field(default="hybrid", metadata={"help": "dense, bm25, hybrid, svm or mmr"})
-    k: int = field(default=10, metadata={"help": "results to return"})
-    embedder: str = field(
-        default="minilm", metadata={"help": "embedder for dense/hybrid/svm/mmr (as at ingest)"}
-    )
-    metric: Metric = field(default="cosine", metadata={"help": "dense similarity: cosine, dot or l2"})
-    fusion: Fusion = field(default="convex", metadata={"help": "hybrid merge: rrf or convex"})
-    rrf_k: int = field(default=60, metadata={"help": "RRF constant k in 1/(k + rank)"})
-    dense_weight: float = field(
-        default=0.5, metadata={"help": "convex fusion weight of dense (bm25 gets 1 - w)"}
-    )
-    norm: Norm = field(
-        default="zscore", metadata={"help": "convex fusion score normalisation: minmax or zscore"}
-    )
-    candidates: int = field(
-        default=100, metadata={"help": "depth of each list fused / re-ranked (hybrid, svm, mmr)"}
-    )
-    mmr_lambda: float = field(
-        default=0.7, metadata={"help": "MMR trade-off: 1 = relevance only, 0 = diversity only"}
-    )
-    svm_c: float = field(default=0.1, metadata={"help": "SVM regularisation C"})
-    contextual: str | None = field(
-        default=None,
-        metadata={
-            "help": "retrieve by LLM context + chunk (hits keep the chunk's offsets): the contexts this LLM wrote, "
-            "its --llm spec as given to `ragseek ingest --contextual`"
-        },
+    retriever: RetrieverName = _f("hybrid", "dense, bm25, hybrid, svm or mmr")
+    k: int = _f(10, "results to return")
+    embedder: str = _f("minilm", "embedder for dense/hybrid/svm/mmr (as at ingest)")
+    metric: Metric = _f("cosine", "dense similarity: cosine, dot or l2")
+    fusion: Fusion = _f("convex", "hybrid merge: rrf or convex")
+    rrf_k: int = _f(60, "RRF constant k in 1/(k + rank)")
+    dense_weight: float = _f(0.5, "convex fusion weight of dense (bm25 gets 1 - w)")
+    norm: Norm = _f("zscore", "convex fusion score normalisation: minmax or zscore")
+    candidates: int = _f(100, "depth of each list fused / re-ranked (hybrid, svm, mmr)")
+    mmr_lambda: float = _f(0.7, "MMR trade-off: 1 = relevance only, 0 = diversity only")
+    svm_c: float = _f(0.1, "SVM regularisation C")
+    contextual: str | None = _f(
+        None,
+        "retrieve by LLM context + chunk (hits keep the chunk's offsets): the contexts this LLM wrote, "
+        "its --llm spec as given to `ragseek ingest --contextual`",
     )
 
 
 @dataclass
 class Hit:
+    row: int  # the chunk's row in `store.chunks()` (and its chunk vectors); -1 for a passage not in the store
     chunk_id: int
     doc_id: str
     start: int
@@ -340,6 +324,7 @@ class Searcher:
         self.bm25_cfg, self.ann_cfg = bm25 or BM25Config(), ann or ANNConfig()
         self._embedder = embedder
         self._cache: dict[str, object] = {}
+        self._queries: dict[str, np.ndarray] = {}  # query text -> vector: `ask` embeds its question once
 
     def _cached(self, key: str, make: Callable[[], object]):
         key = f"{key}@{self.store.generation}"
@@ -398,10 +383,34 @@ class Searcher:
 
         return self._cached("hnsw", make)
 
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Query vectors under the store's embedder, each text embedded once per searcher (the last 1,024 kept):
+        retrieval, the don't-know gate and attribution all embed the question."""
+        new = [t for t in dict.fromkeys(texts) if t not in self._queries]
+        if new:
+            for t, v in zip(new, self.embedder().encode(new), strict=True):
+                self._queries[t] = v
+            for t in list(self._queries)[: max(0, len(self._queries) - 1024)]:
+                del self._queries[t]
+        return np.stack([self._queries[t] for t in texts]) if texts else np.zeros((0, 0), np.float32)
+
+    def relevant(self, question: str, hits: list[Hit], min_similarity: float) -> list[Hit]:
+        """The don't-know gate: the hits whose chunk vector has cosine >= `min_similarity` with the question's."""
+        if not hits:
+            return []
+        try:
+            vectors = self.matrix()[[h.row for h in hits]]
+        except LookupError as e:
+            raise LookupError(
+                f"the don't-know gate compares embeddings ({e}); or pass --min-similarity -1"
+            ) from e
+        cos = similarity(self.encode([question]), vectors, "cosine")[0]
+        return [h for h, c in zip(hits, cos, strict=True) if c >= min_similarity]
+
     # each ranker: (queries, depth) -> one (chunk rows, scores) pair per query, best first
 
     def _encode(self, queries: list[str], vectors: np.ndarray | None) -> np.ndarray:
-        return self.embedder().encode(queries) if vectors is None else np.atleast_2d(vectors)
+        return self.encode(queries) if vectors is None else np.atleast_2d(vectors)
 
     def _dense(
         self, queries: list[str], depth: int, vectors: np.ndarray | None = None
@@ -468,6 +477,16 @@ class Searcher:
         idx, sc = exact_knn(qv, self.matrix(), depth, self.cfg.metric)
         return list(zip(idx, sc, strict=True))
 
+    def check(self) -> None:
+        """Raise LookupError, saying what to run, when the store has no chunks or no vectors for this retriever's
+        embedder: the commands call it before an LLM loads."""
+        if not self.store.chunks().texts:
+            raise LookupError(
+                f"the store {self.store.root} has no chunks: run `ragseek ingest PATH --store ...` first"
+            )
+        if self.cfg.retriever != "bm25":
+            self.matrix()
+
     def rank(
         self, queries: list[str], depth: int, vectors: np.ndarray | None = None
     ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -475,12 +494,7 @@ class Searcher:
 
         `vectors` (len(queries), dim), optional: the dense side's query vectors, used instead of embedding the
         query texts (HyDE retrieves by a hypothetical passage's vector while BM25 still reads the query)."""
-        if not self.store.chunks().texts:
-            raise LookupError(
-                f"the store {self.store.root} has no chunks: run `ragseek ingest PATH --store ...` first"
-            )
-        if self.cfg.retriever != "bm25":
-            self.matrix()  # fails fast, before a model loads, when the store has no vectors for this embedder
+        self.check()
         rankers = {
             "dense": self._dense,
             "bm25": self._bm25,
@@ -495,6 +509,7 @@ class Searcher:
         table = self.store.chunks()
         return [
             Hit(
+                int(r),
                 int(table.ids[r]),
                 table.doc_ids[r],
                 int(table.starts[r]),

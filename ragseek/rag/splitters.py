@@ -10,8 +10,10 @@ from __future__ import annotations
 import bisect
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
+
+from ragseek.config import config_field as _f
 
 Unit = Literal["chars", "tokens"]
 SplitterKind = Literal["fixed", "recursive", "none"]
@@ -22,15 +24,12 @@ SEPARATORS = (re.compile(r"\n\n+"), re.compile(r"\n"), re.compile(r"(?<=[.!?])\s
 
 @dataclass
 class SplitterConfig:
-    splitter: SplitterKind = field(
-        default="recursive",
-        metadata={
-            "help": "fixed: windows of chunk_size; recursive: paragraph→line→sentence→word; none: whole doc"
-        },
+    splitter: SplitterKind = _f(
+        "recursive", "fixed: windows of chunk_size; recursive: paragraph→line→sentence→word; none: whole doc"
     )
-    chunk_size: int = field(default=1000, metadata={"help": "largest chunk, in --unit"})
-    chunk_overlap: int = field(default=150, metadata={"help": "text shared by consecutive chunks, in --unit"})
-    unit: Unit = field(default="chars", metadata={"help": "chars, or tokens (words and punctuation marks)"})
+    chunk_size: int = _f(1000, "largest chunk, in --unit")
+    chunk_overlap: int = _f(150, "text shared by consecutive chunks, in --unit")
+    unit: Unit = _f("chars", "chars, or tokens (words and punctuation marks)")
 
     def __post_init__(self) -> None:
         if not 0 <= self.chunk_overlap < self.chunk_size:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ragseek.config import config_field as _f
 from ragseek.rag.documents import Document, DocumentError, content_hash, find_files, load_file
 from ragseek.rag.embedders import (
     Embedder,
@@ -56,16 +57,12 @@ EMBEDDER_KINDS = ("minilm", "word2vec", "glove", "none")
 
 @dataclass
 class StoreConfig:
-    embedder: str = field(
-        default="minilm",
-        metadata={
-            "help": "minilm | word2vec | glove (trained on the store's chunks) | none | path to a sentence-transformers folder"
-        },
+    embedder: str = _f(
+        "minilm",
+        "minilm | word2vec | glove (trained on the store's chunks) | none | path to a sentence-transformers folder",
     )
-    batch_size: int = field(default=64, metadata={"help": "texts per embedding batch (one transaction each)"})
-    prune: bool = field(
-        default=False, metadata={"help": "remove stored documents whose file no longer exists"}
-    )
+    batch_size: int = _f(64, "texts per embedding batch (one transaction each)")
+    prune: bool = _f(False, "remove stored documents whose file no longer exists")
 
 
 @dataclass

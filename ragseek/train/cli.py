@@ -6,8 +6,8 @@ and `ragseek eval math` (`tasks/math_eval.py`).
 
 Every field of the recipe's config dataclass (its help text is the documentation) can be set in the YAML file or
 with --set key=value (loop.key=value for the loop's); --out and --resume are shortcuts for loop.out_dir and
-loop.resume. The resolved config is written to <out>/config.json and inside every checkpoint. Each recipe also runs
-as `python -m ragseek.train.recipes.NAME` with the same flags (the module's `main`, `run.recipe_main`).
+loop.resume (`ragseek.config.load_config`, the loader every command uses). The resolved config is written to
+<out>/config.json and inside every checkpoint.
 """
 
 from __future__ import annotations
@@ -48,10 +48,12 @@ RECIPES = {
 def _command(module: str, help: str) -> Any:
     def command(
         config: Annotated[
-            str | None, typer.Option(help="YAML file of the recipe's config (configs/NAME.yaml)")
+            str | None,
+            typer.Option(metavar="FILE", help="YAML file of the recipe's config (configs/NAME.yaml)"),
         ] = None,
         set_: Annotated[
-            list[str] | None, typer.Option("--set", help="override a field: key=value or loop.key=value")
+            list[str] | None,
+            typer.Option("--set", metavar="KEY=VALUE", help="override a field: key=value or loop.key=value"),
         ] = None,
         out: Annotated[str | None, typer.Option(help="output folder (sets loop.out_dir)")] = None,
         resume: Annotated[
@@ -88,13 +90,16 @@ def register_data(app: typer.Typer) -> None:
             0.15, help="fraction of questions asked without their gold paragraph"
         ),
         k: int = typer.Option(3, help="sources per prompt (as `ragseek ask`)"),
+        shuffle: float = typer.Option(
+            0.5, help="fraction of questions whose sources are put in a random order (not retrieval's)"
+        ),
         seed: int = typer.Option(20261204, help="draws the validation articles and the don't-know questions"),
     ) -> None:
         """RAG reading rows: each question retrieved over every paragraph, in ask's exact prompt, target 'phrase [n]'."""
         from ragseek.train.tasks.reader import build
 
         try:
-            summary = build(squad, out, val_articles, dont_know, k, seed)
+            summary = build(squad, out, val_articles, dont_know, k, seed, shuffle)
         except (FileNotFoundError, ValueError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1) from e

@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from ragseek.model.config import config_field as _f
+from ragseek.config import config_field as _f
 
 Precision = Literal["fp32", "bf16"]
 LossFn = Callable[[Any], tuple[torch.Tensor, Mapping[str, Any]]]

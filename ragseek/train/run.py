@@ -1,13 +1,13 @@
 """Run setup that every recipe shares (the component behind each recipe's first and last lines): the config
 from a YAML file and --set overrides, model loading, frozen copies, preference micro-batches, the `Run` around the
 recipe's explicit loop (resume, config.json, metrics log, progress line, checkpoints, the final model), and the
-`main` / `python -m` entry of a recipe.
+`main` that `ragseek train NAME` calls.
 
     cfg = load_config(SFTConfig, "configs/sft.yaml", ["loop.max_steps=20", "batch_size=4"])
     run = start_run(cfg, cfg.loop, model, optimizer, sampler)   # resume, config.json, metrics log, progress
     for step in range(run.start, cfg.loop.max_steps): ...; run.end_step(step + 1, metrics, tokens)
     return run.finish(plot_keys, model, tokenizer)              # metrics.png and <out_dir>/final
-    main = recipe_main(SFTConfig, train)                        # what `ragseek train sft` and `python -m` call
+    main = recipe_main(SFTConfig, train)                        # what `ragseek train sft` calls
 
 The optimiser, schedule, checkpoint files and metrics log themselves are `loop.py`'s.
 """
@@ -15,14 +15,14 @@ The optimiser, schedule, checkpoint files and metrics log themselves are `loop.p
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_type_hints
+from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
+from ragseek.config import load_config
 from ragseek.model import Tokenizer, Transformer, load_tokenizer
 from ragseek.model.lora import (
     CONFIG_FILE,
@@ -43,51 +43,6 @@ MODEL_HELP = "HF folder or .gguf file (empty: the embedded SmolLM2-135M-Instruct
 def nested_loop(loop: LoopConfig | Mapping[str, Any]) -> LoopConfig:
     """The `loop:` block of a config: a LoopConfig, or its fields as a mapping (YAML, JSON)."""
     return LoopConfig(**loop) if isinstance(loop, Mapping) else loop
-
-
-def load_config(cls: type, path: str | Path | None = None, overrides: Sequence[str] = ()) -> Any:
-    """A config dataclass from a YAML file, then `key=value` / `loop.key=value` overrides (values parsed as YAML)."""
-    data: dict[str, Any] = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: write key=value, e.g. --set loop.max_steps=10")
-        *parents, leaf = key.strip().split(".")
-        node = data
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
-    return cls(**_typed(cls, data))
-
-
-def _typed(cls: type, data: dict[str, Any]) -> dict[str, Any]:
-    """`data` with YAML's loose scalars made the declared type (YAML 1.1 reads `1e-05` as a string) and nested
-    blocks merged into the field's default (a `loop:` block changes only the keys it names)."""
-    hints, defaults = get_type_hints(cls), {f.name: f for f in fields(cls)}
-    unknown = set(data) - set(defaults)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(defaults)}")
-    out = {}
-    for name, value in data.items():
-        hint = _dataclass_or_none(hints[name])
-        if is_dataclass(hint) and isinstance(value, Mapping):
-            f = defaults[name]
-            base = f.default_factory() if f.default_factory is not MISSING else f.default
-            base = hint() if base is MISSING or base is None else base
-            value = replace(base, **_typed(hint, dict(value)))
-        elif hint is float and isinstance(value, (str, int)) and not isinstance(value, bool):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ValueError(f"{cls.__name__}.{name} must be a number, got {value!r}") from None
-        out[name] = value
-    return out
-
-
-def _dataclass_or_none(hint: Any) -> Any:
-    """`X` for a field declared `X | None` with X a dataclass (an optional block such as `lora:`), else the hint."""
-    args = [a for a in get_args(hint) if a is not type(None)]
-    return args[0] if len(args) == 1 and is_dataclass(args[0]) else hint
 
 
 def with_run_flags(cfg: Any, out: str | None = None, resume: bool = False) -> Any:
@@ -233,7 +188,7 @@ RecipeMain = Callable[[str | None, list[str], str | None, bool], Any]
 
 def recipe_main(cls: type, train: Callable[[Any], Any]) -> RecipeMain:
     """A recipe's `main(config_path, overrides, out=None, resume=False)`: the config file, then the --set overrides,
-    then --out and --resume (`with_run_flags`), then `train(cfg)`. `ragseek train NAME` and `cli` call it."""
+    then --out and --resume (`with_run_flags`), then `train(cfg)`: what `ragseek train NAME` calls."""
 
     def main(
         config_path: str | None, overrides: list[str], out: str | None = None, resume: bool = False
@@ -244,16 +199,3 @@ def recipe_main(cls: type, train: Callable[[Any], Any]) -> RecipeMain:
         f"`ragseek train`: a {cls.__name__} from the config file, --set, --out and --resume; then train."
     )
     return main
-
-
-def cli(main: RecipeMain) -> None:
-    """`python -m ragseek.train.recipes.NAME --config FILE [--set k=v ...] [--out DIR] [--resume]` calls `main`."""
-    import argparse
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default=None)
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--resume", action="store_true")
-    args = ap.parse_args()
-    main(args.config, args.overrides, args.out, args.resume)

@@ -66,6 +66,19 @@ def test_ingest_info_search_json(tmp_path):
     # the script was dropped
     assert "fox" not in json.dumps([h for h in hits if h["doc_id"].endswith("b.html")])
 
+    # the same options from a YAML file and --set; a flag given on the command line wins over both
+    config = tmp_path / "search.yaml"
+    config.write_text("retriever: bm25\nk: 2\n")
+    search = ["search", "fox canines", "--store", store, "--json", "--config", str(config)]
+    assert json.loads(invoke(*search).stdout) == hits and len(hits) == 2
+    assert json.loads(invoke(*search, "--set", "k=1").stdout) == hits[:1]
+    assert json.loads(invoke(*search, "--set", "k=1", "--k", "2").stdout) == hits
+    for bad, says in (("--set", "kk=1"), ("--set", "k"), ("--config", str(tmp_path / "none.yaml"))):
+        result = runner.invoke(app, [*search[:5], bad, says])
+        assert result.exit_code == 2 and (
+            "kk" in result.output or "key=value" in result.output or "none.yaml" in result.output
+        ), result.output
+
 
 def test_eval_beir_json(tmp_path):
     beir = DATA / "beir"

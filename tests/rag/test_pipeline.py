@@ -22,6 +22,7 @@ from ragseek.rag.pipeline import (
     build_prompt,
     cite,
     ranking,
+    recite,
 )
 from ragseek.rag.query import retrieve, transform
 from ragseek.rag.rerank import probability, relevance, rerank, rerank_prompt
@@ -69,7 +70,7 @@ class Canned:
 
 
 def hit(i: int, doc: str, text: str) -> Hit:
-    return Hit(chunk_id=i, doc_id=doc, start=10 * i, end=10 * i + len(text), score=1.0, text=text)
+    return Hit(row=i, chunk_id=i, doc_id=doc, start=10 * i, end=10 * i + len(text), score=1.0, text=text)
 
 
 def test_build_prompt_numbers_sources_in_order():
@@ -105,6 +106,20 @@ def test_attribute_cites_the_most_similar_source_and_keeps_model_citations():
     assert attribute(answer, chunks, bag_of_words, min_similarity=2) == answer  # off
 
 
+def test_recite_moves_a_citation_to_the_source_that_holds_the_phrase():
+    chunks = [
+        hit(1, "a.md", "Tesla moved to Prague in 1880."),
+        hit(2, "b.md", "He weighed 142 pounds, (64 kg)."),
+    ]
+    assert recite("142 Pounds [1]", chunks) == ("142 Pounds [2]", {2})  # case and punctuation aside
+    assert recite("Prague [1]", chunks) == ("Prague [1]", set())  # right already
+    assert recite("Prague [2] and 142 pounds [2]", chunks) == ("Prague [1] and 142 pounds [2]", {1})
+    # no source holds it, a part of a word, several numbers: left as written
+    for answer in ("Berlin [2]", "42 pounds [1]", "Prague [1, 2]"):
+        assert recite(answer, chunks) == (answer, set())
+    assert recite("Prague [3]", chunks) == ("Prague [1]", {1})  # a number with no source, the phrase in one
+
+
 def test_ask_citations_map_to_exact_spans(store, llm):
     searcher = Searcher(store, SearchConfig(retriever="bm25", k=3))
     cfg = AskConfig(min_similarity=-1, attribute_min=-1, max_tokens=12)  # attribute every sentence
@@ -138,6 +153,20 @@ def test_dont_know_when_nothing_is_similar(store, llm):
     assert counting.calls == 0  # the generator never saw unrelated sources
     on_topic = ask("latent cache per token", searcher, counting, AskConfig(min_similarity=0.2, max_tokens=4))
     assert on_topic.answer != DONT_KNOW and counting.calls == 1
+
+
+def test_ask_embeds_its_question_once_and_hits_know_their_row(store, llm):
+    searcher = Searcher(store, SearchConfig(retriever="hybrid", embedder="word2vec", k=3))
+    embedder, seen = searcher.embedder(), []
+    encode = embedder.encode
+    embedder.encode = lambda texts: (seen.extend(texts), encode(texts))[1]
+    question = "latent cache per token"
+    # retrieval (dense side), the don't-know gate and attribution (the chunk texts, then the answer sentences)
+    result = ask(question, searcher, llm, AskConfig(min_similarity=0.0, attribute_min=-1, max_tokens=4))
+    assert seen.count(question) == 1 and result.chunks
+    table = store.chunks()
+    for h in result.chunks:
+        assert (table.ids[h.row], table.doc_ids[h.row], table.texts[h.row]) == (h.chunk_id, h.doc_id, h.text)
 
 
 def test_dont_know_when_the_reranker_rejects_everything(store, llm):

@@ -277,9 +277,9 @@ def test_kill_9_then_resume_continues_the_same_curve(tmp_path):
 
 
 def test_load_config_types_yaml_scalars_and_merges_the_loop_block(tmp_path):
+    from ragseek.config import load_config
     from ragseek.train.recipes.pretrain import PretrainConfig
     from ragseek.train.recipes.sft import SFTConfig
-    from ragseek.train.run import load_config
 
     path = tmp_path / "c.json"  # a saved config.json: YAML 1.1 reads 1e-05 as a string
     path.write_text(json.dumps({"data": "x.jsonl", "loop": {"lr": 1e-05, "max_steps": 7}}))
@@ -291,3 +291,15 @@ def test_load_config_types_yaml_scalars_and_merges_the_loop_block(tmp_path):
         load_config(PretrainConfig, None, ["loop.lrr=1"])
     with pytest.raises(ValueError, match="must be a number"):
         load_config(PretrainConfig, None, ["loop.lr=fast"])
+    # a bad file or override: one line naming it
+    (tmp_path / "list.yaml").write_text("- lr: 1\n")
+    (tmp_path / "broken.yaml").write_text("loop: {lr: 1\n")
+    for path, sets, says in (
+        (tmp_path / "list.yaml", [], "list.yaml: a config file is a YAML mapping"),
+        (tmp_path / "broken.yaml", [], "broken.yaml: not valid YAML"),
+        (tmp_path / "missing.yaml", [], "missing.yaml: cannot read the config file"),
+        (None, ["loop.lr"], "write key=value"),
+        (None, ["data=x", "data.lr=1"], "data is a value, not a block"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            load_config(SFTConfig, path, sets)

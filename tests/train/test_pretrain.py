@@ -164,7 +164,7 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path: Path, corp
         "loop": {**vars(cfg.loop), "betas": list(cfg.loop.betas)},
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "ragseek.train.recipes.pretrain", "--config", str(tmp_path / "cfg.yaml")]
+    cmd = [sys.executable, "-m", "ragseek", "train", "pretrain", "--config", str(tmp_path / "cfg.yaml")]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     full = tmp_path / "full"

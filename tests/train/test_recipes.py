@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from ragseek.config import load_config
 from ragseek.defaults import smollm2_gguf
 from ragseek.model import ModelConfig, Transformer, load_tokenizer
 from ragseek.model.generate import SamplingConfig, generate
@@ -31,7 +32,6 @@ from ragseek.train import value_heads
 from ragseek.train.data import collate_preference, load_preference, load_sft
 from ragseek.train.loop import LoopConfig, read_metrics
 from ragseek.train.recipes import distill, dpo, rm, sft
-from ragseek.train.run import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 PROBLEMS = [(12, 19), (33, 41), (50, 25), (71, 18)]

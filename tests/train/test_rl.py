@@ -21,13 +21,13 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 from typer.testing import CliRunner
 
+from ragseek.config import load_config
 from ragseek.model.config import ModelConfig
 from ragseek.model.tokenizer import Tokenizer
 from ragseek.model.transformer import Transformer
 from ragseek.train.cli import register_math
 from ragseek.train.loop import config_dict, read_metrics
 from ragseek.train.recipes import grpo, ppo
-from ragseek.train.run import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
@@ -211,7 +211,7 @@ def test_grpo_resume_after_sigkill_reproduces_the_losses(tmp_path):
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent)])}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ragseek.train.recipes.grpo", "--config", str(config)],
+        [sys.executable, "-m", "ragseek", "train", "grpo", "--config", str(config)],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,

@@ -25,14 +25,13 @@ from typing import Literal, get_args
 
 from torch import Tensor
 
+from ragseek.config import config_field as _f
 from ragseek.model import Tokenizer, Transformer
-from ragseek.model.config import config_field as _f
 from ragseek.train.data import EpochSampler, collate_sft, load_sft, read_jsonl, write_jsonl
 from ragseek.train.loop import LoopConfig, build_optimizer, micro_batches, set_seed, train_step
 from ragseek.train.losses import SFTReduction, distill_loss, sft_loss
 from ragseek.train.run import (
     MODEL_HELP,
-    cli,
     frozen,
     load_model,
     nested_loop,
@@ -203,6 +202,3 @@ def train(cfg: DistillConfig) -> list[dict]:
 
 
 main = recipe_main(DistillConfig, train)
-
-if __name__ == "__main__":
-    cli(main)

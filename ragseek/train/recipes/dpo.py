@@ -21,14 +21,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ragseek.model.config import config_field as _f
+from ragseek.config import config_field as _f
 from ragseek.train.data import EpochSampler, collate_preference, load_preference
 from ragseek.train.loop import LoopConfig, build_optimizer, set_seed, train_step
 from ragseek.train.losses import dpo_loss
 from ragseek.train.rollout import response_logps
 from ragseek.train.run import (
     MODEL_HELP,
-    cli,
     frozen,
     load_model,
     nested_loop,
@@ -155,6 +154,3 @@ def train(cfg: DPOConfig) -> list[dict]:
 
 
 main = recipe_main(DPOConfig, train)
-
-if __name__ == "__main__":
-    cli(main)

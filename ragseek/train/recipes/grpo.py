@@ -1,6 +1,6 @@
 """GRPO with rule-based rewards (DeepSeekMath, arXiv:2402.03300; the lecture's v2 of the addition story).
 
-    python -m ragseek.train.recipes.grpo --config configs/grpo.yaml [--set loop.max_steps=50 --set group_size=4]
+    ragseek train grpo --config configs/grpo.yaml [--set loop.max_steps=50 --set group_size=4]
     ragseek train grpo --config configs/grpo.yaml
 
 One step, top to bottom (`train`):
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ragseek.model.config import config_field as _f
+from ragseek.config import config_field as _f
 from ragseek.model.lora import LoRAConfig
 from ragseek.train.data import EpochSampler, load_prompts
 from ragseek.train.loop import LoopConfig, autocast, build_optimizer, set_seed, train_epochs
@@ -51,7 +51,6 @@ from ragseek.train.rollout import (
 from ragseek.train.run import (
     LORA_HELP,
     MODEL_HELP,
-    cli,
     frozen,
     load_model,
     nested_loop,
@@ -193,6 +192,3 @@ def train(cfg: GRPOConfig) -> list[dict]:
 
 
 main = recipe_main(GRPOConfig, train)
-
-if __name__ == "__main__":
-    cli(main)

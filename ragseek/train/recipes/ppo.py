@@ -1,6 +1,6 @@
 """RLHF with PPO + GAE (the lecture's step 3; Ouyang et al. 2022, arXiv:2203.02155; Schulman et al. 2017).
 
-    python -m ragseek.train.recipes.ppo --config configs/ppo.yaml [--set loop.max_steps=50]
+    ragseek train ppo --config configs/ppo.yaml [--set loop.max_steps=50]
     ragseek train ppo --config configs/ppo.yaml
 
 One step, top to bottom (`train`):
@@ -27,13 +27,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ragseek.model.config import config_field as _f
+from ragseek.config import config_field as _f
 from ragseek.train.data import EpochSampler, load_prompts
 from ragseek.train.loop import LoopConfig, autocast, build_optimizer, set_seed, train_epochs
 from ragseek.train.losses import gae, kl_penalized_rewards, ppo_policy_loss, value_loss
 from ragseek.train.rewards import numbers_match, resolve_reward
 from ragseek.train.rollout import RolloutModel, accuracy, logps_of, rollout_sampling, sample_groups, score
-from ragseek.train.run import MODEL_HELP, cli, frozen, load_model, nested_loop, recipe_main, start_run
+from ragseek.train.run import MODEL_HELP, frozen, load_model, nested_loop, recipe_main, start_run
 from ragseek.train.value_heads import Critic, load_reward_model
 
 PLOT_KEYS = ("score_mean", "accuracy", "response_length", "kl", "value_loss", "clip_fraction", "loss")
@@ -150,6 +150,3 @@ def train(cfg: PPOConfig) -> list[dict]:
 
 
 main = recipe_main(PPOConfig, train)
-
-if __name__ == "__main__":
-    cli(main)

@@ -1,7 +1,7 @@
 """Pretraining a DeepSeek-style model from scratch: next-token CE + MTP, MoE load balancing, val perplexity.
 
     ragseek train pretrain --config configs/pretrain_tiny.yaml [--set key=value ...] [--out DIR] [--resume]
-    python -m ragseek.train.recipes.pretrain --config configs/pretrain_tiny.yaml [--set loop.max_steps=50]
+    ragseek train pretrain --config configs/pretrain_tiny.yaml [--set loop.max_steps=50]
 
 The recipe, top to bottom (`train`):
   data     the corpus (.txt / .jsonl files or folders; default SciFact + GSM8K from ../shared/data) tokenised once
@@ -28,9 +28,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ragseek.config import config_field as _f
 from ragseek.defaults import shared_data_dir
 from ragseek.model.config import ModelConfig
-from ragseek.model.config import config_field as _f
 from ragseek.model.moe import max_violation
 from ragseek.model.tokenizer import Tokenizer, load_tokenizer
 from ragseek.model.transformer import Transformer
@@ -50,7 +50,7 @@ from ragseek.train.loop import (
     set_seed,
     train_step,
 )
-from ragseek.train.run import cli, recipe_main, start_run
+from ragseek.train.run import recipe_main, start_run
 
 Balance = Literal["bias", "aux", "none"]
 BALANCES: tuple[Balance, ...] = ("bias", "aux", "none")
@@ -257,6 +257,3 @@ def train(cfg: PretrainConfig, model: Transformer | None = None) -> dict[str, An
 
 
 main = recipe_main(PretrainConfig, train)
-
-if __name__ == "__main__":
-    cli(main)

@@ -19,14 +19,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ragseek.config import config_field as _f
 from ragseek.model import Tokenizer
-from ragseek.model.config import config_field as _f
 from ragseek.train.data import EpochSampler, collate_preference, load_preference
 from ragseek.train.loop import LoopConfig, build_optimizer, set_seed, train_step
 from ragseek.train.losses import bradley_terry_loss
 from ragseek.train.run import (
     MODEL_HELP,
-    cli,
     load_model,
     nested_loop,
     preference_micro_batches,
@@ -123,6 +122,3 @@ def train(cfg: RewardModelConfig) -> list[dict]:
 
 
 main = recipe_main(RewardModelConfig, train)
-
-if __name__ == "__main__":
-    cli(main)

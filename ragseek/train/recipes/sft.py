@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ragseek.model.config import config_field as _f
+from ragseek.config import config_field as _f
 from ragseek.model.lora import LoRAConfig
 from ragseek.train.data import EpochSampler, collate_sft, load_sft
 from ragseek.train.loop import LoopConfig, build_optimizer, micro_batches, set_seed, train_step
@@ -23,7 +23,6 @@ from ragseek.train.losses import SFTReduction, sft_loss
 from ragseek.train.run import (
     LORA_HELP,
     MODEL_HELP,
-    cli,
     load_model,
     nested_loop,
     recipe_main,
@@ -84,6 +83,3 @@ def train(cfg: SFTConfig) -> list[dict]:
 
 
 main = recipe_main(SFTConfig, train)
-
-if __name__ == "__main__":
-    cli(main)
