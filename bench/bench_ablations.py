@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ragseek.config import load_config
-from ragseek.model.generate import SamplingConfig, generate_ids, speculative_generate
+from ragseek.model.decoding import SamplingConfig, generate_ids, speculative_generate
 from ragseek.model.transformer import Transformer
 from ragseek.train.loop import read_metrics, set_seed
 from ragseek.train.recipes.pretrain import PretrainConfig, build_model, open_tokens, prepare_data, train

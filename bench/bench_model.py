@@ -40,7 +40,7 @@ def speed_rows() -> list[dict]:
 
     from ragseek.defaults import smollm2_gguf
     from ragseek.model import SamplingConfig, Transformer
-    from ragseek.model.generate import generate_ids
+    from ragseek.model.decoding import generate_ids
     from ragseek.model.quant import quantize_weights
 
     gguf = smollm2_gguf()

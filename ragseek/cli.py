@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import typer
 
+from ragseek.config import with_configs
+from ragseek.model.sampling import SamplingConfig
+
 # rich_markup_mode=None: help texts are plain, so "[n]" and "[1]" print as written instead of vanishing as markup
 app = typer.Typer(
     add_completion=False,
@@ -15,33 +18,27 @@ eval_app = typer.Typer(no_args_is_help=True, help="Evaluate retrieval (beir) or 
 app.add_typer(eval_app, name="eval")
 
 
-@app.command()
 def generate(
     prompt: str = typer.Argument(..., help="the user message (or raw text with --raw)"),
     model: str = typer.Option(
         None, help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)"
     ),
-    max_new_tokens: int = typer.Option(128, help="tokens generated at most"),
-    temperature: float = typer.Option(0.0, help="0 = greedy"),
-    top_k: int = typer.Option(0, help="keep the k most likely tokens (0 = all)"),
-    top_p: float = typer.Option(1.0, help="nucleus sampling mass"),
-    seed: int = typer.Option(None, help="sampling seed"),
-    stop: list[str] = typer.Option(None, help="stop string (repeatable)"),
     system: str = typer.Option(None, help="system message (default: the model's chat template default)"),
     raw: bool = typer.Option(False, help="feed the prompt as is, without the chat template"),
     quantize: str = typer.Option(
         None, help="'int8': int8 weights for the linear layers (faster decoding on CPU)"
     ),
     json_out: bool = typer.Option(
-        False, "--json", help='print {"text", "tokens", "logprobs"} instead of streaming'
+        False, "--json", help='print {"text", "tokens", "logprobs", "finish_reason"} instead of streaming'
     ),
+    sampling: SamplingConfig = None,
 ) -> None:
     """Generate text with ragseek's own Transformer (streams to the terminal)."""
     import json
     import sys
 
     from ragseek.defaults import smollm2_gguf
-    from ragseek.model import SamplingConfig, Transformer, load_tokenizer, stream
+    from ragseek.model import Transformer, load_tokenizer, stream
     from ragseek.model import generate as run_generate
     from ragseek.model.quant import quantize_weights
 
@@ -54,27 +51,22 @@ def generate(
         {"role": "user", "content": prompt}
     ]
     text = prompt if raw else tok.apply_chat_template(messages, add_generation_prompt=True)
-    cfg = SamplingConfig(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        stop=list(stop or []),
-    )
     if json_out:
-        g = run_generate(net, tok, text, cfg)[0]
+        g = run_generate(net, tok, text, sampling)[0]
         print(
             json.dumps(
                 {"text": g.text, "tokens": g.tokens, "logprobs": g.logprobs, "finish_reason": g.finish_reason}
             )
         )
         return
-    for piece in stream(net, tok, text, cfg):
+    for piece in stream(net, tok, text, sampling):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
 
+
+# the sampling flags are SamplingConfig's fields (their help is written once, there)
+app.command()(with_configs(generate, {"SamplingConfig": SamplingConfig}))
 
 # Each area registers its own commands.
 from ragseek.llm.cli import register as _register_llm  # noqa: E402

@@ -121,7 +121,7 @@ def with_configs(fn, classes: Mapping[str, type], **defaults):
                     f"{fn.__name__}: the flag --{f.name} comes from two config classes; rename one field"
                 )
             seen.add(f.name)
-            default = defaults.get(f.name, f.default)
+            default = defaults.get(f.name, f.default_factory() if f.default is MISSING else f.default)
             opt = typer.Option(default, "--" + f.name.replace("_", "-"), help=f.metadata.get("help", ""))
             params.append(
                 inspect.Parameter(

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ragseek.llm.base import Prompt, TokenLogprobs, check_pairs, sum_continuations, text_logprobs
-from ragseek.model.generate import find_stop
+from ragseek.model.decoding import find_stop
 
 if TYPE_CHECKING:
     import torch

@@ -1,6 +1,6 @@
 """`local`: ragseek's own Transformer and tokenizer (default: the embedded SmolLM2-135M-Instruct).
 
-Generation runs through `ragseek.model.generate` (left-padded batches with a KV cache); prompts are sorted by
+Generation runs through `ragseek.model.decoding` (left-padded batches with a KV cache); prompts are sorted by
 length so a batch holds similar lengths. Scoring is one right-padded forward per batch with an attention mask.
 """
 
@@ -70,7 +70,8 @@ class LocalLLM:
         temperature: float = 0.0,
         stop: list[str] | None = None,
     ) -> list[str]:
-        from ragseek.model.generate import SamplingConfig, generate_ids
+        from ragseek.model.decoding import generate_ids
+        from ragseek.model.sampling import SamplingConfig
 
         cfg = SamplingConfig(max_new_tokens=max_tokens, temperature=temperature, stop=list(stop or []))
         ids = [self.tokenizer.encode(self.render(p)) for p in prompts]
@@ -88,7 +89,8 @@ class LocalLLM:
     def stream(
         self, prompt: Prompt, max_tokens: int = 256, temperature: float = 0.0, stop: list[str] | None = None
     ) -> Iterator[str]:
-        from ragseek.model.generate import SamplingConfig, stream
+        from ragseek.model.decoding import stream
+        from ragseek.model.sampling import SamplingConfig
 
         cfg = SamplingConfig(max_new_tokens=max_tokens, temperature=temperature, stop=list(stop or []))
         return stream(self.model, self.tokenizer, self.render(prompt), cfg)

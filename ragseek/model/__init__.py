@@ -6,26 +6,36 @@ loaded from and saved to transformers folders and GGUF files.
     attention.py    MHA / GQA / MQA and MLA (naive and absorbed paths), their KV caches (int8 option)
     moe.py          DeepSeekMoE: fine-grained and shared experts, group-limited routing, aux-loss-free balancing
     transformer.py  the Transformer: blocks, head, MTP modules, the training loss
-    generate.py     batched generation with a KV cache: sampling, stop strings, logprobs, streaming
+    decoding.py     batched generation with a KV cache: sampling, stop strings, logprobs, streaming
+    sampling.py     SamplingConfig: how generate samples (no torch: the command line reads its fields)
     tokenizer.py    a `tokenizers` BPE with its special tokens and chat template
     checkpoint.py   from_pretrained / save_pretrained: safetensors folders and GGUF
     gguf.py         llama.cpp GGUF files (dequantised) read as a transformers checkpoint
     lora.py         LoRA adapters on any linear layer, merged or not, in PEFT's format
     quant.py        weight-only int8 linears for CPU inference
+
+The names below load on first use (PEP 562), so `from ragseek.model.sampling import SamplingConfig` and the
+`ragseek` command line do not import torch.
 """
 
-from ragseek.model.config import ModelConfig
-from ragseek.model.generate import Generation, SamplingConfig, generate, stream
-from ragseek.model.tokenizer import Tokenizer, load_tokenizer
-from ragseek.model.transformer import Transformer
+import importlib
 
-__all__ = [
-    "ModelConfig",
-    "Transformer",
-    "Tokenizer",
-    "load_tokenizer",
-    "generate",
-    "stream",
-    "Generation",
-    "SamplingConfig",
-]
+# name -> the module that defines it
+_EXPORTS = {
+    "ModelConfig": "ragseek.model.config",
+    "Transformer": "ragseek.model.transformer",
+    "Tokenizer": "ragseek.model.tokenizer",
+    "load_tokenizer": "ragseek.model.tokenizer",
+    "generate": "ragseek.model.decoding",
+    "stream": "ragseek.model.decoding",
+    "Generation": "ragseek.model.decoding",
+    "SamplingConfig": "ragseek.model.sampling",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ragseek.model' has no attribute {name!r}")
+    value = globals()[name] = getattr(importlib.import_module(_EXPORTS[name]), name)
+    return value

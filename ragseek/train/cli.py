@@ -1,5 +1,6 @@
 """`ragseek train pretrain|sft|distill|rm|dpo|grpo|ppo`: one command per recipe (`recipes/NAME.py`), same flags;
-and `ragseek eval math` (`tasks/math_eval.py`).
+`ragseek data reader|addition` and `ragseek eval math` (`tasks/`), whose flags are their config dataclasses' fields
+(with --config FILE and --set key=value, as every rag command).
 
     ragseek train sft --config configs/sft.yaml --set loop.max_steps=50 --set batch_size=4 --out runs/sft1
     ragseek train sft --config configs/sft.yaml --out runs/sft1 --resume          # after a crash or kill -9
@@ -14,9 +15,12 @@ from __future__ import annotations
 
 import importlib
 import json
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
+
+from ragseek.config import config_field, with_configs
 
 # command -> (module, what it does); the module's `main(config, overrides, out, resume)` runs it
 RECIPES = {
@@ -76,6 +80,37 @@ def register(app: typer.Typer) -> None:
     app.add_typer(train_app, name="train")
 
 
+@dataclass
+class ReaderDataConfig:
+    out: str = config_field("runs/data/reader", "folder for train.jsonl, val.json and split.json")
+    val_articles: int = config_field(4, "articles held out for validation (whole articles)")
+    dont_know: float = config_field(0.15, "fraction of questions asked without their gold paragraph")
+    k: int = config_field(3, "sources per prompt (as `ragseek ask`)")
+    shuffle: float = config_field(
+        0.5, "fraction of questions whose sources are put in a random order (not retrieval's)"
+    )
+    seed: int = config_field(20261204, "draws the validation articles and the don't-know questions")
+
+
+@dataclass
+class AdditionDataConfig:
+    kind: str = config_field("grpo", 'grpo ({"question", "answer"}) or sft ({"prompt", "response"})')
+    style: str = config_field("answer", "answer, worked or think (the response / prompt style)")
+    n: int = config_field(2000, "training problems (ignored with --eval)")
+    seed: int = config_field(1, "draws the training problems")
+    eval: bool = config_field(False, "the 500 held-out problems instead")
+
+
+@dataclass
+class MathEvalConfig:
+    n: int | None = config_field(None, "score only the first n rows")
+    max_new_tokens: int = config_field(64, "completion length cap")
+    batch_size: int = config_field(32, "questions decoded together")
+
+
+CLASSES = {c.__name__: c for c in (ReaderDataConfig, AdditionDataConfig, MathEvalConfig)}
+
+
 def register_data(app: typer.Typer) -> None:
     """Add the `data` group: the training sets the recipes' configs read, made by one command each."""
     data_app = typer.Typer(
@@ -84,22 +119,13 @@ def register_data(app: typer.Typer) -> None:
 
     def reader(
         squad: str = typer.Option(..., help="SQuAD v1.1 JSON file (e.g. ../shared/data/squad/train.json)"),
-        out: str = typer.Option("runs/data/reader", help="folder for train.jsonl, val.json and split.json"),
-        val_articles: int = typer.Option(4, help="articles held out for validation (whole articles)"),
-        dont_know: float = typer.Option(
-            0.15, help="fraction of questions asked without their gold paragraph"
-        ),
-        k: int = typer.Option(3, help="sources per prompt (as `ragseek ask`)"),
-        shuffle: float = typer.Option(
-            0.5, help="fraction of questions whose sources are put in a random order (not retrieval's)"
-        ),
-        seed: int = typer.Option(20261204, help="draws the validation articles and the don't-know questions"),
+        cfg: ReaderDataConfig = None,
     ) -> None:
         """RAG reading rows: each question retrieved over every paragraph, in ask's exact prompt, target 'phrase [n]'."""
         from ragseek.train.tasks.reader import build
 
         try:
-            summary = build(squad, out, val_articles, dont_know, k, seed, shuffle)
+            summary = build(squad, cfg.out, cfg.val_articles, cfg.dont_know, cfg.k, cfg.seed, cfg.shuffle)
         except (FileNotFoundError, ValueError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1) from e
@@ -107,28 +133,23 @@ def register_data(app: typer.Typer) -> None:
 
     def addition(
         out: str = typer.Option(..., help="JSONL file to write"),
-        kind: str = typer.Option(
-            "grpo", help='grpo ({"question", "answer"}) or sft ({"prompt", "response"})'
-        ),
-        style: str = typer.Option("answer", help="answer, worked or think (the response / prompt style)"),
-        n: int = typer.Option(2000, help="training problems (ignored with --eval)"),
-        seed: int = typer.Option(1, help="draws the training problems"),
-        eval_set: bool = typer.Option(False, "--eval", help="the 500 held-out problems instead"),
+        cfg: AdditionDataConfig = None,
     ) -> None:
         """The lecture's addition story: 2-digit problems, the held-out 500 never in a training set."""
         from ragseek.train.tasks import addition as task
 
         writers = {"grpo": task.write_grpo_jsonl, "sft": task.write_sft_jsonl}
-        if kind not in writers or style not in ("answer", "worked", "think"):
+        if cfg.kind not in writers or cfg.style not in ("answer", "worked", "think"):
             typer.echo(
-                f"error: --kind {kind} --style {style}: kind is grpo|sft, style answer|worked|think", err=True
+                f"error: --kind {cfg.kind} --style {cfg.style}: kind is grpo|sft, style answer|worked|think",
+                err=True,
             )
             raise typer.Exit(1)
-        problems = task.eval_problems() if eval_set else task.train_problems(n, seed=seed)
-        print(writers[kind](out, problems, style=style))
+        problems = task.eval_problems() if cfg.eval else task.train_problems(cfg.n, seed=cfg.seed)
+        print(writers[cfg.kind](out, problems, style=cfg.style))
 
-    data_app.command("reader")(reader)
-    data_app.command("addition")(addition)
+    data_app.command("reader")(with_configs(reader, CLASSES))
+    data_app.command("addition")(with_configs(addition, CLASSES))
     app.add_typer(data_app, name="data")
 
 
@@ -136,21 +157,19 @@ def register_math(eval_app: Any) -> None:
     """Add `math` to the `ragseek eval` group (torch loads only when it runs)."""
 
     def math(
-        model: str = typer.Option(
-            None, help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)"
-        ),
         data: str = typer.Option(
             ..., help='JSONL with {"question", "answer"} rows (GSM8K\'s "… #### N" works)'
         ),
-        n: int = typer.Option(None, help="score only the first n rows"),
-        max_new_tokens: int = typer.Option(64, help="completion length cap"),
-        batch_size: int = typer.Option(32, help="questions decoded together"),
+        model: str = typer.Option(
+            None, help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)"
+        ),
         json_out: bool = typer.Option(False, "--json", help='print {"accuracy", "n", ...} as JSON'),
+        cfg: MathEvalConfig = None,
     ) -> None:
         """Accuracy on maths questions: greedy decoding, the final number compared with the answer."""
         from ragseek.train.tasks.math_eval import evaluate_file
 
-        result = evaluate_file(model or "", data, n, max_new_tokens, batch_size)
+        result = evaluate_file(model or "", data, cfg.n, cfg.max_new_tokens, cfg.batch_size)
         if json_out:
             print(json.dumps({k: v for k, v in result.items() if k != "completions"}))
         else:
@@ -158,4 +177,4 @@ def register_math(eval_app: Any) -> None:
                 f"accuracy {result['accuracy']:.4f} on n={result['n']} ({result['tokens_generated']} tokens)"
             )
 
-    eval_app.command("math")(math)
+    eval_app.command("math")(with_configs(math, CLASSES))

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ragseek.model import SamplingConfig, Tokenizer
-from ragseek.model.generate import generate_ids
+from ragseek.model.decoding import generate_ids
 from ragseek.model.transformer import Transformer
 from ragseek.train.data import pad_right
 from ragseek.train.loop import AUTOCAST_DTYPES, Precision

@@ -32,7 +32,7 @@ def test_batched_complete_equals_one_by_one(local_llm):
 
 
 def test_chat_prompts_use_the_chat_template(local_llm):
-    from ragseek.model.generate import generate
+    from ragseek.model.decoding import generate
 
     rendered = local_llm.tokenizer.apply_chat_template(CHAT, add_generation_prompt=True)
     assert rendered.startswith("<|im_start|>") and rendered.endswith("<|im_start|>assistant\n")

@@ -5,7 +5,7 @@ import torch
 
 from ragseek.defaults import smollm2_gguf
 from ragseek.model import ModelConfig, SamplingConfig, Transformer, generate, load_tokenizer, stream
-from ragseek.model.generate import generate_ids, sample_next
+from ragseek.model.decoding import generate_ids, sample_next
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ragseek.model import ModelConfig, SamplingConfig, Transformer
-from ragseek.model.generate import generate_ids, speculative_generate
+from ragseek.model.decoding import generate_ids, speculative_generate
 
 
 def tiny(depth: int, **kw) -> Transformer:

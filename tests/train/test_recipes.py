@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from ragseek.config import load_config
 from ragseek.defaults import smollm2_gguf
 from ragseek.model import ModelConfig, Transformer, load_tokenizer
-from ragseek.model.generate import SamplingConfig, generate
+from ragseek.model.decoding import SamplingConfig, generate
 from ragseek.train import value_heads
 from ragseek.train.data import collate_preference, load_preference, load_sft
 from ragseek.train.loop import LoopConfig, read_metrics

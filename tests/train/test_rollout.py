@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ragseek.model import ModelConfig, SamplingConfig, Transformer
-from ragseek.model.generate import generate_ids
+from ragseek.model.decoding import generate_ids
 from ragseek.train.data import pad_right
 from ragseek.train.rollout import response_logps, split_prompts
 

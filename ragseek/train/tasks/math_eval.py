@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ragseek.model import SamplingConfig, Tokenizer, Transformer
-from ragseek.model.generate import generate_ids
+from ragseek.model.decoding import generate_ids
 from ragseek.train.data import load_prompts
 from ragseek.train.rewards import numbers_match
 
