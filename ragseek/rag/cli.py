@@ -125,6 +125,8 @@ def ingest(
         )
     for f in report.failed:
         typer.echo(f"  failed: {f['path']}: {f['reason']}", err=True)
+    for f in report.left_out:
+        typer.echo(f"  left out: {f['path']}: {f['reason']}", err=True)
 
 
 def info(

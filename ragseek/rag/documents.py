@@ -233,22 +233,30 @@ def load_file(path: Path) -> list[Document]:
     return [_make(source, text, source, title=path.stem)]
 
 
-def find_files(paths: list[Path]) -> list[Path]:
-    """Files under each path, in a stable order. Directories are walked recursively for the types ragseek reads
-    (SUFFIXES; hidden files skipped, images and the like ignored); a file named explicitly is always returned, so
-    an unsupported one is reported as failed with the reason."""
+def find_files(paths: list[Path]) -> tuple[list[Path], list[dict]]:
+    """Files under each path, in a stable order, and the files a folder walk left out on purpose ({"path",
+    "reason"}). Directories are walked recursively for the types ragseek reads (SUFFIXES; hidden files skipped,
+    images and the like ignored); a BEIR folder's queries.jsonl (beside its corpus.jsonl) holds questions, not
+    documents, and is left out. A file named explicitly is always returned, so an unsupported one is reported as
+    failed with the reason."""
     found: list[Path] = []
+    left_out: list[dict] = []
     for p in paths:
         if p.is_dir():
-            found.extend(
-                f
-                for f in sorted(p.rglob("*"))
-                if f.is_file()
-                and f.suffix.lower() in SUFFIXES
-                and not any(part.startswith(".") for part in f.relative_to(p).parts)
-            )
+            for f in sorted(p.rglob("*")):
+                if (
+                    not f.is_file()
+                    or f.suffix.lower() not in SUFFIXES
+                    or any(part.startswith(".") for part in f.relative_to(p).parts)
+                ):
+                    continue
+                if f.name == "queries.jsonl" and (f.parent / "corpus.jsonl").is_file():
+                    reason = "BEIR queries beside corpus.jsonl: questions, not documents (name the file to ingest it)"
+                    left_out.append({"path": str(f), "reason": reason})
+                    continue
+                found.append(f)
         elif p.exists():
             found.append(p)
         else:
             raise FileNotFoundError(f"{p} does not exist")
-    return found
+    return found, left_out

@@ -69,7 +69,9 @@ class StoreConfig:
 class IngestReport:
     stored: int = 0
     skipped: int = 0
-    failed: list[dict] = field(default_factory=list)  # {"path", "reason"}
+    # {"path", "reason"}: files that could not be read, and files a folder walk left out on purpose
+    failed: list[dict] = field(default_factory=list)
+    left_out: list[dict] = field(default_factory=list)
     chunks: int = 0
     removed: int = 0
     embedded: int = 0
@@ -196,7 +198,7 @@ class Store:
         """Store every file under `paths` (one bad file is reported, never fatal), then embed what is missing."""
         t0 = time.time()
         report = IngestReport()
-        files = find_files(paths)
+        files, report.left_out = find_files(paths)
         for n, path in enumerate(files):
             try:
                 for doc in load_file(path):

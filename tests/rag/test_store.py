@@ -190,3 +190,20 @@ def test_reingest_with_every_vector_present_loads_no_model(tmp_path):
     write_corpus(tmp_path / "docs", 4)  # a new file: now a vector is missing and the model must load
     with pytest.raises(FileNotFoundError, match="not a sentence-transformers folder"):
         store.ingest([tmp_path / "docs"], SPLIT, StoreConfig(embedder=spec))
+
+
+def test_a_beir_folder_ingests_its_corpus_and_leaves_out_its_queries(tmp_path):
+    beir = tmp_path / "scifact"
+    beir.mkdir()
+    (beir / "corpus.jsonl").write_text(
+        '{"_id": "d1", "title": "Aspirin", "text": "Aspirin lowers heart attack risk."}\n'
+        '{"_id": "d2", "title": "Coffee", "text": "Coffee and mortality."}\n'
+    )
+    (beir / "queries.jsonl").write_text('{"_id": "q1", "text": "Does aspirin help?"}\n')
+    store = Store(tmp_path / "store")
+    report = store.ingest([beir], SPLIT, StoreConfig(embedder="none"))
+    assert report.stored == 2 and report.failed == []
+    assert [f["path"] for f in report.left_out] == [str(beir / "queries.jsonl")]
+    assert "name the file to ingest it" in report.left_out[0]["reason"]
+    named = store.ingest([beir / "queries.jsonl"], SPLIT, StoreConfig(embedder="none"))
+    assert named.stored == 1 and named.left_out == []
