@@ -37,7 +37,7 @@ DATA = ROOT / "runs" / "data" / "reader" / "val_sample.json"
 READERS = {
     "base": ("SmolLM2-135M-Instruct", "local:base"),
     "sft": ("SFT (LoRA r=16, configs/reader_sft.yaml)", "local:runs/reader-sft/final"),
-    "grpo": ("SFT + GRPO (configs/reader_grpo.yaml, 20 steps)", "local:runs/reader-grpo/final"),
+    "grpo": ("SFT + GRPO (configs/reader_grpo.yaml, 40 steps)", "local:runs/reader-grpo/final"),
 }
 MODES = {"retrieved": [], "oracle": ["--oracle"], "dropped": ["--drop-gold-frac", "0.2"]}
 
@@ -152,6 +152,8 @@ def write_md(results: dict) -> None:
             f"| {name} | {pct(r['em'])} | {pct(r['f1'])} | {pct(r['citation_accuracy'])} | "
             f"{pct(o['em']) if o else '–'} | {pct(o['f1']) if o else '–'} | {dk} | {r['p50_s']:.2f} |"
         )
+    if any(f"{key}/{m}" not in results for key in READERS for m in MODES):
+        lines += ["", "–: that reader was not run in that mode (`--readers` / `--modes`)."]
     if "latency" in results:
         lat = results["latency"]["p50"]
         lines += [
