@@ -35,6 +35,13 @@ def config_field(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+def require(ok: bool, name: str, value: Any, need: str) -> None:
+    """A config's `__post_init__` check: unless `ok`, raise ValueError("--name value: need") naming the flag as the
+    command line spells it (a command turns it into a usage error, exit 2)."""
+    if not ok:
+        raise ValueError(f"--{name.replace('_', '-')} {value}: {need}")
+
+
 def read_settings(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The mapping a YAML file holds (empty without one), then each `key=value` / `block.key=value` of
     `overrides` set in it (values parsed as YAML). Raises ValueError naming the file or the override."""

@@ -27,6 +27,7 @@ from typing import Literal
 import numpy as np
 
 from ragseek.config import config_field as _f
+from ragseek.config import require
 from ragseek.rag.contextual import contextual_name, contextual_texts
 from ragseek.rag.embedders import Embedder
 from ragseek.rag.splitters import words
@@ -86,6 +87,11 @@ class ANNConfig:
     ef_construction: int = _f(200, "HNSW build beam width")
     ef_search: int = _f(128, "HNSW query beam width (higher: better recall, slower)")
 
+    def __post_init__(self) -> None:
+        require(self.hnsw_m >= 2, "hnsw_m", self.hnsw_m, "must be >= 2 (neighbours per HNSW node)")
+        for name in ("ef_construction", "ef_search"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1 (an HNSW beam width)")
+
 
 class HNSWIndex:
     """faiss HNSW over inner product (vectors unit-normalised for cosine), saved with faiss.write_index."""
@@ -106,6 +112,9 @@ class HNSWIndex:
     def search(
         self, q: np.ndarray, k: int, ef_search: int, metric: Metric = "cosine"
     ) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores), (m, min(k, n)) each, best first. A row the graph walk could not fill is padded with id -1
+        (faiss's convention): drop those before reading ids as rows."""
+        k = min(k, self.index.ntotal)
         self.index.hnsw.efSearch = max(ef_search, k)
         q = np.ascontiguousarray(
             _unit(np.atleast_2d(q)) if metric == "cosine" else np.atleast_2d(q), dtype=np.float32
@@ -211,6 +220,10 @@ class BM25Config:
         "porter", "stemmer in the analyzer (porter: gensim's Porter stemmer)"
     )
 
+    def __post_init__(self) -> None:
+        require(self.k1 >= 0, "k1", self.k1, "must be >= 0 (0: term frequency ignored)")
+        require(0 <= self.b <= 1, "b", self.b, "must be between 0 (no length normalisation) and 1 (full)")
+
     @property
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
@@ -291,6 +304,16 @@ class SearchConfig:
         "retrieve by LLM context + chunk (hits keep the chunk's offsets): the contexts this LLM wrote, "
         "its --llm spec as given to `ragseek ingest --contextual`",
     )
+
+    def __post_init__(self) -> None:
+        require(self.k >= 1, "k", self.k, "must be >= 1 (the number of results to return)")
+        require(self.candidates >= 1, "candidates", self.candidates, "must be >= 1 (list depth)")
+        require(self.rrf_k >= 0, "rrf_k", self.rrf_k, "must be >= 0 (RRF's constant in 1/(k + rank))")
+        need = "must be between 0 and 1 (the weight of dense scores; bm25 gets 1 - w)"
+        require(0 <= self.dense_weight <= 1, "dense_weight", self.dense_weight, need)
+        need = "must be between 0 (diversity only) and 1 (relevance only)"
+        require(0 <= self.mmr_lambda <= 1, "mmr_lambda", self.mmr_lambda, need)
+        require(self.svm_c > 0, "svm_c", self.svm_c, "must be > 0 (the SVM's regularisation C)")
 
 
 @dataclass
@@ -418,8 +441,8 @@ class Searcher:
         q = self._encode(queries, vectors)
         if self.ann_cfg.ann:
             idx, sc = self.hnsw().search(q, depth, self.ann_cfg.ef_search, self.cfg.metric)
-        else:
-            idx, sc = exact_knn(q, self.matrix(), depth, self.cfg.metric)
+            return [(i[i >= 0], s[i >= 0]) for i, s in zip(idx, sc, strict=True)]
+        idx, sc = exact_knn(q, self.matrix(), depth, self.cfg.metric)
         return list(zip(idx, sc, strict=True))
 
     def _bm25(
@@ -494,6 +517,8 @@ class Searcher:
 
         `vectors` (len(queries), dim), optional: the dense side's query vectors, used instead of embedding the
         query texts (HyDE retrieves by a hypothetical passage's vector while BM25 still reads the query)."""
+        if depth < 1:
+            raise ValueError(f"k {depth}: retrieve k >= 1 chunks")
         self.check()
         rankers = {
             "dense": self._dense,
@@ -521,4 +546,4 @@ class Searcher:
         ]
 
     def search(self, query: str, k: int | None = None) -> list[Hit]:
-        return self.hits(*self.rank([query], k or self.cfg.k)[0])
+        return self.hits(*self.rank([query], self.cfg.k if k is None else k)[0])

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ragseek.config import config_field as _f
+from ragseek.config import require
 from ragseek.rag.documents import Document, DocumentError, content_hash, find_files, load_file
 from ragseek.rag.embedders import (
     Embedder,
@@ -63,6 +64,9 @@ class StoreConfig:
     )
     batch_size: int = _f(64, "texts per embedding batch (one transaction each)")
     prune: bool = _f(False, "remove stored documents whose file no longer exists")
+
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1 (texts per batch)")
 
 
 @dataclass

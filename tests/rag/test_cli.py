@@ -199,3 +199,26 @@ def test_eval_qa_rejects_an_adapter_for_another_base_naming_the_file(tmp_path, m
     assert result.exit_code == 1
     text = " ".join(result.output.split())
     assert str(adapter / "adapter_model.safetensors") in text and "Traceback" not in text
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["search", "fox", "--k", "-1"], "--k -1"),
+        (["search", "fox", "--k", "0"], "--k 0"),
+        (["search", "fox", "--candidates", "0"], "--candidates 0"),
+        (["search", "fox", "--dense-weight", "5"], "--dense-weight 5.0"),
+        (["ask", "what do foxes eat?", "--k", "0"], "--k 0"),
+        (["ingest", "DOCS", "--batch-size", "0"], "--batch-size 0"),
+    ],
+)
+def test_out_of_range_flags_are_refused_naming_the_flag(tmp_path, args, says):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("Foxes are wild canines.")
+    store = str(tmp_path / "store")
+    invoke("ingest", str(docs), "--store", store, "--embedder", "none")
+    args = [str(docs) if a == "DOCS" else a for a in args]
+    result = runner.invoke(app, [*args, "--store", store])
+    # a usage error (exit 2) that names the flag and its value, before any model loads or anything is stored
+    assert result.exit_code == 2 and says in " ".join(result.output.split()), result.output

@@ -2,6 +2,7 @@
 on hand-worked cases, HNSW recall and staleness."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,13 +146,19 @@ def test_hnsw_recall_and_persistence(tmp_path):
     np.testing.assert_array_equal(HNSWIndex.load(tmp_path / "x.faiss").search(q, 10, cfg.ef_search)[0], idx)
 
 
-def test_searcher_rebuilds_stale_indexes(tmp_path):
+def ingested(tmp_path, texts: list[str], embedder: str = "word2vec") -> tuple[Store, Path]:
+    """A store holding one .txt file per text (ingested from tmp_path/docs), and that folder."""
     docs = tmp_path / "docs"
     docs.mkdir()
-    for i, text in enumerate(CORPUS[:6]):
+    for i, text in enumerate(texts):
         (docs / f"{i}.txt").write_text(text)
     store = Store(tmp_path / "store")
-    store.ingest([docs], SplitterConfig(), StoreConfig(embedder="word2vec"))
+    store.ingest([docs], SplitterConfig(), StoreConfig(embedder=embedder))
+    return store, docs
+
+
+def test_searcher_rebuilds_stale_indexes(tmp_path):
+    store, docs = ingested(tmp_path, CORPUS[:6])
     bm25 = BM25Config(stopwords="none", stemmer="none")
     hits = Searcher(store, SearchConfig(retriever="bm25"), bm25).search("river mill")
     assert hits[0].text == CORPUS[4]
@@ -168,3 +175,42 @@ def test_searcher_rebuilds_stale_indexes(tmp_path):
     exact = Searcher(store, SearchConfig(retriever="dense", embedder="word2vec", k=7))
     assert [h.chunk_id for h in ann.search("fox")] == [h.chunk_id for h in exact.search("fox")]
     assert all(ix["fresh"] for ix in store.info()["indexes"])
+
+
+def test_ann_with_k_beyond_the_store_returns_each_chunk_once(tmp_path):
+    store, _ = ingested(tmp_path, CORPUS[:3])
+    cfg = SearchConfig(retriever="dense", embedder="word2vec", k=10)
+    ann = Searcher(store, cfg, ann=ANNConfig(ann=True)).search("fox")
+    exact = Searcher(store, cfg).search("fox")
+    # faiss pads a short result with id -1: read as a row, that was the last chunk again (a phantom hit)
+    assert len(ann) == 3 and sorted(h.chunk_id for h in ann) == sorted(h.chunk_id for h in exact)
+
+
+@pytest.mark.parametrize(
+    "cls, field, value, says",
+    [
+        (SearchConfig, "k", 0, "--k 0"),
+        (SearchConfig, "k", -1, "--k -1"),
+        (SearchConfig, "candidates", 0, "--candidates 0"),
+        (SearchConfig, "dense_weight", 5.0, "--dense-weight 5.0"),
+        (SearchConfig, "dense_weight", -0.5, "--dense-weight -0.5"),
+        (SearchConfig, "mmr_lambda", 2.0, "--mmr-lambda 2.0"),
+        (SearchConfig, "svm_c", 0.0, "--svm-c 0.0"),
+        (SearchConfig, "rrf_k", -1, "--rrf-k -1"),
+        (ANNConfig, "ef_search", 0, "--ef-search 0"),
+        (ANNConfig, "hnsw_m", 1, "--hnsw-m 1"),
+        (BM25Config, "b", 1.5, "--b 1.5"),
+        (BM25Config, "k1", -1.0, "--k1 -1.0"),
+    ],
+)
+def test_out_of_range_search_settings_are_refused_naming_the_flag(cls, field, value, says):
+    with pytest.raises(ValueError, match=says):
+        cls(**{field: value})
+
+
+def test_search_depth_below_one_is_refused(tmp_path):
+    store, _ = ingested(tmp_path, CORPUS[:1], embedder="none")
+    searcher = Searcher(store, SearchConfig(retriever="bm25"))
+    for k in (0, -1):  # k=0 used to fall back to cfg.k, k=-1 to return n - 1 chunks
+        with pytest.raises(ValueError, match="k >= 1"):
+            searcher.search("fox", k)
