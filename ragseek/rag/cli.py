@@ -39,7 +39,11 @@ STORE = typer.Option(..., "--store", help="store folder (created by ingest if ab
 PATHS = typer.Argument(..., help="files or folders (.txt .md .html .pdf .jsonl)")
 CORPUS = typer.Option(..., "--corpus", help="BEIR corpus.jsonl")
 QUERIES = typer.Option(..., "--queries", help="BEIR queries.jsonl")
-QRELS = typer.Option(..., "--qrels", help="qrels .tsv (query-id, corpus-id, score; header and CRLF accepted)")
+QRELS = typer.Option(
+    ...,
+    "--qrels",
+    help="qrels: BEIR .tsv (query-id, corpus-id, score; header and CRLF accepted) or TREC (query-id 0 corpus-id score)",
+)
 BEIR_STORE = typer.Option(
     None, "--store", help="store folder (default: one per corpus + splitter in the cache)"
 )
@@ -261,6 +265,14 @@ def beir(
     from ragseek.rag.search import Searcher
     from ragseek.rag.store import Store
 
+    try:  # before any store is built: a qrels file in another format is one error line
+        judged, questions = load_qrels(qrels), load_queries(queries)
+    except OSError as e:
+        typer.echo(f"error: {e.filename}: {e.strerror}", err=True)
+        raise typer.Exit(1) from e
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from e
     if store is None:
         key = hashlib.sha256(f"{corpus.resolve()}|{dataclasses.asdict(splitter)}".encode()).hexdigest()[:12]
         store = cache_dir() / "beir" / f"{corpus.parent.name}-{key}"
@@ -280,11 +292,20 @@ def beir(
     rank = None
     if steps != StepsConfig():
         rank = ranking(searcher, load_llm(llm, base_url), steps)
-    result = run_beir(searcher, load_queries(queries), load_qrels(qrels), rank=rank)
+    result = run_beir(searcher, questions, judged, rank=rank)
+    if result.not_in_corpus:
+        typer.echo(
+            f"warning: {len(result.not_in_corpus)} of {result.relevant} relevant qrels documents are not in the "
+            f"corpus (first: {result.not_in_corpus[0]!r}); each counts as a miss, and "
+            f"{result.queries_without_documents} queries can only score 0: are {qrels} and {corpus} one dataset?",
+            err=True,
+        )
     out = {
         **result.metrics,
         "qps": result.qps,
         "queries": result.queries,
+        "qrels_not_in_corpus": len(result.not_in_corpus),
+        "queries_without_documents": result.queries_without_documents,
         "retriever": search_cfg.retriever,
         "contextual": search_cfg.contextual,
         "query": steps.query,

@@ -50,26 +50,58 @@ Run = dict[str, dict[str, float]]
 
 
 def load_queries(path: Path) -> dict[str, str]:
+    """BEIR queries.jsonl: `{"_id", "text"}` rows -> {id: text}; a bad row is a ValueError naming its line."""
+    queries = {}
     with open(path, encoding="utf-8") as f:
-        return {str(row["_id"]): row["text"] for row in map(json.loads, filter(str.strip, f))}
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                queries[str(row["_id"])] = row["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f'{path}:{lineno}: expected a BEIR query row {{"_id", "text"}} ({e})') from e
+    return queries
+
+
+QRELS_FORMATS = {
+    3: "BEIR 'query-id<TAB>corpus-id<TAB>score'",
+    4: "TREC 'query-id iteration corpus-id score'",
+}
 
 
 def load_qrels(path: Path) -> Qrels:
-    """`query-id<TAB>corpus-id<TAB>score` lines; CRLF endings and a header line are accepted."""
+    """BEIR's `query-id<TAB>corpus-id<TAB>score` (a header line accepted) or TREC's `query-id iteration corpus-id
+    score` (trec_eval's; the iteration is ignored), told apart by the column count of the first judgement; fields
+    split at tabs, or at whitespace on a line without one; CRLF endings accepted. Any other line is an error naming
+    it: a qrels file read as empty would score every metric 0."""
     qrels: Qrels = {}
+    columns = 0
     with open(path, encoding="utf-8", newline="") as f:
         for lineno, line in enumerate(f, 1):
-            parts = line.rstrip("\r\n").split("\t")
-            if len(parts) < 3 or not parts[0]:
+            text = line.rstrip("\r\n")
+            if not text.strip():
                 continue
+            parts = text.split("\t") if "\t" in text else text.split()
             if lineno == 1 and not parts[-1].lstrip("-").isdigit():
                 continue  # header
-            try:
-                qrels.setdefault(parts[0], {})[parts[1]] = int(parts[-1])
-            except ValueError as e:
+            columns = columns or len(parts)
+            if columns not in QRELS_FORMATS:
                 raise ValueError(
-                    f"{path}:{lineno}: expected 'query-id<TAB>corpus-id<TAB>score', got {line!r}"
-                ) from e
+                    f"{path}:{lineno}: expected {' or '.join(QRELS_FORMATS.values())}, got {line!r}"
+                )
+            if len(parts) != columns:
+                raise ValueError(
+                    f"{path}:{lineno}: expected {columns} columns ({QRELS_FORMATS[columns]}, as the first "
+                    f"judgement), got {line!r}"
+                )
+            query, doc, score = parts[0], parts[-2], parts[-1]
+            try:
+                qrels.setdefault(query, {})[doc] = int(score)
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: the score {score!r} is not an integer grade") from e
+    if not qrels:
+        raise ValueError(f"{path}: no judgements (expected {' or '.join(QRELS_FORMATS.values())} lines)")
     return qrels
 
 
@@ -127,6 +159,11 @@ class BeirResult:
     qps: float
     queries: int
     run: Run
+    # relevant qrels documents that no chunk of the store holds (one per (query, document) pair, in qrels order):
+    # each can only be a miss, so a qrels file for another corpus scores 0 without them
+    not_in_corpus: list[str] = field(default_factory=list)
+    relevant: int = 0  # relevant (query, document) pairs in the qrels
+    queries_without_documents: int = 0  # queries none of whose relevant documents is in the corpus
 
 
 def run_beir(
@@ -146,7 +183,8 @@ def run_beir(
     if missing:
         raise KeyError(f"{len(missing)} qrels query ids are not in the queries file (first: {missing[0]!r})")
     table = searcher.store.chunks()
-    several = len(set(table.doc_ids)) < len(table.doc_ids)
+    in_corpus = set(table.doc_ids)
+    several = len(in_corpus) < len(table.doc_ids)
     chunk_depth = chunk_depth or (3 * depth if several else depth)
     qids = list(qrels)
     rank = rank or searcher.rank
@@ -155,7 +193,13 @@ def run_beir(
     ranked = rank([queries[q] for q in qids], chunk_depth)
     seconds = time.perf_counter() - t0
     run = {q: doc_run(table.doc_ids, rows, sc, depth) for q, (rows, sc) in zip(qids, ranked, strict=True)}
-    return BeirResult(evaluate(run, qrels), len(qids) / seconds, len(qids), run)
+    relevant = {q: [d for d, r in rels.items() if r > 0] for q, rels in qrels.items()}
+    return BeirResult(
+        evaluate(run, qrels), len(qids) / seconds, len(qids), run,
+        not_in_corpus=[d for docs in relevant.values() for d in docs if d not in in_corpus],
+        relevant=sum(map(len, relevant.values())),
+        queries_without_documents=sum(bool(docs) and in_corpus.isdisjoint(docs) for docs in relevant.values()),
+    )  # fmt: skip
 
 
 # --- SQuAD v1.1: metrics --------------------------------------------------------------------------------------

@@ -92,6 +92,20 @@ def test_eval_beir_json(tmp_path):
     assert json.loads((tmp_path / "m.json").read_text())["ndcg@10"] == out["ndcg@10"]
 
 
+def test_eval_beir_counts_and_warns_about_qrels_ids_not_in_the_corpus(tmp_path):
+    beir = DATA / "beir"
+    qrels = tmp_path / "qrels.tsv"
+    # d1 and d3 are in the corpus; d77 and d99 are not (relevant, so they can only be misses), d98 judged 0
+    qrels.write_text("q1\td1\t1\nq1\td99\t1\nq2\td3\t1\nq3\td77\t2\nq3\td98\t0\n")
+    args = ["eval", "beir", "--corpus", str(beir / "corpus.jsonl"), "--queries", str(beir / "queries.jsonl")]
+    args += ["--qrels", str(qrels), "--store", str(tmp_path / "s"), "--retriever", "bm25", "--json", "-"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["qrels_not_in_corpus"] == 2 and out["queries_without_documents"] == 1  # q3
+    assert "warning: 2 of 4 relevant qrels documents are not in the corpus (first: 'd99')" in result.stderr
+
+
 def test_search_without_vectors_says_what_to_run(tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()

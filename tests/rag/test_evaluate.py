@@ -86,6 +86,29 @@ def test_qrels_with_crlf_and_header():
     assert load_queries(DATA / "queries.jsonl")["q2"] == "does sleep help memory"
 
 
+def test_trec_qrels_read_as_the_beir_ones(tmp_path):
+    # trec_eval's format: query-id, iteration (ignored), corpus-id, relevance; spaces or tabs
+    trec = tmp_path / "qrels.trec"
+    trec.write_text("q1 0 d1 1\nq2 Q0 d3 1\nq3\t0\td5\t2\nq3 0 d4 0\n")
+    assert load_qrels(trec) == load_qrels(DATA / "qrels.tsv")
+
+
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        ("q1,d1,1\nq2,d3,1\n", "qrels.txt:2: expected BEIR"),  # comma-separated: line 1 reads as a header
+        ("q1\td1\t1\nq2 0 d3 1\n", "qrels.txt:2: expected 3 columns"),  # BEIR, then a TREC line
+        ("q1\td1\t1\nq2\td3\tyes\n", "qrels.txt:2: the score 'yes'"),
+        ("query-id\tcorpus-id\tscore\n", "qrels.txt: no judgements"),
+    ],
+)
+def test_qrels_in_another_format_are_refused_naming_the_line(tmp_path, content, says):
+    path = tmp_path / "qrels.txt"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=says):
+        load_qrels(path)
+
+
 def test_doc_score_is_max_over_chunks():
     doc_ids = ["a", "a", "b", "c", "b"]
     rows, scores = np.array([1, 2, 0, 4, 3]), np.array([0.9, 0.8, 0.7, 0.6, 0.5])
