@@ -24,7 +24,9 @@ from ragseek.defaults import cache_dir
 from ragseek.model.config import ModelConfig
 from ragseek.model.transformer import Transformer
 
-_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT = re.compile(
+    r"^((?:layers\.\d+|mtp\.\d+\.block)\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$"
+)
 _MTP_OWN = {"enorm", "hnorm", "eh_proj", "shared_head.norm"}
 # V3 stores copies of the shared weights
 _MTP_SHARED_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
@@ -109,7 +111,10 @@ def _hf_key_to_ragseek(name: str, cfg: ModelConfig) -> str | None:
     m = re.match(r"^layers\.(\d+)\.(.*)$", key)
     if m and int(m[1]) >= cfg.n_layers:
         k, rest = int(m[1]) - cfg.n_layers, m[2]
-        if k >= cfg.mtp_depth or rest in _MTP_SHARED_COPIES:
+        # a layer beyond num_hidden_layers that is no MTP module stays unexpected: `_check_state` refuses it
+        if k >= cfg.mtp_depth:
+            return key
+        if rest in _MTP_SHARED_COPIES:
             return None
         own = next((o for o in _MTP_OWN if rest.startswith(o + ".")), None)
         if own:
@@ -169,6 +174,13 @@ def _check_state(model: Transformer, state: dict[str, torch.Tensor], path: Path)
             lines.append(f"  missing ({len(missing)}): {missing[:8]}")
         if unexpected:
             lines.append(f"  unexpected ({len(unexpected)}): {unexpected[:8]}")
+        extra = sorted({int(m[1]) for k in unexpected if (m := re.match(r"layers\.(\d+)\.", k))})
+        if extra:
+            lines.append(
+                f"  config.json has num_hidden_layers={model.cfg.n_layers} (and {model.cfg.mtp_depth} MTP "
+                f"modules) but the weights hold layers {extra[0]}..{extra[-1]} too: every weight must be used, "
+                "so set num_hidden_layers to the checkpoint's layer count"
+            )
         if wrong:
             lines.append(f"  wrong shape ({len(wrong)}): {wrong[:8]}")
         raise ValueError("\n".join(lines))
