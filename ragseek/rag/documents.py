@@ -129,9 +129,13 @@ def _read_text(path: Path) -> str:
 
 
 class _HTMLText(HTMLParser):
-    """Text of an HTML page: script/style/head contents dropped, block elements end a line."""
+    """Text of an HTML page: head, script, style and title contents dropped, block elements end a line.
 
-    SKIP = {"script", "style", "noscript", "template", "head"}
+    The head ends at </head>, or as in a browser (HTML's optional end tags) at <body>, at any element that cannot
+    be in a head (<p>, <div>, ...), or at text that is not whitespace."""
+
+    SKIP = {"script", "style", "noscript", "template", "title"}
+    HEAD = {"base", "basefont", "bgsound", "link", "meta", "noframes", *SKIP}
     BLOCK = {
         "p",
         "div",
@@ -154,21 +158,33 @@ class _HTMLText(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.parts: list[str] = []
         self.skipping = 0
+        self.in_head = False
 
     def handle_starttag(self, tag, attrs):
+        if tag == "head":
+            self.in_head = True
+        elif tag not in self.HEAD:
+            self.in_head = False
         if tag in self.SKIP:
             self.skipping += 1
+        # a block starts a paragraph: </p> and </li> are optional
         elif tag in self.BLOCK:
-            self.parts.append("\n")
+            self.parts.append("\n\n" if tag != "br" else "\n")
 
     def handle_endtag(self, tag):
+        if tag == "head":
+            self.in_head = False
         if tag in self.SKIP:
             self.skipping = max(0, self.skipping - 1)
         elif tag in self.BLOCK:
             self.parts.append("\n\n" if tag != "br" else "\n")
 
     def handle_data(self, data):
-        if not self.skipping:
+        if self.skipping:
+            return
+        if self.in_head and data.strip():
+            self.in_head = False
+        if not self.in_head:
             self.parts.append(data)
 
 

@@ -35,6 +35,19 @@ def test_html_drops_scripts_and_styles():
     assert clean(html_to_text(html))[0] == "One & two\n\nthree"
 
 
+@pytest.mark.parametrize(
+    "html",
+    [
+        # valid HTML: the end tags of head (and body, html) are optional; <body> or any body element closes head
+        "<html><head><title>t</title><meta charset=utf-8><body><p>One &amp; two</p><p>three</p>",
+        "<!DOCTYPE html><head><title>t</title><link rel=icon href=x.png><p>One &amp; two<p>three",
+        "<head><style>p{}</style><script>x()</script>One &amp; two<br><br>three",
+    ],
+)
+def test_html_with_an_unclosed_head_keeps_its_body(html):
+    assert clean(html_to_text(html))[0] == "One & two\n\nthree"
+
+
 def test_pdf_loader_reads_text():
     (doc,) = load_file(DATA / "page.pdf")
     assert doc.text == "Retrieval from a PDF page."
