@@ -66,9 +66,7 @@ class LoopConfig:
     max_grad_norm: float = _f(
         1.0, "clip the global gradient L2 norm to this; 0 disables clipping (norm still logged)"
     )
-    dtype: Precision = _f(
-        "fp32", "fp32, or bf16 autocast (on CPU too); weights and optimizer state stay fp32"
-    )
+    dtype: Precision = _f("fp32", "fp32, or bf16 autocast (CPU too); weights and optimizer state stay fp32")
     seed: int = _f(0, "seeds python random, numpy and torch (set_seed) and the data shuffle")
     log_every: int = _f(1, "write a metrics line and a progress line every this many steps")
     ckpt_every: int = _f(100, "save a checkpoint every this many steps (0: never)")

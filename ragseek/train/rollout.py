@@ -1,15 +1,17 @@
 """Everything about rollouts, the sampling half of an RL step (GRPO, PPO) and the logps every preference loss needs.
 
+    class GRPOConfig(RolloutConfig, RecipeConfig): ...        # max_new_tokens, temperature, top_p: cfg.sampling
     rollout_model = RolloutModel(policy, cfg.loop.dtype)       # the policy, or its bf16 copy for sampling
-    rollout = sample_groups(rollout_model(), tokenizer, rows, G, rollout_sampling(..., step))   # B prompts × G
+    rollout = sample_groups(rollout_model(), tokenizer, rows, G, cfg.sampling(seed, step))  # B prompts × G
     rewards, each = score(reward_fns, weights, rollout)        # Σ_k w_k f_k(prompts, completions, answer=...)
     logps = logps_of(policy, rollout.tensors(), temperature)   # (N, S − 1), the loss's log π
     metrics = {**rollout.metrics(), ...}                       # entropy, response length, tok/s, generation share
 
-`response_logps(model, input_ids, attention_mask, response_mask)` is the per-token log-probability of given
-responses: what DPO, PPO and GRPO compare between policies.
+`response_logps(model, batch)` is the per-token log-probability of given responses (a batch of input_ids,
+attention_mask and response_mask: `Rollout.tensors()`, `collate_preference`): what DPO, PPO and GRPO compare
+between policies.
 
-    logps, mask = response_logps(model, input_ids, attention_mask, response_mask)   # (B, T-1) each
+    logps, mask = response_logps(model, batch)   # (B, T-1) each
 
 Position t of the outputs scores token t + 1 of `input_ids` from the logits at t (the shift is done here), so
 `mask[:, t] = response_mask[:, t + 1]`: 1 where the scored token is a response token.
@@ -27,13 +29,14 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ragseek.config import config_field
 from ragseek.model import SamplingConfig, Tokenizer
 from ragseek.model.decoding import generate_ids
 from ragseek.model.transformer import Transformer
@@ -98,18 +101,15 @@ def shared_prompt_hidden_states(model: Transformer, split: PromptSplit) -> tuple
 
 
 def response_logps(
-    model: Transformer,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    response_mask: Tensor,
-    temperature: float = 1.0,
+    model: Transformer, batch: Mapping[str, Tensor], temperature: float = 1.0
 ) -> tuple[Tensor, Tensor]:
     """log π(y_t | x, y_<t) for every next token, (B, T-1), 0 where `mask` is 0; and that shifted mask (B, T-1).
 
-    input_ids, attention_mask, response_mask: (B, T), right-padded; response_mask is 1 on the response tokens.
-    `temperature` divides the logits first (the sampling distribution of a rollout).
+    batch: input_ids, attention_mask, response_mask, each (B, T), right-padded; response_mask is 1 on the response
+    tokens (other keys are ignored). `temperature` divides the logits first (the sampling distribution of a rollout).
     """
-    split = split_prompts(input_ids, attention_mask, response_mask)
+    response_mask = batch["response_mask"]
+    split = split_prompts(batch["input_ids"], batch["attention_mask"], response_mask)
     h_prompt, h = shared_prompt_hidden_states(model, split)
     # column j scores continuation token j: the prompt's last state for j = 0, the continuation's state j - 1 after
     scoring = torch.cat([h_prompt[split.prompt_of, -1:], h[:, :-1]], dim=1)
@@ -121,9 +121,7 @@ def response_logps(
 
 def logps_of(model: nn.Module, batch: dict[str, Tensor], temperature: float) -> Tensor:
     """Per-token logps (N, S − 1) of the batch's next tokens under `model` (`response_logps`)."""
-    return response_logps(
-        model, batch["input_ids"], batch["attention_mask"], batch["response_mask"], temperature
-    )[0]
+    return response_logps(model, batch, temperature)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -177,13 +175,23 @@ class Rollout:
         }
 
 
-def rollout_sampling(
-    max_new_tokens: int, temperature: float, top_p: float, seed: int, step: int
-) -> SamplingConfig:
-    """The step's sampler, seeded by (seed, step): a resumed step samples exactly what the killed run did."""
-    return SamplingConfig(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed * 1_000_003 + step
-    )
+@dataclass
+class RolloutConfig:
+    """How an RL recipe samples its completions (`sampling`): GRPOConfig and PPOConfig extend it, so these are their
+    own top-level keys."""
+
+    max_new_tokens: int = config_field(64, "completion length cap")
+    temperature: float = config_field(1.0, "sampling temperature (the logps of the loss use it too, as TRL)")
+    top_p: float = config_field(1.0, "nucleus sampling mass")
+
+    def sampling(self, seed: int, step: int) -> SamplingConfig:
+        """The step's sampler, seeded by (seed, step): a resumed step samples exactly what the killed run did."""
+        return SamplingConfig(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=seed * 1_000_003 + step,
+        )
 
 
 def sample_groups(

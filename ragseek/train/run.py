@@ -1,8 +1,9 @@
 """Run setup that every recipe shares (the component behind each recipe's first and last lines): the config
-from a YAML file and --set overrides, model loading, frozen copies, preference micro-batches, the `Run` around the
-recipe's explicit loop (resume, config.json, metrics log, progress line, checkpoints, the final model), and the
-`main` that `ragseek train NAME` calls.
+(`RecipeConfig`, `loop_field`) from a YAML file and --set overrides, model loading, frozen copies, preference
+micro-batches, the `Run` around the recipe's explicit loop (resume, config.json, metrics log, progress line,
+checkpoints, the final model), and the `main` that `ragseek train NAME` calls.
 
+    class SFTConfig(RecipeConfig): ...; loop: LoopConfig = loop_field(lr=2e-5, out_dir="runs/sft")
     cfg = load_config(SFTConfig, "configs/sft.yaml", ["loop.max_steps=20", "batch_size=4"])
     run = start_run(cfg, cfg.loop, model, optimizer, sampler)   # resume, config.json, metrics log, progress
     for step in range(run.start, cfg.loop.max_steps): ...; run.end_step(step + 1, metrics, tokens)
@@ -15,14 +16,14 @@ The optimiser, schedule, checkpoint files and metrics log themselves are `loop.p
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ragseek.config import load_config
+from ragseek.config import config_field, load_config
 from ragseek.model import Tokenizer, Transformer, load_tokenizer
 from ragseek.model.lora import (
     CONFIG_FILE,
@@ -40,9 +41,30 @@ from ragseek.train.loop import Checkpointer, LoopConfig, MetricsLog, Progress, p
 MODEL_HELP = "HF folder or .gguf file (empty: the embedded SmolLM2-135M-Instruct)"
 
 
+def loop_field(**defaults: Any) -> Any:
+    """A recipe config's `loop:` block: a LoopConfig with the recipe's own defaults (its lr, out_dir, ...)."""
+    return config_field(
+        LoopConfig(**defaults), "optimizer, schedule, steps, checkpoints, eval_every, out_dir, resume"
+    )
+
+
 def nested_loop(loop: LoopConfig | Mapping[str, Any]) -> LoopConfig:
     """The `loop:` block of a config: a LoopConfig, or its fields as a mapping (YAML, JSON)."""
     return LoopConfig(**loop) if isinstance(loop, Mapping) else loop
+
+
+@dataclass
+class RecipeConfig:
+    """The base of a post-training recipe's config, whose fields are all the recipe's own (among them `data` and a
+    `loop` declared with `loop_field`): once they are set, a `loop:` given as a mapping becomes a LoopConfig, and
+    an empty `data` is an error that says what to give (the data field's help). A recipe that checks more extends
+    `__post_init__`, calling this one first."""
+
+    def __post_init__(self) -> None:
+        self.loop = nested_loop(self.loop)
+        if not self.data:
+            data = next(f for f in fields(self) if f.name == "data")
+            raise ValueError(f"set data: {data.metadata['help']}")
 
 
 def with_run_flags(cfg: Any, out: str | None = None, resume: bool = False) -> Any:

@@ -89,7 +89,7 @@ def test_response_logps_equal_the_full_forward_in_values_and_gradients(kind, tem
     weights = torch.randn(batch["input_ids"].shape[0], batch["input_ids"].shape[1] - 1, dtype=torch.float64)
     want, want_mask = straightforward(model, batch, temperature)
     want_grads = grads(model, want, weights)
-    got, mask = response_logps(model, **batch, temperature=temperature)
+    got, mask = response_logps(model, batch, temperature)
     got_grads = grads(model, got, weights)
     assert torch.equal(mask, want_mask) and got.shape == want.shape
     assert torch.allclose(got.double(), want, atol=1e-5) and (got[mask == 0] == 0).all()

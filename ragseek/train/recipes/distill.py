@@ -30,14 +30,7 @@ from ragseek.model import Tokenizer, Transformer
 from ragseek.train.data import EpochSampler, collate_sft, load_sft, read_jsonl, write_jsonl
 from ragseek.train.loop import LoopConfig, build_optimizer, micro_batches, set_seed, train_step
 from ragseek.train.losses import SFTReduction, distill_loss, sft_loss
-from ragseek.train.run import (
-    MODEL_HELP,
-    frozen,
-    load_model,
-    nested_loop,
-    recipe_main,
-    start_run,
-)
+from ragseek.train.run import MODEL_HELP, RecipeConfig, frozen, load_model, loop_field, recipe_main, start_run
 
 DistillKind = Literal["data", "logit"]
 PLOT_KEYS: dict[DistillKind, tuple[str, ...]] = {
@@ -47,7 +40,7 @@ PLOT_KEYS: dict[DistillKind, tuple[str, ...]] = {
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(RecipeConfig):
     kind: DistillKind = _f(
         "logit", "data: the teacher writes an SFT set for the student; logit: soft targets"
     )
@@ -72,18 +65,12 @@ class DistillConfig:
     pack: bool = _f(False, "kind=data: pack the generated examples (see sft)")
     batch_size: int = _f(8, "examples per optimizer step")
     reduction: SFTReduction = _f("sequence", "kind=data: the SFT loss's reduction (see sft)")
-    loop: LoopConfig = _f(
-        LoopConfig(lr=1e-3, max_steps=100, out_dir="runs/distill"), "optimizer, schedule, checkpoints"
-    )
+    loop: LoopConfig = loop_field(lr=1e-3, out_dir="runs/distill")
 
     def __post_init__(self) -> None:
-        self.loop = nested_loop(self.loop)
+        super().__post_init__()
         if self.kind not in get_args(DistillKind):
             raise ValueError(f"kind={self.kind!r}: choose one of {sorted(get_args(DistillKind))}")
-        if not self.data:
-            raise ValueError(
-                "set data: prompts JSONL for kind=data, SFT rows {'prompt', 'response'} for kind=logit"
-            )
 
 
 # ---------------------------------------------------------------------------------------------------------------------

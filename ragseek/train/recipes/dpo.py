@@ -28,9 +28,10 @@ from ragseek.train.losses import dpo_loss
 from ragseek.train.rollout import response_logps
 from ragseek.train.run import (
     MODEL_HELP,
+    RecipeConfig,
     frozen,
     load_model,
-    nested_loop,
+    loop_field,
     preference_micro_batches,
     recipe_main,
     start_run,
@@ -40,7 +41,7 @@ PLOT_KEYS = ("loss", "reward_margin", "reward_accuracy", "chosen_reward", "rejec
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(RecipeConfig):
     model: str = _f("", f"the policy to train: {MODEL_HELP}")
     ref_model: str = _f("", "the frozen reference π_ref (empty: a copy of the starting policy)")
     data: str = _f("", 'JSONL preference pairs {"prompt", "chosen", "rejected"}')
@@ -53,21 +54,17 @@ class DPOConfig:
     )
     max_len: int = _f(512, "tokens per prompt + response (the end is cut)")
     batch_size: int = _f(8, "pairs per optimizer step")
-    loop: LoopConfig = _f(
-        LoopConfig(lr=5e-7, max_steps=100, out_dir="runs/dpo"), "optimizer, schedule, checkpoints"
-    )
+    loop: LoopConfig = loop_field(lr=5e-7, out_dir="runs/dpo")
 
     def __post_init__(self) -> None:
-        self.loop = nested_loop(self.loop)
-        if not self.data:
-            raise ValueError("set data: a JSONL file of {'prompt', 'chosen', 'rejected'} rows")
+        super().__post_init__()
         if self.beta <= 0:
             raise ValueError(f"beta={self.beta}: β must be > 0 (it scales the implicit rewards)")
 
 
 def pair_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-token logps and masks (each (B, T-1)) of the chosen and the rejected responses, in one forward."""
-    logps, mask = response_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    logps, mask = response_logps(model, batch)
     (chosen, rejected), (chosen_mask, rejected_mask) = logps.chunk(2), mask.chunk(2)
     return chosen, rejected, chosen_mask, rejected_mask
 

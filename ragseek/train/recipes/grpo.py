@@ -40,20 +40,14 @@ from ragseek.train.losses import (
     grpo_loss,
 )
 from ragseek.train.rewards import resolve_reward
-from ragseek.train.rollout import (
-    RolloutModel,
-    accuracy,
-    logps_of,
-    rollout_sampling,
-    sample_groups,
-    score,
-)
+from ragseek.train.rollout import RolloutConfig, RolloutModel, accuracy, logps_of, sample_groups, score
 from ragseek.train.run import (
     LORA_HELP,
     MODEL_HELP,
+    RecipeConfig,
     frozen,
     load_model,
-    nested_loop,
+    loop_field,
     recipe_main,
     start_run,
 )
@@ -72,7 +66,7 @@ PLOT_KEYS = (
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(RolloutConfig, RecipeConfig):
     model: str = _f("", f"policy to train: {MODEL_HELP}")
     data: str = _f("", 'JSONL prompts, {"prompt"} or {"question", "answer"} rows; columns go to the rewards')
     rewards: list[str] = _f(
@@ -92,22 +86,15 @@ class GRPOConfig:
     )
     scale_rewards: AdvantageScale = _f("group", "advantage std: group | batch | none (Dr. GRPO)")
     max_prompt_len: int = _f(256, "prompts longer than this many tokens are dropped")
-    max_new_tokens: int = _f(64, "completion length cap")
-    temperature: float = _f(1.0, "sampling temperature (the logps of the loss use it too, as TRL)")
-    top_p: float = _f(1.0, "nucleus sampling mass")
     eval_data: str = _f(
         "", "JSONL {question, answer} scored greedily every loop.eval_every steps (eval math)"
     )
     eval_n: int = _f(100, "rows of eval_data used")
     lora: LoRAConfig | None = _f(None, LORA_HELP)
-    loop: LoopConfig = _f(
-        LoopConfig(lr=1e-6, max_steps=100, out_dir="runs/grpo"), "optimizer, schedule, checkpoints"
-    )
+    loop: LoopConfig = loop_field(lr=1e-6, out_dir="runs/grpo")
 
     def __post_init__(self) -> None:
-        self.loop = nested_loop(self.loop)
-        if not self.data:
-            raise ValueError('set data: a JSONL file of {"prompt"} or {"question", "answer"} rows')
+        super().__post_init__()
         if self.loss_type not in GRPO_AGGREGATION or self.scale_rewards not in ADVANTAGE_STD:
             raise ValueError(
                 f"loss_type={self.loss_type!r}, scale_rewards={self.scale_rewards!r}: choose loss_type from "
@@ -164,7 +151,7 @@ def train(cfg: GRPOConfig) -> list[dict]:
         )
 
     for step in range(run.start, cfg.loop.max_steps):
-        sampling = rollout_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.loop.seed, step)
+        sampling = cfg.sampling(cfg.loop.seed, step)
         rollout = sample_groups(
             rollout_model(), tokenizer, [rows[i] for i in sampler.next_batch()], G, sampling
         )

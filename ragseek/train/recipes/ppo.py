@@ -32,15 +32,15 @@ from ragseek.train.data import EpochSampler, load_prompts
 from ragseek.train.loop import LoopConfig, autocast, build_optimizer, set_seed, train_epochs
 from ragseek.train.losses import gae, kl_penalized_rewards, ppo_policy_loss, value_loss
 from ragseek.train.rewards import numbers_match, resolve_reward
-from ragseek.train.rollout import RolloutModel, accuracy, logps_of, rollout_sampling, sample_groups, score
-from ragseek.train.run import MODEL_HELP, frozen, load_model, nested_loop, recipe_main, start_run
+from ragseek.train.rollout import RolloutConfig, RolloutModel, accuracy, logps_of, sample_groups, score
+from ragseek.train.run import MODEL_HELP, RecipeConfig, frozen, load_model, loop_field, recipe_main, start_run
 from ragseek.train.value_heads import Critic, load_reward_model
 
 PLOT_KEYS = ("score_mean", "accuracy", "response_length", "kl", "value_loss", "clip_fraction", "loss")
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(RolloutConfig, RecipeConfig):
     model: str = _f("", f"policy to train: {MODEL_HELP}")
     data: str = _f("", 'JSONL prompts, {"prompt"} or {"question", "answer"} rows')
     reward_model: str = _f("", "Bradley-Terry reward model folder (`ragseek train rm`); empty: use `rewards`")
@@ -58,17 +58,10 @@ class PPOConfig:
     lam: float = _f(0.95, "λ of GAE")
     whiten_advantages: bool = _f(True, "normalise Â to mean 0, std 1 over the batch's response tokens")
     max_prompt_len: int = _f(256, "prompts longer than this many tokens are dropped")
-    max_new_tokens: int = _f(64, "completion length cap")
-    temperature: float = _f(1.0, "sampling temperature (the logps of the loss use it too)")
-    top_p: float = _f(1.0, "nucleus sampling mass")
-    loop: LoopConfig = _f(
-        LoopConfig(lr=1e-6, max_steps=100, out_dir="runs/ppo"), "optimizer, schedule, checkpoints"
-    )
+    loop: LoopConfig = loop_field(lr=1e-6, out_dir="runs/ppo")
 
     def __post_init__(self) -> None:
-        self.loop = nested_loop(self.loop)
-        if not self.data:
-            raise ValueError('set data: a JSONL file of {"prompt"} or {"question", "answer"} rows')
+        super().__post_init__()
         if (self.prompts_per_step * self.samples_per_prompt) % self.loop.grad_accum:
             raise ValueError(
                 f"{self.prompts_per_step * self.samples_per_prompt} sequences per step do not split into "
@@ -100,7 +93,6 @@ def train(cfg: PPOConfig) -> list[dict]:
     optimizer = build_optimizer(models, cfg.loop)
     run = start_run(cfg, cfg.loop, models, optimizer, sampler)
     rollout_model = RolloutModel(policy, cfg.loop.dtype)
-    G = cfg.samples_per_prompt
 
     def loss_fn(mb: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         mask = mb["response_mask"][:, 1:]
@@ -111,10 +103,9 @@ def train(cfg: PPOConfig) -> list[dict]:
         return pg + cfg.vf_coef * vf, {**pg_metrics, "policy_loss": pg.item(), **vf_metrics}
 
     for step in range(run.start, cfg.loop.max_steps):
-        sampling = rollout_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.loop.seed, step)
-        rollout = sample_groups(
-            rollout_model(), tokenizer, [rows[i] for i in sampler.next_batch()], G, sampling
-        )
+        sampling = cfg.sampling(cfg.loop.seed, step)
+        prompts = [rows[i] for i in sampler.next_batch()]
+        rollout = sample_groups(rollout_model(), tokenizer, prompts, cfg.samples_per_prompt, sampling)
         batch = rollout.tensors()
         mask = batch["response_mask"][:, 1:]
         with torch.no_grad(), autocast(cfg.loop.dtype):

@@ -50,7 +50,7 @@ from ragseek.train.loop import (
     set_seed,
     train_step,
 )
-from ragseek.train.run import recipe_main, start_run
+from ragseek.train.run import loop_field, nested_loop, recipe_main, start_run
 
 Balance = Literal["bias", "aux", "none"]
 BALANCES: tuple[Balance, ...] = ("bias", "aux", "none")
@@ -86,11 +86,10 @@ class PretrainConfig:
     )
     val_windows: int = _f(32, "validation windows of seq_len tokens, evenly spaced over val.bin")
     num_threads: int = _f(0, "torch CPU threads (0 = torch's default); 1 is much faster on a busy shared CPU")
-    loop: LoopConfig = _f(LoopConfig(), "lr, schedule, steps, checkpoints, eval_every, out_dir, resume")
+    loop: LoopConfig = loop_field()
 
     def __post_init__(self) -> None:
-        if isinstance(self.loop, dict):
-            self.loop = LoopConfig(**self.loop)
+        self.loop = nested_loop(self.loop)
         if self.balance not in BALANCES:
             raise ValueError(f"balance={self.balance!r}: choose one of {BALANCES}")
 

@@ -26,8 +26,9 @@ from ragseek.train.loop import LoopConfig, build_optimizer, set_seed, train_step
 from ragseek.train.losses import bradley_terry_loss
 from ragseek.train.run import (
     MODEL_HELP,
+    RecipeConfig,
     load_model,
-    nested_loop,
+    loop_field,
     preference_micro_batches,
     recipe_main,
     start_run,
@@ -38,7 +39,7 @@ PLOT_KEYS = ("loss", "accuracy", "margin", "eval_accuracy", "lr")
 
 
 @dataclass
-class RewardModelConfig:
+class RewardModelConfig(RecipeConfig):
     model: str = _f("", f"the trunk to start from: {MODEL_HELP}")
     data: str = _f("", 'JSONL preference pairs {"prompt", "chosen", "rejected"}')
     eval_data: str = _f(
@@ -48,14 +49,10 @@ class RewardModelConfig:
     max_len: int = _f(512, "tokens per prompt + response (the end is cut)")
     batch_size: int = _f(8, "pairs per optimizer step")
     eval_batch_size: int = _f(16, "pairs per forward pass when evaluating")
-    loop: LoopConfig = _f(
-        LoopConfig(lr=1e-5, max_steps=100, out_dir="runs/rm"), "optimizer, schedule, checkpoints"
-    )
+    loop: LoopConfig = loop_field(lr=1e-5, out_dir="runs/rm")
 
     def __post_init__(self) -> None:
-        self.loop = nested_loop(self.loop)
-        if not self.data:
-            raise ValueError("set data: a JSONL file of {'prompt', 'chosen', 'rejected'} rows")
+        super().__post_init__()
         if not self.eval_data and not 0 < self.eval_fraction < 1:
             raise ValueError(
                 f"eval_fraction={self.eval_fraction}: hold out a share in (0, 1), or set eval_data"

@@ -23,8 +23,9 @@ from ragseek.train.losses import SFTReduction, sft_loss
 from ragseek.train.run import (
     LORA_HELP,
     MODEL_HELP,
+    RecipeConfig,
     load_model,
-    nested_loop,
+    loop_field,
     recipe_main,
     start_run,
 )
@@ -33,7 +34,7 @@ PLOT_KEYS = ("loss", "lr", "grad_norm")
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(RecipeConfig):
     model: str = _f("", f"the model to fine-tune: {MODEL_HELP}")
     data: str = _f("", 'JSONL rows {"prompt", "response"} or {"messages": [{"role", "content"}, ...]}')
     max_len: int = _f(512, "tokens per example (the end is cut); with pack, tokens per packed row")
@@ -46,14 +47,7 @@ class SFTConfig:
         "sequence: the lecture's per-response mean, then the batch mean; token: one mean over all tokens",
     )
     lora: LoRAConfig | None = _f(None, LORA_HELP)
-    loop: LoopConfig = _f(
-        LoopConfig(lr=2e-5, max_steps=100, out_dir="runs/sft"), "optimizer, schedule, checkpoints"
-    )
-
-    def __post_init__(self) -> None:
-        self.loop = nested_loop(self.loop)
-        if not self.data:
-            raise ValueError("set data: a JSONL file of {'prompt', 'response'} or {'messages'} rows")
+    loop: LoopConfig = loop_field(lr=2e-5, out_dir="runs/sft")
 
 
 def train(cfg: SFTConfig) -> list[dict]:
