@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast bench lint install dev clean
+.PHONY: demo test test-fast bench lint install dev sandbox clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,10 +32,26 @@ demo: $(VENV)/.installed
 	$(BIN)/ragseek ingest docs --store runs/demo-store
 	$(BIN)/ragseek ask "How many bytes per token does the MLA absorbed KV cache take?" --store runs/demo-store
 
-test: $(VENV)/.dev
+# code_reward runs model-written code only inside bubblewrap (docs/grpo.md, "The code sandbox"). As root with apt
+# (CI), install it, and stop if that fails; elsewhere say what is missing: the sandbox then fails closed, and so do
+# its tests.
+sandbox:
+	@if command -v bwrap >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -qq bubblewrap >/dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; } || \
+	  { echo "make sandbox: apt-get could not install bubblewrap" >&2; exit 1; }; \
+	else \
+	  echo "make sandbox: bubblewrap (bwrap) is missing and cannot be installed here (needs root and apt-get):" \
+	    "install it (apt-get install bubblewrap / dnf install bubblewrap); until then code_reward refuses to" \
+	    "run code and its tests fail" >&2; \
+	fi
+
+test: $(VENV)/.dev sandbox
 	$(BIN)/python -m pytest -q
 
-test-fast: $(VENV)/.dev
+test-fast: $(VENV)/.dev sandbox
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(VENV)/.dev

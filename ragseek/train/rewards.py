@@ -20,8 +20,12 @@ conversational list of messages (`[{"role": "assistant", "content": ...}]`), as 
 
 from __future__ import annotations
 
+import ast
+import builtins
+import contextlib
 import importlib
 import json
+import logging
 import math
 import os
 import re
@@ -36,10 +40,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import cache
+from pathlib import Path
 from typing import IO, Any, Literal
 
 Completion = str | list[dict[str, str]]
-NetworkGuard = Literal["auto", "netns", "audit_hook"]
 
 
 def completion_text(completion: Completion) -> str:
@@ -224,60 +228,107 @@ def reader_format_reward(prompts: Sequence[Any], completions: Sequence[Completio
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Code execution in a sandboxed subprocess
+# Code execution: model-written code runs inside bubblewrap; the verdict is computed outside it
+#
+# The lecture's "tests that pass for code" reward is only a reward if the code cannot reach past the tests. So:
+#
+# - Isolation (`run_sandboxed`, isolation "bwrap", the default): Debian's bubblewrap gives the child its own mount,
+#   PID, network, IPC and UTS namespaces. Its filesystem is an empty root, read-only, holding only the shared
+#   libraries (/usr/lib*, /etc/ld.so.cache), the interpreter's own prefix and a private 64 MB tmpfs at /tmp (its cwd
+#   and HOME): no /etc/passwd, no /home, no project, no socket file of the host. The network namespace has a loopback of its own and nothing
+#   else (no TCP to the host's 127.0.0.1, no abstract Unix socket). The command is PID 2 of its namespace under
+#   bwrap's init: when it exits, is killed or times out, the kernel kills every descendant (fork + setsid included).
+#   The environment is empty but for PATH, HOME, TMPDIR, LANG, PYTHONHASHSEED (and bwrap's PWD); bwrap itself
+#   starts with no environment at all.
+#   Limits, soft = hard, set before the model's code runs: address space (memory_mb), CPU seconds, 1 MB per file
+#   written, no core dumps, 256 files, `max_processes` processes and threads. RLIMIT_NPROC counts per user, and root
+#   is exempt, so as the host's root the child first drops to a fresh random uid (kept only by this sandbox, no
+#   capabilities left); as anyone else bwrap's user namespace keeps the count per sandbox and refuses nested user
+#   namespaces.
+# - The verdict (`plan_tests`): each test `assert EXPR` is split, before anything runs, into the parts that need the
+#   solution (`f(2)` in `assert f(2) == 4`) and the rest (`_ragseek_value_0 == 4`). The sandboxed solution only
+#   evaluates its parts and sends back their repr(); a second sandboxed process that holds no model code reads those
+#   as plain literals (`ast.literal_eval`) and runs the assertions. The solution never sees an expected value, a
+#   token or a verdict: exiting early, patching builtins, reading the runner's frames or writing fake result lines
+#   can only send values, and the score is the share of tests whose assertion held, in [0, 1].
+# - Fail closed: without a working bwrap, `run_sandboxed` raises `SandboxUnavailable`, naming what to install.
+#   `isolation="process"` (or RAGSEEK_SANDBOX=process) runs the same two steps as plain child processes with the
+#   same limits, an empty environment and a temp dir, but no namespaces: opt-in, for code you trust, and logged.
 
-# The child's own code, run before the model's: it sets the resource limits (soft = hard, so they stay), forbids new
-# processes and, when the kernel cannot take the network away, sockets (audit hooks, PEP 578). Then it executes the
-# solution and each test in one namespace and, after each test that passes, writes a secret token (read from stdin
-# before any untrusted code runs) to a copy of stdout: a program that exits early with status 0, or that patches
-# builtins such as exec, scores nothing. Code that sets out to read the runner's frames or file descriptors can
-# still forge passes; for adversarial code, run each test in its own `run_sandboxed` call.
-_RUNNER = r"""
-import json, os, resource, sys
+Isolation = Literal["bwrap", "process"]
+ISOLATIONS: tuple[Isolation, ...] = ("bwrap", "process")
+SANDBOX_ENV = "RAGSEEK_SANDBOX"
+_INSTALL = (
+    "install bubblewrap 0.8 or newer (Debian/Ubuntu: `apt-get install bubblewrap`; Fedora: `dnf install "
+    "bubblewrap`; `make test` installs it as root on Debian)"
+)
+_VALUE = "_ragseek_value_"
+# bytes kept of stdout / stderr / results; RLIMIT_FSIZE stops a child that writes more
+_OUTPUT_LIMIT = 1 << 20
+# the sandbox's private /tmp
+_TMP_BYTES = 64 << 20
+# as root, the child runs as a random uid from this range, used by nothing else
+_UIDS = (1 << 30, 1 << 31)
 
-_BLOCKED = ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty")
-_BLOCK_SOCKETS = sys.argv[1] == "1"
+log = logging.getLogger(__name__)
 
-def _guard(event, args):
-    if event in _BLOCKED or (_BLOCK_SOCKETS and event.startswith("socket.")):
-        raise PermissionError(f"{event} is not allowed in the ragseek sandbox")
 
-def _limit(memory_mb, cpu_s, output_bytes):
-    # soft = hard: an unprivileged process cannot raise a hard limit again
-    for limit, value in ((resource.RLIMIT_AS, memory_mb << 20), (resource.RLIMIT_CPU, cpu_s),
-                         (resource.RLIMIT_FSIZE, output_bytes), (resource.RLIMIT_CORE, 0)):
-        resource.setrlimit(limit, (value, value))
+class SandboxUnavailable(RuntimeError):
+    """No isolation for model-written code here, so none of it runs (fail closed). The message says what to do."""
 
-def _run(token, solution, tests, _exec=exec, _compile=compile, _write=os.write, _out=os.dup(1)):
-    # exec, compile and the result channel are bound here, before the solution can patch builtins or stdout
-    sys.addaudithook(_guard)
+
+# The child's program, the same in both roles. Trusted steps first (read the job, set the limits, as root drop to
+# the sandbox uid), then either the solution and the expressions its tests need ("solution": values out, one JSON
+# line per test) or the assertions on those values ("check": one line per test, null when it held).
+_CHILD = r"""
+import ast, json, os, resource, sys
+
+def _enter(limits, uid):
+    for name, value in limits:
+        resource.setrlimit(getattr(resource, name), (value, value))
+    if uid is not None:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+
+def _solution(solution, tests, out):
     scope = {"__name__": "solution"}
-    _exec(_compile(solution, "solution.py", "exec"), scope)
-    for i, test in enumerate(tests):
+    exec(compile(solution, "solution.py", "exec"), scope)
+    for i, (imports, expressions) in enumerate(tests):
         try:
-            _exec(_compile(test, f"test_{i}.py", "exec"), scope)
+            exec(imports, scope)
+            values = [repr(eval(expression, scope)) for expression in expressions]
         except Exception as error:
-            print(f"test {i} failed: {type(error).__name__}: {error}", file=sys.stderr)
+            print(f"test {i}: {type(error).__name__}: {error}", file=sys.stderr)
         else:
-            _write(_out, f"{token} {i}\n".encode())
+            os.write(out, (json.dumps([i, values]) + "\n").encode())
+
+def _check(tests, out):
+    for i, imports, check, values in tests:
+        try:
+            scope = {}
+            exec(imports, scope)
+            scope.update((f"_ragseek_value_{k}", ast.literal_eval(v)) for k, v in enumerate(values))
+            exec(check, scope)
+            error = None
+        except Exception as failure:
+            error = f"{type(failure).__name__}: {failure}"[:300]
+        os.write(out, (json.dumps([i, error]) + "\n").encode())
 
 _job = json.loads(sys.stdin.read())
 sys.stdin.close()
-_limit(*_job.pop("limits"))
-_run(_job.pop("token"), _job["solution"], _job["tests"])
+_enter(_job["limits"], _job["uid"])
+if _job["role"] == "solution":
+    _solution(_job["solution"], _job["tests"], _job["out"])
+else:
+    _check(_job["tests"], _job["out"])
 """
-
-_OUTPUT_LIMIT = 1 << 20  # bytes of stdout / stderr kept (RLIMIT_FSIZE kills a child that writes more)
-
-
-def _read_head(file: IO[bytes]) -> str:
-    file.seek(0)
-    return file.read(_OUTPUT_LIMIT).decode(errors="replace")
 
 
 @dataclass
 class SandboxResult:
-    """What one sandboxed run did. `passed` counts the tests that passed, out of `total`."""
+    """What one sandboxed run did. `passed` counts the tests whose assertion held, out of `total`; `stdout` and
+    `stderr` are the solution's, then one line per failed test; `isolation` is how it ran."""
 
     passed: int
     total: int
@@ -285,19 +336,328 @@ class SandboxResult:
     timed_out: bool
     stdout: str
     stderr: str
+    isolation: Isolation = "bwrap"
 
     @property
     def score(self) -> float:
         return self.passed / self.total if self.total else 0.0
 
 
+# --- the verdict: which parts of a test need the solution ----------------------------------------------------------
+
+
+@dataclass
+class PlannedTest:
+    """One test, split: `expressions` run in the solution's namespace; `check` (the test's assertions, each of those
+    expressions replaced by `_ragseek_value_k`) runs on their values, after `imports`, in a process without it."""
+
+    imports: str
+    check: str
+    expressions: list[str]
+
+
+_BUILTIN_NAMES = frozenset(dir(builtins))
+_CONSUMERS = frozenset(  # builtins that consume iterables: a call to them is evaluated whole in the sandbox
+    "all any dict enumerate filter frozenset iter len list map max min next reversed set sorted str sum tuple zip".split()
+)
+
+
+def _bound_names(solution: str) -> set[str]:
+    """Every name the solution may bind (assignments, def, class, import, global), read from its syntax tree."""
+    try:
+        tree = ast.parse(solution)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return set()  # it cannot run either: the sandbox reports why
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.Global | ast.Nonlocal):
+            names.update(node.names)
+    return names
+
+
+class _Splitter(ast.NodeTransformer):
+    """Replaces each part of an assertion that needs the solution by a placeholder name, keeping its source.
+
+    Comparisons, `not`, `and` and arithmetic are taken apart, so `f(2) == 4` sends `f(2)` and keeps `4` outside; a
+    call to a test-side function that mixes solution values with constants (`math.isclose(f(2), 3.14)`,
+    `round(f(x), 2)`) too. Anything else that uses the solution (`f(2)`, `sorted(f(x))`, `f(x)[0]`) goes whole."""
+
+    def __init__(self, test_side: Callable[[str], bool]):
+        self.test_side, self.expressions = test_side, []
+
+    def uses_solution(self, node: ast.AST) -> bool:
+        return any(isinstance(n, ast.Name) and not self.test_side(n.id) for n in ast.walk(node))
+
+    def splits(self, node: ast.expr) -> bool:
+        if isinstance(node, ast.Compare | ast.UnaryOp | ast.BinOp):
+            return True
+        if isinstance(node, ast.BoolOp):
+            return isinstance(node.op, ast.And)
+        if not isinstance(node, ast.Call) or self.uses_solution(node.func):
+            return False
+        if isinstance(node.func, ast.Name) and node.func.id in _CONSUMERS:
+            return False
+        # split where the call mixes solution values with constants, or one of its arguments splits itself
+        arguments = [*node.args, *(k.value for k in node.keywords)]
+        return any(not self.uses_solution(a) or self.splits(a) for a in arguments)
+
+    def visit(self, node: ast.AST) -> ast.AST:
+        if not isinstance(node, ast.expr):
+            return self.generic_visit(node)
+        if not self.uses_solution(node):
+            return node
+        if self.splits(node):
+            return self.generic_visit(node)
+        self.expressions.append(ast.unparse(node))
+        return ast.Name(f"{_VALUE}{len(self.expressions) - 1}", ast.Load())
+
+
+def plan_tests(solution: str, tests: Sequence[str]) -> list[PlannedTest]:
+    """Split each test (its `import` and `assert` statements) into what the solution evaluates and what is checked
+    without it. A name is the solution's unless the test imports it, or it is a builtin or a standard-library module
+    that the solution does not bind. Nothing is run here. Raises ValueError for any other statement."""
+    bound = _bound_names(solution)
+    planned = []
+    for i, test in enumerate(tests):
+        try:
+            statements = ast.parse(test).body
+        except SyntaxError as error:
+            raise ValueError(f"test {i} is not valid Python ({error}): {test!r:.80}") from None
+        imports = [s for s in statements if isinstance(s, ast.Import | ast.ImportFrom)]
+        imported = {(a.asname or a.name).split(".")[0] for s in imports for a in s.names}
+
+        def test_side(name: str, imported: set[str] = imported) -> bool:
+            builtin_or_module = name in _BUILTIN_NAMES or name in sys.stdlib_module_names
+            return name in imported or (name not in bound and builtin_or_module)
+
+        used = {n.id for s in statements for n in ast.walk(s) if isinstance(n, ast.Name)}
+        # (the splitter rewrites the statements in place)
+        splitter, checks = _Splitter(test_side), []
+        for statement in statements:
+            if isinstance(statement, ast.Assert):
+                checks.append(ast.Assert(splitter.visit(statement.test), None))
+            elif not isinstance(statement, ast.Import | ast.ImportFrom):
+                raise ValueError(
+                    f"test {i}: {type(statement).__name__} statement in {test!r:.80}: a test holds `import` and "
+                    "`assert` statements only (MBPP's test_list), so that its verdict is computed outside the sandbox"
+                )
+        modules = sorted(n for n in used - imported - _BUILTIN_NAMES if n in sys.stdlib_module_names)
+        imports += [ast.Import([ast.alias(m)]) for m in modules if m not in bound]
+        planned.append(
+            PlannedTest(
+                ast.unparse(ast.Module(imports, [])),
+                ast.unparse(ast.Module(checks, [])),
+                splitter.expressions,
+            )
+        )
+    return planned
+
+
+# --- the sandbox ---------------------------------------------------------------------------------------------------
+
+
+def _isolation(requested: Isolation | None) -> Isolation:
+    isolation = requested or os.environ.get(SANDBOX_ENV) or "bwrap"
+    if isolation not in ISOLATIONS:
+        raise ValueError(f"isolation {isolation!r} (or ${SANDBOX_ENV}): use one of {ISOLATIONS}")
+    if isolation == "process":
+        _warn_unisolated()
+    return isolation  # type: ignore[return-value]
+
+
 @cache
-def netns_available() -> bool:
-    """Whether `unshare -rn` can give the child a fresh network namespace (no interfaces up: no network at all)."""
-    if shutil.which("unshare") is None:
+def _warn_unisolated() -> None:
+    log.warning(
+        "code sandbox: isolation=process (%s): model-written code runs as a plain child process, with limits but "
+        "WITHOUT filesystem, network or process isolation. Use it only for code you trust; %s for the real sandbox.",
+        SANDBOX_ENV,
+        _INSTALL,
+    )
+
+
+def _bwrap_command(bwrap: str, as_root: bool) -> list[str]:
+    """bubblewrap around this interpreter (its base, not a venv: the child runs the standard library alone, `-I -S`),
+    with only what the interpreter needs mounted, read-only. The program to run comes last."""
+    python = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    prefix = os.path.realpath(sys.base_prefix)
+    command = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts"]
+    command += ["--unshare-cgroup-try", "--die-with-parent", "--new-session", "--clearenv"]
+    # root drops to the sandbox uid itself (then no capability is left); others get a user namespace
+    if as_root:
+        command += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        command += ["--unshare-user", "--disable-userns"]
+    # a system Python (prefix /usr) keeps its standard library in /usr/lib: the executable alone is added
+    interpreter = python if prefix == "/usr" else prefix
+    binds = ["/usr/lib", "/usr/lib64", "/usr/lib32", "/etc/ld.so.cache", interpreter]
+    binds = [path for path in binds if os.path.exists(path)]
+    # their parent folders, made traversable (bwrap makes them 0700, and as root the child drops to another uid)
+    for parent in sorted({str(parent) for path in binds for parent in Path(path).parents[:-1]}):
+        command += ["--perms", "0755", "--dir", parent]
+    for path in binds:
+        command += ["--ro-bind", path, path]
+    for path in ("/lib", "/lib64", "/lib32"):
+        if os.path.islink(path):
+            command += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            command += ["--ro-bind", path, path]
+    command += ["--proc", "/proc", "--dev", "/dev"]
+    command += ["--perms", "1777", "--size", str(_TMP_BYTES), "--tmpfs", "/tmp"]
+    command += ["--remount-ro", "/", "--chdir", "/tmp"]
+    for name, value in _child_env("/tmp").items():
+        command += ["--setenv", name, value]
+    return [*command, python, "-I", "-S", "-c", _CHILD]
+
+
+def _child_env(home: str) -> dict[str, str]:
+    return {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
+
+
+def _host_root() -> bool:
+    """Root of the host's user namespace: exempt from RLIMIT_NPROC, and free to take any uid (a root mapped from
+    another user, as in a rootless container, is neither)."""
+    try:
+        with open("/proc/self/uid_map") as uid_map:
+            return os.geteuid() == 0 and uid_map.read().split()[:3] == ["0", "0", "4294967295"]
+    except OSError:
         return False
-    probe = subprocess.run(["unshare", "-rn", "true"], capture_output=True, timeout=10)
-    return probe.returncode == 0
+
+
+def _sandbox_uid(as_root: bool) -> int | None:
+    return _UIDS[0] + secrets.randbelow(_UIDS[1] - _UIDS[0]) if as_root else None
+
+
+@cache
+def _bwrap_ready(bwrap: str, as_root: bool) -> str:
+    """'' when bubblewrap can build the sandbox here (the child enters it and checks nothing), else why not. Tried
+    once per process."""
+    job = {"role": "check", "tests": [], "limits": [], "uid": _sandbox_uid(as_root), "out": 1}
+    command = _bwrap_command(bwrap, as_root)
+    probe = subprocess.run(
+        command, input=json.dumps(job).encode(), capture_output=True, env={}, cwd="/", timeout=30
+    )
+    return "" if probe.returncode == 0 else probe.stderr.decode(errors="replace").strip()[-500:]
+
+
+def _require_bwrap(as_root: bool) -> list[str]:
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        raise SandboxUnavailable(
+            f"model-written code runs only inside bubblewrap, and `bwrap` is not on PATH: {_INSTALL}. To run it "
+            f"without isolation anyway (code you trust only), set {SANDBOX_ENV}=process."
+        )
+    why = _bwrap_ready(bwrap, as_root)
+    if why:
+        raise SandboxUnavailable(
+            f"bubblewrap cannot build a sandbox here ({why}). It needs bubblewrap 0.8 or newer, and user namespaces "
+            "(sysctl user.max_user_namespaces > 0, kernel.unprivileged_userns_clone=1) or, as root, CAP_SYS_ADMIN "
+            f"(a container allowed to create namespaces). Nothing was run; {SANDBOX_ENV}=process runs code without "
+            "isolation (code you trust only)."
+        )
+    return _bwrap_command(bwrap, as_root)
+
+
+@dataclass
+class _Run:
+    returncode: int
+    timed_out: bool
+    stdout: str
+    stderr: str
+    lines: list[Any]  # the JSON lines of the result channel that parse
+
+
+def _read_head(file: IO[bytes]) -> str:
+    file.seek(0)
+    return file.read(_OUTPUT_LIMIT).decode(errors="replace")
+
+
+def _json_lines(text: str) -> list[Any]:
+    lines = []
+    for line in text.splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:
+            continue
+    return lines
+
+
+def _kill_sandbox(child: subprocess.Popen, info: IO[bytes]) -> None:
+    """Kill the sandbox's init (its host pid is in bwrap's --info-fd JSON): the kernel kills its whole PID namespace
+    and bwrap exits once all of it is gone. Then bwrap's session (or, unisolated, the child's)."""
+    info.seek(0)
+    with contextlib.suppress(ValueError, KeyError, TypeError, ProcessLookupError, subprocess.TimeoutExpired):
+        os.kill(int(json.loads(info.read())["child-pid"]), signal.SIGKILL)
+        child.wait(timeout=10)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGKILL)
+
+
+def _run_child(
+    job: dict[str, Any], isolation: Isolation, timeout_s: float, memory_mb: int, max_processes: int
+) -> _Run:
+    """Run _CHILD with `job` on stdin, isolated, and kill whatever is left of it on return."""
+    as_root = _host_root()
+    limits = [
+        ("RLIMIT_AS", memory_mb << 20),
+        ("RLIMIT_CPU", math.ceil(timeout_s) + 1),
+        ("RLIMIT_FSIZE", _OUTPUT_LIMIT),
+        ("RLIMIT_CORE", 0),
+        ("RLIMIT_NOFILE", 256),
+    ]
+    if isolation == "bwrap":
+        # bwrap's init counts in the user namespace of a non-root sandbox
+        limits.append(("RLIMIT_NPROC", max_processes + (0 if as_root else 1)))
+        command, uid = _require_bwrap(as_root), _sandbox_uid(as_root)
+    else:
+        command, uid = [sys.executable, "-I", "-S", "-c", _CHILD], None
+    with contextlib.ExitStack() as stack:
+        out, err, results, info = (stack.enter_context(tempfile.TemporaryFile()) for _ in range(4))
+        if isolation == "bwrap":
+            command = [command[0], "--info-fd", str(info.fileno()), *command[1:]]
+            cwd = "/"
+        else:
+            cwd = stack.enter_context(tempfile.TemporaryDirectory(prefix="ragseek-sandbox-"))
+        job = {**job, "limits": limits, "uid": uid, "out": results.fileno()}
+        child = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=out,
+            stderr=err,
+            pass_fds=(results.fileno(), info.fileno()),
+            cwd=cwd,
+            env={} if isolation == "bwrap" else _child_env(cwd),
+            start_new_session=True,
+        )
+        timed_out = False
+        try:
+            child.communicate(json.dumps(job).encode(), timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            if child.poll() is None:
+                _kill_sandbox(child, info)
+            child.wait()
+        stdout, stderr, lines = _read_head(out), _read_head(err), _json_lines(_read_head(results))
+        return _Run(child.returncode, timed_out, stdout, stderr, lines)
+
+
+def _values_sent(lines: list[Any], planned: list[PlannedTest]) -> dict[int, list[str]]:
+    """test index -> the reprs of its expressions, from the solution's result lines (untrusted: whatever does not
+    fit is dropped; the last line for a test wins)."""
+    values = {}
+    for line in lines:
+        if isinstance(line, list) and len(line) == 2 and type(line[0]) is int and isinstance(line[1], list):
+            i, sent = line
+            fits = 0 <= i < len(planned) and len(sent) == len(planned[i].expressions)
+            if fits and all(type(v) is str for v in sent):
+                values[i] = sent
+    return values
 
 
 def run_sandboxed(
@@ -305,60 +665,49 @@ def run_sandboxed(
     tests: Sequence[str] = (),
     timeout_s: float = 5.0,
     memory_mb: int = 512,
-    network_guard: NetworkGuard = "auto",
+    max_processes: int = 16,
+    isolation: Isolation | None = None,
 ) -> SandboxResult:
-    """Run untrusted Python `solution`, then each test in `tests` (statements such as `assert f(2) == 4`), in a
-    child process; never in this one.
+    """Run untrusted Python `solution` and score it on `tests` (statements such as `assert f(2) == 4`); never in
+    this process, and never without isolation unless asked.
 
-    The child is this interpreter in isolated mode (`-I`: no user site, no PYTHON* variables), started in a fresh
-    temp dir (its cwd, HOME and TMPDIR, deleted afterwards) with a minimal environment, in its own session so that a
-    timeout kills the whole process group (SIGKILL). Limits: `timeout_s` of wall time, `memory_mb` of address space
-    (RLIMIT_AS: a memory bomb gets MemoryError or dies), CPU seconds, 1 MB of output. Network: "netns" runs the
-    child in a new user + network namespace (`unshare -rn`: no interface is up, every connection fails in the
-    kernel); "audit_hook" makes every socket operation raise in the child instead; "auto" takes netns when the
-    kernel allows it. In every mode an audit hook forbids starting processes. An audit hook is not a security
-    boundary against hostile code (ctypes can go around it); the namespace is.
+    Two sandboxed children (bubblewrap; see the section comment above): the solution with the parts of each test
+    that need it (`plan_tests`), which sends back their values; then the tests' assertions on those values, with no
+    model code. A test passes when its values came back and its assertions held. Limits per child: `timeout_s` of
+    wall time (then everything in it is killed), `memory_mb` of address space per process, as many CPU seconds,
+    `max_processes` processes and threads, 1 MB per file written, 64 MB of /tmp.
+
+    `isolation`: "bwrap" (default), or "process" (no namespaces, logged; for code you trust); None reads
+    $RAGSEEK_SANDBOX. Raises SandboxUnavailable when bubblewrap is missing or cannot run here.
     """
-    guard = ("netns" if netns_available() else "audit_hook") if network_guard == "auto" else network_guard
-    if guard == "netns" and not netns_available():
-        raise RuntimeError(
-            "network_guard='netns' needs `unshare -rn` (user namespaces); use 'audit_hook' or 'auto'"
-        )
-    token = secrets.token_hex(16)
-    command = [sys.executable, "-I", "-c", _RUNNER, "1" if guard == "audit_hook" else "0"]
-    if guard == "netns":
-        command = ["unshare", "-rn", *command]
-    limits = (memory_mb, math.ceil(timeout_s) + 1, _OUTPUT_LIMIT)
-    job = json.dumps({"token": token, "limits": limits, "solution": solution, "tests": list(tests)})
-    with tempfile.TemporaryDirectory(prefix="ragseek-sandbox-") as tmp:
-        env = {"PATH": os.defpath, "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
-        env |= {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
-        # unnamed files (not pipes: a child that prints without end cannot fill this process's memory)
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            child = subprocess.Popen(
-                command,
-                stdin=subprocess.PIPE,
-                stdout=out,
-                stderr=err,
-                cwd=tmp,
-                env=env,
-                start_new_session=True,
-            )
-            timed_out = False
-            try:
-                child.communicate(job.encode(), timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                try:  # the child and anything it left behind in its session
-                    os.killpg(child.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                child.wait()
-            stdout, stderr = (_read_head(f) for f in (out, err))
-    passed = sum(line.startswith(token + " ") for line in stdout.splitlines())
-    stdout = "\n".join(line for line in stdout.splitlines() if not line.startswith(token + " "))
-    return SandboxResult(passed, len(tests), child.returncode, timed_out, stdout, stderr)
+    isolation = _isolation(isolation)
+    planned = plan_tests(solution, tests)
+    ran = _run_child(
+        {"role": "solution", "solution": solution, "tests": [[t.imports, t.expressions] for t in planned]},
+        isolation,
+        timeout_s,
+        memory_mb,
+        max_processes,
+    )
+    values = _values_sent(ran.lines, planned)
+    why: dict[int, str] = {
+        i: "no values came back (the solution failed or stopped first)" for i in range(len(tests))
+    }
+    if values:
+        why |= {i: "its check did not finish" for i in values}
+        checks = [[i, planned[i].imports, planned[i].check, v] for i, v in values.items()]
+        checked = _run_child({"role": "check", "tests": checks}, isolation, timeout_s, memory_mb, 1)
+        for line in checked.lines:
+            if isinstance(line, list) and len(line) == 2 and type(line[0]) is int and line[0] in values:
+                i, error = line
+                sent = ", ".join(
+                    f"{e} = {v:.80}" for e, v in zip(planned[i].expressions, values[i], strict=True)
+                )
+                why[i] = "" if error is None else "; ".join(filter(None, [error.rstrip(": "), sent]))
+    failures = [f"test {i} failed: {reason}" for i, reason in why.items() if reason]
+    stderr = "\n".join(filter(None, [ran.stderr.rstrip(), *failures]))
+    passed = sum(not reason for reason in why.values())
+    return SandboxResult(passed, len(tests), ran.returncode, ran.timed_out, ran.stdout, stderr, isolation)
 
 
 _CODE_BLOCK = re.compile(r"```(?:python|py)?[^\n]*\n(.*?)```", re.DOTALL)
@@ -381,7 +730,8 @@ def code_reward(
     """The share of its tests that each completion's code passes (`extract_code`, then `run_sandboxed`), in [0, 1].
 
     `tests` holds one entry per completion: a list of test statements (MBPP's `test_list`, e.g.
-    `["assert add(1, 2) == 3"]`) or one string run as a single test. Completions run in parallel, one child each.
+    `["assert add(1, 2) == 3"]`) or one string run as a single test. Completions run in parallel, one sandbox each.
+    Raises SandboxUnavailable where bubblewrap cannot run (RAGSEEK_SANDBOX=process opts out of isolation).
     """
     if tests is None or len(tests) != len(completions):
         raise ValueError(
