@@ -137,6 +137,26 @@ def test_plan_tests_sends_only_what_needs_the_solution():
 
 
 @needs_bwrap
+def test_split_tests_give_the_verdicts_python_gives():
+    # f is the identity: run in one namespace, these tests would pass exactly where marked
+    solution = "import os\ndef f(x):\n    return x\nclass C: pass\n"
+    tests = {
+        "assert f(2) == 4": False,
+        "import math\nassert math.isclose(f(3.13), 3.14, rel_tol=0.01)": True,
+        "assert not f(0)": True,
+        "assert set(f([2, 1, 2])) == set([1, 2])": True,
+        "assert abs(f(3) - 3) < 0.1": True,
+        "assert json.loads(f('[1]')) == [1]": True,
+        "assert isinstance(f(C()), C)": True,
+        "assert f((1, 2)) == [1, 2]": False,  # a tuple stays a tuple on its way out
+        "assert f(1) == 1\nassert f(2) == 3": False,
+    }
+    result = run_sandboxed(solution, list(tests), timeout_s=10)
+    failed = {int(line.split()[1]) for line in result.stderr.splitlines() if line.startswith("test ")}
+    assert failed == {i for i, passes in enumerate(tests.values()) if not passes}, result.stderr
+
+
+@needs_bwrap
 def test_infinite_loop_is_killed():
     result = run_sandboxed("while True:\n    pass\n", TESTS, timeout_s=1.0)
     assert result.timed_out and result.returncode != 0 and result.score == 0.0
