@@ -92,14 +92,16 @@ def ingest(
     store_cfg: StoreConfig = None,
     word: WordVectorConfig = None,
 ) -> None:
-    """Add documents to a store: clean, split, embed. Unchanged files are skipped; one bad file never stops the rest."""
+    """Add documents to a store: clean, split, embed. Unchanged files are skipped; a bad file or path is listed as
+    failed with the reason, and never stops the rest."""
     from ragseek.llm.base import load_llm
     from ragseek.rag.contextual import contextualize, embed_contexts
+    from ragseek.rag.documents import display, path_problem
     from ragseek.rag.store import Store
 
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:  # before the store is created: a typo leaves nothing behind
-        typer.echo(f"error: no such file or folder: {', '.join(missing)}; nothing was ingested", err=True)
+    problems = [f"{display(p)}: {problem}" for p in paths if (problem := path_problem(p))]
+    if len(problems) == len(paths):  # before the store is created: a typo leaves nothing behind
+        typer.echo(f"error: {'; '.join(problems)}; nothing was ingested", err=True)
         raise typer.Exit(1)
     st = Store(store)
     model = load_llm(llm, base_url) if contextual else None
@@ -131,6 +133,8 @@ def ingest(
         typer.echo(f"  failed: {f['path']}: {f['reason']}", err=True)
     for f in report.left_out:
         typer.echo(f"  left out: {f['path']}: {f['reason']}", err=True)
+    for f in report.not_pruned:
+        typer.echo(f"  not pruned: {f['source']}: {f['reason']}", err=True)
 
 
 def info(

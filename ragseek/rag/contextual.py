@@ -89,10 +89,12 @@ def contextualize(
     todo = [(h, row) for h, row in unique.items() if h not in have]
     for s in range(0, len(todo), batch_size):
         part = todo[s : s + batch_size]
-        docs = {d: store.document(d).text for d in {table.doc_ids[row] for _, row in part}}
+        keys = {(table.sources[row], table.doc_ids[row]) for _, row in part}
+        docs = {(src, d): store.document(d, src).text for src, d in keys}
         prompts = [
             [{"role": "user", "content": context_prompt(
-                docs[table.doc_ids[row]], table.texts[row], int(table.starts[row]), max_doc_chars
+                docs[table.sources[row], table.doc_ids[row]], table.texts[row], int(table.starts[row]),
+                max_doc_chars,
             )}]
             for _, row in part
         ]  # fmt: skip

@@ -1,6 +1,6 @@
 """The store, ragseek's system of record: one folder holding a SQLite database (WAL) and the indexes built from it.
 
-    DIR/store.sqlite   documents (id, source, content hash, cleaned text, raw offsets, metadata),
+    DIR/store.sqlite   documents (source, id, content hash, cleaned text, raw offsets, metadata),
                        chunks (text, char offsets), embeddings (float32 blobs keyed by (embedder, chunk hash)),
                        meta (splitter, generation, word models), indexes (what was built at which generation)
                        and contexts (LLM-written chunk contexts keyed by (LLM, chunk hash): rag/contextual.py)
@@ -11,14 +11,20 @@ skipped; a changed one has its chunks replaced in the same transaction; embeddin
 (embedder name, chunk content hash), so re-ingesting unchanged text costs nothing. A `kill -9` at any moment leaves
 every document either fully stored or absent, and embeddings that are missing are computed by the next run.
 Every change bumps `generation`; an index built at an older generation is stale and is rebuilt on use.
+
+A document is keyed by (source, doc_id): its canonical absolute file path, and the path again for a file or the
+row's `_id` for a BEIR .jsonl (two files may both hold an `_id` "1"). A store written before that key (layout 1,
+keyed by doc_id alone) is migrated when opened, in one transaction (`Store._migrate`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +32,15 @@ import numpy as np
 
 from ragseek.config import config_field as _f
 from ragseek.config import require
-from ragseek.rag.documents import Document, DocumentError, content_hash, find_files, load_file
+from ragseek.rag.documents import (
+    Document,
+    DocumentError,
+    content_hash,
+    display,
+    find_files,
+    load_file,
+    source_paths,
+)
 from ragseek.rag.embedders import (
     Embedder,
     PooledWordEmbedder,
@@ -36,15 +50,22 @@ from ragseek.rag.embedders import (
 )
 from ragseek.rag.splitters import SplitterConfig, split
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS documents (
-    doc_id TEXT PRIMARY KEY, source TEXT NOT NULL, content_hash TEXT NOT NULL, splitter TEXT NOT NULL,
-    title TEXT NOT NULL, text TEXT NOT NULL, offsets BLOB, metadata TEXT NOT NULL, added REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS chunks (
-    id INTEGER PRIMARY KEY, doc_id TEXT NOT NULL REFERENCES documents(doc_id) ON DELETE CASCADE,
-    ord INTEGER NOT NULL, start INTEGER NOT NULL, "end" INTEGER NOT NULL, text TEXT NOT NULL,
-    content_hash TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id);
+# PRAGMA user_version. 1 (stored as 0): documents keyed by doc_id alone; 2: by (source, doc_id)
+SCHEMA_VERSION = 2
+# offsets comes last: a zeroblob in a row's last column is not built in memory (add_document fills it in slices)
+DOCUMENTS = """CREATE TABLE IF NOT EXISTS documents (
+    source TEXT NOT NULL, doc_id TEXT NOT NULL, content_hash TEXT NOT NULL, splitter TEXT NOT NULL,
+    title TEXT NOT NULL, metadata TEXT NOT NULL, added REAL NOT NULL, text TEXT NOT NULL, offsets BLOB,
+    PRIMARY KEY (source, doc_id))"""
+CHUNKS = """CREATE TABLE IF NOT EXISTS chunks (
+    id INTEGER PRIMARY KEY, source TEXT NOT NULL, doc_id TEXT NOT NULL, ord INTEGER NOT NULL,
+    start INTEGER NOT NULL, "end" INTEGER NOT NULL, text TEXT NOT NULL, content_hash TEXT NOT NULL,
+    FOREIGN KEY (source, doc_id) REFERENCES documents(source, doc_id) ON DELETE CASCADE)"""
+SCHEMA = f"""
+{DOCUMENTS};
+{CHUNKS};
+CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(source, doc_id);
+CREATE INDEX IF NOT EXISTS documents_id ON documents(doc_id);
 CREATE TABLE IF NOT EXISTS embeddings (
     embedder TEXT NOT NULL, content_hash TEXT NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (embedder, content_hash));
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -73,9 +94,11 @@ class StoreConfig:
 class IngestReport:
     stored: int = 0
     skipped: int = 0
-    # {"path", "reason"}: files that could not be read, and files a folder walk left out on purpose
+    # {"path", "reason"}: paths and files that could not be read, and files a folder walk left out on purpose
     failed: list[dict] = field(default_factory=list)
     left_out: list[dict] = field(default_factory=list)
+    # {"source", "reason"}: with --prune, stored sources that could not be checked, so were kept
+    not_pruned: list[dict] = field(default_factory=list)
     chunks: int = 0
     removed: int = 0
     embedded: int = 0
@@ -91,6 +114,7 @@ class ChunkTable:
 
     ids: np.ndarray  # int64 (n,)
     doc_ids: list[str]
+    sources: list[str]  # with doc_ids[i]: the document's key
     starts: np.ndarray
     ends: np.ndarray
     texts: list[str]
@@ -105,8 +129,47 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a killed process
         self.db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
         self.db.executescript(SCHEMA)
+        if self.db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._chunks: tuple[int, ChunkTable] | None = None
+
+    def _migrate(self) -> None:
+        """Bring a store of layout 1 (documents keyed by doc_id alone) to (source, doc_id) keys, in one transaction
+        that keeps every document, chunk id and embedding; a store from a newer ragseek is refused."""
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise ValueError(
+                f"{self.root / 'store.sqlite'}: written by a newer ragseek (store layout {version}; this one "
+                f"reads {SCHEMA_VERSION}): upgrade ragseek"
+            )
+        old = self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'documents'")
+        if version == SCHEMA_VERSION or old.fetchone() is None:
+            return
+        self.db.execute("PRAGMA foreign_keys=OFF")  # the tables are renamed and copied: no cascade meanwhile
+        try:
+            with self.db:
+                self.db.execute("BEGIN IMMEDIATE")
+                if self.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+                    return  # another process migrated it first
+                for sql in (
+                    "DROP INDEX IF EXISTS chunks_doc",
+                    "ALTER TABLE documents RENAME TO documents_v1",
+                    "ALTER TABLE chunks RENAME TO chunks_v1",
+                    DOCUMENTS,
+                    CHUNKS,
+                    "INSERT INTO documents SELECT source, doc_id, content_hash, splitter, title, metadata, added, "
+                    "text, offsets FROM documents_v1",
+                    'INSERT INTO chunks SELECT c.id, d.source, c.doc_id, c.ord, c.start, c."end", c.text, '
+                    "c.content_hash FROM chunks_v1 c JOIN documents_v1 d ON d.doc_id = c.doc_id",
+                    "DROP TABLE chunks_v1",
+                    "DROP TABLE documents_v1",
+                    f"PRAGMA user_version = {SCHEMA_VERSION}",
+                ):
+                    self.db.execute(sql)
+        finally:
+            self.db.execute("PRAGMA foreign_keys=ON")
 
     def close(self) -> None:
         self.db.close()
@@ -140,31 +203,58 @@ class Store:
     # --- documents ------------------------------------------------------------------------------------
 
     def add_document(self, doc: Document, splitter: SplitterConfig) -> int | None:
-        """Store `doc` and its chunks in one transaction; None when it is already stored unchanged, else #chunks."""
+        """Store `doc` and its chunks in one transaction; None when it is already stored unchanged, else #chunks.
+        The document is (doc.source, doc.doc_id): another file's row with the same `_id` is another document."""
         spl = json.dumps(asdict(splitter), sort_keys=True)
+        key = (doc.source, doc.doc_id)
         row = self.db.execute(
-            "SELECT content_hash, splitter FROM documents WHERE doc_id = ?", (doc.doc_id,)
+            "SELECT content_hash, splitter FROM documents WHERE source = ? AND doc_id = ?", key
         ).fetchone()
         if row == (doc.content_hash, spl):
             return None
         chunks = split(doc.doc_id, doc.text, splitter)
-        offsets = doc.offsets.astype(np.int32).tobytes() if doc.offsets is not None else None
+        offsets = None if doc.offsets is None else np.ascontiguousarray(doc.offsets, dtype=np.int32)
+        size = None if offsets is None else offsets.nbytes
         with self.db:  # BEGIN ... COMMIT, ROLLBACK on error
             self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute("DELETE FROM documents WHERE doc_id = ?", (doc.doc_id,))  # cascades to its chunks
-            self.db.execute(
-                "INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (doc.doc_id, doc.source, doc.content_hash, spl, doc.title, doc.text, offsets,
-                 json.dumps(doc.metadata), time.time()),
-            )  # fmt: skip
+            # cascades to its chunks
+            self.db.execute("DELETE FROM documents WHERE source = ? AND doc_id = ?", key)
+            self._drop_relative_twin(doc)
+            row_id = self.db.execute(
+                "INSERT INTO documents(source, doc_id, content_hash, splitter, title, text, offsets, metadata, "
+                "added) VALUES (?1, ?2, ?3, ?4, ?5, ?6, CASE WHEN ?7 IS NULL THEN NULL ELSE zeroblob(?7) END, ?8, ?9)",
+                (*key, doc.content_hash, spl, doc.title, doc.text, size, json.dumps(doc.metadata), time.time()),
+            ).lastrowid  # fmt: skip
+            # the offsets are written in slices: a large document's map is never copied whole
+            if size:
+                with self.db.blobopen("documents", "offsets", row_id) as blob:
+                    for i in range(0, len(offsets), 1 << 20):
+                        blob.write(offsets[i : i + (1 << 20)].tobytes())
             self.db.executemany(
-                'INSERT INTO chunks(doc_id, ord, start, "end", text, content_hash) VALUES (?, ?, ?, ?, ?, ?)',
-                [(doc.doc_id, i, c.start, c.end, c.text, content_hash(c.text)) for i, c in enumerate(chunks)],
+                'INSERT INTO chunks(source, doc_id, ord, start, "end", text, content_hash) '
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                ((*key, i, c.start, c.end, c.text, content_hash(c.text)) for i, c in enumerate(chunks)),
             )
             self._bump()
         return len(chunks)
 
+    def _drop_relative_twin(self, doc: Document) -> None:
+        """Delete the row an older ragseek stored for the same document under a relative source (a .jsonl named
+        `data/corpus.jsonl`, now `/abs/data/corpus.jsonl`): the relative path is a tail of the new source."""
+        rows = self.db.execute(
+            "SELECT source FROM documents WHERE doc_id = ? AND source != ?", (doc.doc_id, doc.source)
+        ).fetchall()
+        for (source,) in rows:
+            parts = Path(os.path.normpath(source)).parts
+            if (
+                not Path(source).is_absolute()
+                and ".." not in parts
+                and Path(doc.source).parts[-len(parts) :] == parts
+            ):
+                self.db.execute("DELETE FROM documents WHERE source = ? AND doc_id = ?", (source, doc.doc_id))
+
     def remove(self, doc_ids: Iterable[str]) -> int:
+        """Delete the documents with these ids (from every source) and their chunks; returns how many."""
         ids = list(doc_ids)
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
@@ -173,21 +263,47 @@ class Store:
                 self._bump()
         return n
 
-    def prune_missing(self) -> int:
-        """Remove documents whose source file is gone (BEIR rows count as present while their .jsonl exists)."""
-        sources = self.db.execute("SELECT DISTINCT source FROM documents").fetchall()
-        gone = [s for (s,) in sources if not Path(s).exists()]
-        ids = [
-            d for s in gone for (d,) in self.db.execute("SELECT doc_id FROM documents WHERE source = ?", (s,))
-        ]
-        return self.remove(ids)
+    def prune_missing(self) -> tuple[int, list[dict]]:
+        """Remove the documents whose source file is really gone: no path it may name exists (`source_paths`;
+        BEIR rows stay while their .jsonl exists). A source that cannot be checked (no permission on a folder on
+        its path, or a relative path stored by an older ragseek) is kept and returned as {"source", "reason"}."""
+        gone, kept = [], []
+        for (source,) in self.db.execute("SELECT DISTINCT source FROM documents").fetchall():
+            if not Path(source).is_absolute():
+                reason = (
+                    "a relative path, stored by an older ragseek: ingest its file again to store it absolute"
+                )
+                kept.append({"source": source, "reason": reason})
+                continue
+            states = [_exists(p) for p in source_paths(source)]
+            if all(state is False for state in states):
+                gone.append(source)
+            elif True not in states:
+                kept.append({"source": source, "reason": next(s for s in states if isinstance(s, str))})
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            n = sum(self.db.execute("DELETE FROM documents WHERE source = ?", (s,)).rowcount for s in gone)
+            if n:
+                self._bump()
+        return n, kept
 
-    def document(self, doc_id: str) -> Document:
-        row = self.db.execute(
-            "SELECT doc_id, text, source, title, metadata, offsets FROM documents WHERE doc_id = ?", (doc_id,)
-        ).fetchone()
-        if row is None:
+    def document(self, doc_id: str, source: str | None = None) -> Document:
+        """The stored document `doc_id` (of `source`, needed only when two sources hold that id)."""
+        where, args = (
+            ("doc_id = ?", (doc_id,)) if source is None else ("source = ? AND doc_id = ?", (source, doc_id))
+        )
+        rows = self.db.execute(
+            f"SELECT doc_id, text, source, title, metadata, offsets FROM documents WHERE {where} LIMIT 2",
+            args,
+        ).fetchall()
+        if not rows:
             raise KeyError(f"no document {doc_id!r} in {self.root}")
+        if len(rows) > 1:
+            raise LookupError(
+                f"{doc_id!r} names a document in several sources of {self.root} ({rows[0][2]}, {rows[1][2]}, ...): "
+                "pass its source"
+            )
+        row = rows[0]
         offsets = np.frombuffer(row[5], dtype=np.int32) if row[5] is not None else None
         return Document(row[0], row[1], row[2], title=row[3], metadata=json.loads(row[4]), offsets=offsets)
 
@@ -202,7 +318,7 @@ class Store:
         """Store every file under `paths` (one bad file is reported, never fatal), then embed what is missing."""
         t0 = time.time()
         report = IngestReport()
-        files, report.left_out = find_files(paths)
+        files, report.left_out, report.failed = find_files(paths)
         for n, path in enumerate(files):
             try:
                 for doc in load_file(path):
@@ -212,15 +328,19 @@ class Store:
                     else:
                         report.stored += 1
                         report.chunks += added
-            except (DocumentError, OSError) as e:
-                report.failed.append({"path": str(path), "reason": str(e)})
+            except DocumentError as e:
+                report.failed.append({"path": display(path), "reason": str(e)})
+            except OSError as e:
+                report.failed.append({"path": display(path), "reason": f"unreadable: {e.strerror or e}"})
             # a loader's unexpected error (a library bug on an odd file) must not stop the rest
             except Exception as e:
-                report.failed.append({"path": str(path), "reason": f"unreadable ({type(e).__name__}: {e})"})
+                report.failed.append(
+                    {"path": display(path), "reason": f"unreadable ({type(e).__name__}: {e})"}
+                )
             if on_progress:
                 on_progress("documents", n + 1, len(files))
         if cfg.prune:
-            report.removed = self.prune_missing()
+            report.removed, report.not_pruned = self.prune_missing()
         # may need retraining even when no vector is missing
         word_model = cfg.embedder in ("word2vec", "glove")
         if cfg.embedder != "none" and (word_model or self.missing_vectors(self.embedder_name(cfg.embedder))):
@@ -248,11 +368,12 @@ class Store:
         """All chunks in id order (cached until the next change)."""
         if self._chunks is None or self._chunks[0] != self.generation:
             rows = self.db.execute(
-                'SELECT id, doc_id, start, "end", text, content_hash FROM chunks ORDER BY id'
+                'SELECT id, doc_id, start, "end", text, content_hash, source FROM chunks ORDER BY id'
             ).fetchall()
             table = ChunkTable(
                 ids=np.array([r[0] for r in rows], dtype=np.int64),
                 doc_ids=[r[1] for r in rows],
+                sources=[r[6] for r in rows],
                 starts=np.array([r[2] for r in rows], dtype=np.int64),
                 ends=np.array([r[3] for r in rows], dtype=np.int64),
                 texts=[r[4] for r in rows],
@@ -315,16 +436,20 @@ class Store:
         texts: list[str] | None = None,
     ) -> int:
         """Compute the embeddings missing for `embedder` (one transaction per batch); returns how many were new.
+        The chunks are read from the database a page at a time (`_missing_chunks`), never all at once.
 
         `texts` (one per chunk, in `chunks()` order) are embedded instead of the chunks' own texts, stored under
         `name` instead of `embedder.name`, still keyed by the chunk's hash (contextual retrieval's context + chunk)."""
         name = name or embedder.name
         have = self._vector_hashes(name)
-        table = self.chunks()
-        pairs = zip(table.hashes, table.texts if texts is None else texts, strict=True)
-        todo = list({h: t for h, t in pairs if h not in have}.items())
-        for s in range(0, len(todo), batch_size):
-            part = todo[s : s + batch_size]
+        if texts is None:
+            total, todo = self.missing_vectors(name), self._missing_chunks(have)
+        else:
+            pairs = zip(self.chunks().hashes, texts, strict=True)
+            missing = {h: t for h, t in pairs if h not in have}
+            total, todo = len(missing), iter(missing.items())
+        done = 0
+        while part := list(itertools.islice(todo, batch_size)):
             vecs = embedder.encode([t for _, t in part])
             with self.db:
                 self.db.execute("BEGIN IMMEDIATE")
@@ -332,9 +457,23 @@ class Store:
                     "INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?)",
                     [(name, h, v.astype(np.float32).tobytes()) for (h, _), v in zip(part, vecs, strict=True)],
                 )
+            done += len(part)
             if on_progress:
-                on_progress(f"embeddings ({name})", s + len(part), len(todo))
-        return len(todo)
+                on_progress(f"embeddings ({name})", done, total)
+        return done
+
+    def _missing_chunks(self, have: set[str], page: int = 4096) -> Iterator[tuple[str, str]]:
+        """(hash, text) of each distinct chunk text whose hash is not in `have`, in chunk id order, read `page`
+        rows at a time (each page fetched whole, so the batches committed in between never meet an open cursor)."""
+        seen, last = set(have), 0
+        while rows := self.db.execute(
+            "SELECT id, content_hash, text FROM chunks WHERE id > ? ORDER BY id LIMIT ?", (last, page)
+        ).fetchall():
+            for _, h, text in rows:
+                if h not in seen:
+                    seen.add(h)
+                    yield h, text
+            last = rows[-1][0]
 
     def _vector_hashes(self, name: str) -> set[str]:
         return {
@@ -343,7 +482,11 @@ class Store:
 
     def missing_vectors(self, embedder_name: str) -> int:
         """How many distinct chunk texts have no vector from `embedder_name` (no model is loaded to tell)."""
-        return len(set(self.chunks().hashes) - self._vector_hashes(embedder_name))
+        return self.db.execute(
+            "SELECT COUNT(DISTINCT content_hash) FROM chunks WHERE content_hash NOT IN "
+            "(SELECT content_hash FROM embeddings WHERE embedder = ?)",
+            (embedder_name,),
+        ).fetchone()[0]
 
     def vectors(self, embedder_name: str) -> np.ndarray:
         """float32 (n_chunks, d), row i for chunk `chunks().ids[i]`; errors if some chunk has no vector yet."""
@@ -401,3 +544,14 @@ class Store:
             "embedders": embedders,
             "indexes": indexes,
         }
+
+
+def _exists(path: Path) -> bool | str:
+    """True, False (really gone: missing, or a parent is no folder), or why it cannot be told."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:
+        return f"cannot check it: {e.strerror}"
+    return True

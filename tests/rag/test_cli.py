@@ -20,15 +20,25 @@ def invoke(*args: str):
     return result
 
 
-def test_ingest_of_a_missing_path_says_so_and_creates_no_store(tmp_path):
+def test_ingest_of_a_missing_path_names_it_and_stores_the_rest(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.md").write_text("Foxes are wild canines.")
     store = tmp_path / "store"
-    result = runner.invoke(
-        app, ["ingest", str(tmp_path / "docs"), str(tmp_path / "my-papers"), "--store", str(store)]
-    )
-    assert result.exit_code == 1 and "my-papers" in result.output and "nothing was ingested" in result.output
-    assert not store.exists()
+    args = [
+        "ingest",
+        str(tmp_path / "docs"),
+        str(tmp_path / "my-papers"),
+        "--store",
+        str(store),
+        "--embedder",
+    ]
+    result = runner.invoke(app, [*args, "none"])
+    assert result.exit_code == 0 and "stored 1," in result.stdout
+    assert f"failed: {tmp_path / 'my-papers'}: no such file or folder" in result.stderr
+    # nothing to read at all: one error line, and no store is created
+    result = runner.invoke(app, ["ingest", str(tmp_path / "my-papers"), "--store", str(tmp_path / "typo")])
+    assert result.exit_code == 1 and "my-papers: no such file or folder" in result.output
+    assert "nothing was ingested" in result.output and not (tmp_path / "typo").exists()
 
 
 def test_ingest_info_search_json(tmp_path):

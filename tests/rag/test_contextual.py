@@ -64,6 +64,21 @@ def contexts(root: Path) -> list:
         db.close()
 
 
+def test_each_document_of_an_id_two_sources_share_gets_its_own_window(tmp_path):
+    """Two .jsonl files may both hold an _id (documents are keyed by source and id): each chunk's context is
+    written from its own document, not from whichever row of that id comes first."""
+    store = Store(tmp_path / "store")
+    store.add_documents(
+        [replace(doc(0), source="a.jsonl"), replace(doc(1), doc_id="doc0", source="b.jsonl")], SPLIT
+    )
+    llm = FirstLine()
+    contextualize(store, llm)
+    assert {p[0]["content"].split("<document>")[1].split("\n")[1] for p in llm.prompts} == {
+        "Report on zebra migration.",
+        "Report on glacier melt.",
+    }
+
+
 def test_context_prompt_is_anthropics_and_windows_long_documents():
     assert context_prompt("The whole doc. A chunk.", "A chunk.") == (
         "<document>\nThe whole doc. A chunk.\n</document>\n"

@@ -207,3 +207,200 @@ def test_a_beir_folder_ingests_its_corpus_and_leaves_out_its_queries(tmp_path):
     assert "name the file to ingest it" in report.left_out[0]["reason"]
     named = store.ingest([beir / "queries.jsonl"], SPLIT, StoreConfig(embedder="none"))
     assert named.stored == 1 and named.left_out == []
+
+
+# --- issue 14: ingest loses nothing and names every failure ------------------------------------------------
+
+NONE = StoreConfig(embedder="none")
+
+
+def rows(path: Path, ids: list[str], topic: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f'{{"_id": "{i}", "text": "{topic} row {i}."}}\n' for i in ids))
+    return path
+
+
+def test_jsonl_rows_are_keyed_by_source_and_id(tmp_path):
+    a = rows(tmp_path / "a.jsonl", ["1", "2", "3"], "Aspirin")
+    b = rows(tmp_path / "b.jsonl", ["1", "2", "3"], "Coffee")
+    store = Store(tmp_path / "store")
+    report = store.ingest([a, b], SPLIT, NONE)
+    # the same _id in two files is two documents: "stored 6" keeps 6
+    assert report.stored == 6 and store.info()["documents"] == 6
+    assert store.ingest([a, b], SPLIT, NONE).skipped == 6
+    assert store.document("1", str(b.resolve())).text == "Coffee row 1."
+    with pytest.raises(LookupError, match="several sources"):
+        store.document("1")
+    # one file repeating an _id would silently keep one of the two rows: the file fails, naming both lines
+    rows(tmp_path / "c.jsonl", ["7", "8", "7"], "Sleep")
+    failed = store.ingest([tmp_path / "c.jsonl"], SPLIT, NONE).failed
+    assert [f["reason"] for f in failed] == ["line 3: _id '7' repeats line 1: one row per _id"]
+
+
+def test_sources_are_absolute_and_prune_from_another_folder_removes_only_what_is_gone(tmp_path, monkeypatch):
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    paths = write_corpus(work / "docs", 2)
+    rows(work / "rows.jsonl", ["r1", "r2"], "Aspirin")
+    (elsewhere / "docs").mkdir(parents=True)  # a folder of the same name, holding other files
+    (elsewhere / "docs" / "other.txt").write_text("Another file.")
+    store = Store(tmp_path / "store")
+    monkeypatch.chdir(work)
+    assert store.ingest([Path("docs"), Path("rows.jsonl")], SPLIT, NONE).stored == 4
+    sources = {s for (s,) in store.db.execute("SELECT source FROM documents")}
+    assert sources == {str(p.resolve()) for p in [*paths, work / "rows.jsonl"]}
+    monkeypatch.chdir(elsewhere)
+    report = store.ingest([Path("docs")], SPLIT, StoreConfig(embedder="none", prune=True))
+    # the relative names read from here would all be missing: nothing is, so nothing goes
+    assert (report.stored, report.removed, report.not_pruned) == (1, 0, []) and store.info()["documents"] == 5
+    paths[0].unlink()
+    (work / "rows.jsonl").unlink()
+    report = store.ingest([Path("docs")], SPLIT, StoreConfig(embedder="none", prune=True))
+    assert report.removed == 3 and store.info()["documents"] == 2
+
+
+@pytest.fixture
+def deny(monkeypatch):
+    """deny(folder): reading the folder and anything under it fails with EACCES. As root (who reads every
+    folder whatever its mode) the OS's refusal is simulated at os.stat / os.scandir."""
+    denied = []
+
+    def deny(folder: Path) -> None:
+        if os.geteuid() != 0:
+            folder.chmod(0)
+            denied.append(folder)
+            return
+        stat, scandir, name = os.stat, os.scandir, str(folder)
+
+        def refuse(path, inside_only: bool) -> None:
+            p = os.fsdecode(os.fspath(path))
+            if p.startswith(name + os.sep) or (not inside_only and p == name):
+                raise PermissionError(13, "Permission denied", p)
+
+        monkeypatch.setattr(os, "stat", lambda p, *a, **k: (refuse(p, True), stat(p, *a, **k))[1])
+        monkeypatch.setattr(os, "scandir", lambda p=".": (refuse(p, False), scandir(p))[1])
+
+    yield deny
+    for folder in denied:
+        folder.chmod(0o755)
+
+
+def test_a_missing_or_unreadable_path_is_a_named_failure_and_the_rest_goes_on(tmp_path, deny):
+    write_corpus(tmp_path / "docs", 2)
+    write_corpus(tmp_path / "private", 1)
+    deny(tmp_path / "private")
+    store = Store(tmp_path / "store")
+    paths = [tmp_path / "nope.txt", tmp_path / "docs", tmp_path / "private" / "doc000.txt"]
+    report = store.ingest(paths, SPLIT, NONE)
+    assert report.stored == 2
+    assert {f["path"]: f["reason"] for f in report.failed} == {
+        str(tmp_path / "nope.txt"): "no such file or folder",
+        str(tmp_path / "private" / "doc000.txt"): "unreadable: Permission denied",
+    }
+
+
+def test_links_and_unreadable_folders_in_a_walk_are_listed_as_failures(tmp_path, deny):
+    docs = tmp_path / "docs"
+    write_corpus(docs / "sub", 2)
+    (docs / "loop").symlink_to(docs)  # a link back to a folder being walked
+    (docs / "self.txt").symlink_to(docs / "self.txt")  # a link to itself
+    (docs / "gone.md").symlink_to(tmp_path / "deleted.md")
+    write_corpus(docs / "locked", 1)
+    deny(docs / "locked")
+    outside = write_corpus(tmp_path / "outside", 1)
+    (docs / "linked").symlink_to(tmp_path / "outside")  # a link to a folder elsewhere is followed
+    report = Store(tmp_path / "store").ingest([docs], SPLIT, NONE)
+    assert report.stored == 3, report.failed
+    assert {f["path"]: f["reason"] for f in report.failed} == {
+        str(docs / "loop"): f"symlink loop: back to {docs}",
+        str(docs / "self.txt"): "symlink loop",
+        str(docs / "gone.md"): f"dangling symlink to {tmp_path / 'deleted.md'}",
+        str(docs / "locked"): "unreadable folder: Permission denied",
+    }
+    assert outside[0].exists()
+
+
+def test_a_file_name_that_is_not_utf8_is_ingested_searched_and_kept_by_prune(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    name = os.fsencode(docs) + b"/caf\xe9 notes.txt"  # Latin-1: not valid UTF-8
+    with open(name, "wb") as f:
+        f.write(b"Notes about the cafe.")
+    store = Store(tmp_path / "store")
+    report = store.ingest([docs], SPLIT, StoreConfig(embedder="none", prune=True))
+    assert (report.stored, report.failed, report.removed) == (1, [], 0)
+    (doc_id,) = set(store.chunks().doc_ids)
+    assert (
+        doc_id == str(docs.resolve()) + "/caf\\xe9 notes.txt"
+        and store.document(doc_id).title == "caf\\xe9 notes"
+    )
+    report = store.ingest([docs], SPLIT, StoreConfig(embedder="none", prune=True))
+    assert (report.skipped, report.removed) == (1, 0)
+    os.unlink(name)
+    assert store.ingest([docs], SPLIT, StoreConfig(embedder="none", prune=True)).removed == 1
+
+
+LAYOUT_1 = """
+CREATE TABLE documents (
+    doc_id TEXT PRIMARY KEY, source TEXT NOT NULL, content_hash TEXT NOT NULL, splitter TEXT NOT NULL,
+    title TEXT NOT NULL, text TEXT NOT NULL, offsets BLOB, metadata TEXT NOT NULL, added REAL NOT NULL);
+CREATE TABLE chunks (
+    id INTEGER PRIMARY KEY, doc_id TEXT NOT NULL REFERENCES documents(doc_id) ON DELETE CASCADE,
+    ord INTEGER NOT NULL, start INTEGER NOT NULL, "end" INTEGER NOT NULL, text TEXT NOT NULL,
+    content_hash TEXT NOT NULL);
+CREATE INDEX chunks_doc ON chunks(doc_id);
+"""
+
+
+def test_a_store_keyed_by_doc_id_alone_is_migrated_keeping_everything(tmp_path, monkeypatch):
+    """A store written before documents were keyed by (source, doc_id): its rows, chunk ids and embeddings are
+    kept; a .jsonl it stored under a relative path, ingested again, replaces its rows instead of doubling them."""
+    monkeypatch.chdir(tmp_path)
+    write_corpus(tmp_path / "docs", 2)
+    rows(tmp_path / "data" / "corpus.jsonl", ["d1", "d2"], "Aspirin")
+    new = Store(tmp_path / "new")
+    new.ingest(
+        [tmp_path / "docs", tmp_path / "data" / "corpus.jsonl"], SPLIT, StoreConfig(embedder="word2vec"), WORD
+    )
+    old = tmp_path / "old"
+    old.mkdir()
+    db = sqlite3.connect(old / "store.sqlite")
+    db.executescript(LAYOUT_1)
+    db.execute("ATTACH DATABASE ? AS new", (str(new.root / "store.sqlite"),))
+    with db:  # the same content in layout 1, the .jsonl rows under the relative path ingest used to store
+        db.execute(
+            "INSERT INTO documents SELECT doc_id, CASE WHEN doc_id LIKE 'd_' THEN 'data/corpus.jsonl' "
+            "ELSE source END, content_hash, splitter, title, text, offsets, metadata, added FROM new.documents"
+        )
+        db.execute(
+            'INSERT INTO chunks SELECT id, doc_id, ord, start, "end", text, content_hash FROM new.chunks'
+        )
+        for table in ("embeddings", "meta", "indexes"):
+            db.execute(f"CREATE TABLE {table} AS SELECT * FROM new.{table}")
+    db.close()
+    store = Store(old)
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert store.info()["documents"] == 4 and store.chunks().ids.tolist() == new.chunks().ids.tolist()
+    np.testing.assert_array_equal(
+        store.vectors(store.embedder_name("word2vec")), new.vectors(new.embedder_name("word2vec"))
+    )
+    report = store.ingest([Path("data/corpus.jsonl")], SPLIT, NONE)
+    assert report.stored == 2 and store.info()["documents"] == 4
+    assert snapshot(store.root)["documents"] == snapshot(new.root)["documents"]
+    assert Store(old).info()["documents"] == 4  # opening it again migrates nothing
+
+
+def test_embedding_streams_the_missing_chunks_from_the_database(tmp_path):
+    """Embedding reads the chunks that lack a vector a page at a time, never the whole chunk table (a 50 MB file
+    is ~65,000 chunks): the same vectors, batch by batch."""
+    write_corpus(tmp_path / "docs", 5)
+    ref = Store(tmp_path / "ref")
+    ref.ingest([tmp_path / "docs"], SPLIT, StoreConfig(embedder="word2vec"), WORD)
+    emb = ref.embedder("word2vec")
+    Store(tmp_path / "s").ingest([tmp_path / "docs"], SPLIT, NONE)
+    store, steps = Store(tmp_path / "s"), []
+    assert store.missing_vectors(emb.name) == len(set(ref.chunks().hashes))
+    n = store.embed(emb, batch_size=4, on_progress=lambda stage, done, total: steps.append((done, total)))
+    assert store._chunks is None  # the chunk table was never loaded
+    assert steps == [(min(i + 4, n), n) for i in range(0, n, 4)]
+    np.testing.assert_array_equal(store.vectors(emb.name), ref.vectors(emb.name))
+    assert store.embed(emb, batch_size=4) == 0
