@@ -240,17 +240,14 @@ class Store:
 
     def _drop_relative_twin(self, doc: Document) -> None:
         """Delete the row an older ragseek stored for the same document under a relative source (a .jsonl named
-        `data/corpus.jsonl`, now `/abs/data/corpus.jsonl`): the relative path is a tail of the new source."""
+        `../data/corpus.jsonl`, now `/abs/data/corpus.jsonl`): the relative path, less its leading `..`, is a tail
+        of the new source."""
         rows = self.db.execute(
             "SELECT source FROM documents WHERE doc_id = ? AND source != ?", (doc.doc_id, doc.source)
         ).fetchall()
         for (source,) in rows:
-            parts = Path(os.path.normpath(source)).parts
-            if (
-                not Path(source).is_absolute()
-                and ".." not in parts
-                and Path(doc.source).parts[-len(parts) :] == parts
-            ):
+            tail = tuple(itertools.dropwhile(lambda part: part == "..", Path(os.path.normpath(source)).parts))
+            if not Path(source).is_absolute() and tail and Path(doc.source).parts[-len(tail) :] == tail:
                 self.db.execute("DELETE FROM documents WHERE source = ? AND doc_id = ?", (source, doc.doc_id))
 
     def remove(self, doc_ids: Iterable[str]) -> int:

@@ -354,7 +354,10 @@ CREATE INDEX chunks_doc ON chunks(doc_id);
 def test_a_store_keyed_by_doc_id_alone_is_migrated_keeping_everything(tmp_path, monkeypatch):
     """A store written before documents were keyed by (source, doc_id): its rows, chunk ids and embeddings are
     kept; a .jsonl it stored under a relative path, ingested again, replaces its rows instead of doubling them."""
-    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(
+        tmp_path / "run"
+    )  # as the docs run `eval beir --corpus ../shared/data/scifact/corpus.jsonl`
     write_corpus(tmp_path / "docs", 2)
     rows(tmp_path / "data" / "corpus.jsonl", ["d1", "d2"], "Aspirin")
     new = Store(tmp_path / "new")
@@ -368,7 +371,7 @@ def test_a_store_keyed_by_doc_id_alone_is_migrated_keeping_everything(tmp_path, 
     db.execute("ATTACH DATABASE ? AS new", (str(new.root / "store.sqlite"),))
     with db:  # the same content in layout 1, the .jsonl rows under the relative path ingest used to store
         db.execute(
-            "INSERT INTO documents SELECT doc_id, CASE WHEN doc_id LIKE 'd_' THEN 'data/corpus.jsonl' "
+            "INSERT INTO documents SELECT doc_id, CASE WHEN doc_id LIKE 'd_' THEN '../data/corpus.jsonl' "
             "ELSE source END, content_hash, splitter, title, text, offsets, metadata, added FROM new.documents"
         )
         db.execute(
@@ -383,7 +386,11 @@ def test_a_store_keyed_by_doc_id_alone_is_migrated_keeping_everything(tmp_path, 
     np.testing.assert_array_equal(
         store.vectors(store.embedder_name("word2vec")), new.vectors(new.embedder_name("word2vec"))
     )
-    report = store.ingest([Path("data/corpus.jsonl")], SPLIT, NONE)
+    # a relative source cannot be checked from here: --prune keeps it and says so
+    report = store.ingest([tmp_path / "docs"], SPLIT, StoreConfig(embedder="none", prune=True))
+    assert (report.skipped, report.removed) == (2, 0)
+    assert [f["source"] for f in report.not_pruned] == ["../data/corpus.jsonl"]
+    report = store.ingest([Path("../data/corpus.jsonl")], SPLIT, NONE)
     assert report.stored == 2 and store.info()["documents"] == 4
     assert snapshot(store.root)["documents"] == snapshot(new.root)["documents"]
     assert Store(old).info()["documents"] == 4  # opening it again migrates nothing
