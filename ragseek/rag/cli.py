@@ -100,7 +100,8 @@ def ingest(
     from ragseek.rag.store import Store
 
     problems = [f"{display(p)}: {problem}" for p in paths if (problem := path_problem(p))]
-    if len(problems) == len(paths):  # before the store is created: a typo leaves nothing behind
+    # before the store is created: a typo leaves nothing behind
+    if len(problems) == len(paths):
         typer.echo(f"error: {'; '.join(problems)}; nothing was ingested", err=True)
         raise typer.Exit(1)
     st = Store(store)
@@ -269,7 +270,8 @@ def beir(
     from ragseek.rag.search import Searcher
     from ragseek.rag.store import Store
 
-    try:  # before any store is built: a qrels file in another format is one error line
+    # before any store is built: a qrels file in another format is one error line
+    try:
         judged, questions = load_qrels(qrels), load_queries(queries)
     except OSError as e:
         typer.echo(f"error: {e.filename}: {e.strerror}", err=True)

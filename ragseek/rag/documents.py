@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 SUFFIXES = (".txt", ".md", ".markdown", ".html", ".htm", ".pdf", ".jsonl")
-BLOCK_BYTES = 1 << 20  # a text file is read, decoded and cleaned this many bytes at a time
+# a text file is read, decoded and cleaned this many bytes at a time
+BLOCK_BYTES = 1 << 20
 
 
 class DocumentError(ValueError):

@@ -147,12 +147,14 @@ class Store:
         old = self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'documents'")
         if version == SCHEMA_VERSION or old.fetchone() is None:
             return
-        self.db.execute("PRAGMA foreign_keys=OFF")  # the tables are renamed and copied: no cascade meanwhile
+        # the tables are renamed and copied: no cascade meanwhile
+        self.db.execute("PRAGMA foreign_keys=OFF")
         try:
             with self.db:
                 self.db.execute("BEGIN IMMEDIATE")
+                # another process migrated it first
                 if self.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
-                    return  # another process migrated it first
+                    return
                 for sql in (
                     "DROP INDEX IF EXISTS chunks_doc",
                     "ALTER TABLE documents RENAME TO documents_v1",
