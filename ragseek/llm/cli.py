@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import typer
 
-from ragseek.config import config_field, with_configs
+from ragseek.config import config_field, require, with_configs
 from ragseek.llm.base import SPECS
 
 LLM_HELP = f"the LLM: {SPECS}"
@@ -20,6 +21,29 @@ class ServeConfig:
     host: str = config_field("127.0.0.1", "address to listen on (0.0.0.0 exposes the server to the network)")
     port: int = config_field(8000, "port to listen on")
     served_model_name: str | None = config_field(None, "the model id clients send (default: the --llm spec)")
+    api_key: str | None = config_field(
+        None,
+        "require 'Authorization: Bearer KEY' on every request, as OpenAI's API does (default: $RAGSEEK_API_KEY; "
+        "neither set: no key; prefer the variable, a flag shows in the process list)",
+    )
+    max_body_bytes: int = config_field(1 << 20, "largest request body in bytes; a larger one gets 413 unread")
+    max_prompt_chars: int = config_field(
+        100_000, "most characters of prompt (all prompts, all messages) in one request; more gets 400"
+    )
+    queue_size: int = config_field(
+        32,
+        "requests waiting while one generates (one model, one generation at a time); more get 503 + Retry-After",
+    )
+
+    def __post_init__(self):
+        require(0 <= self.port <= 65535, "port", self.port, "give a port from 0 to 65535")
+        require(
+            self.max_body_bytes > 0, "max_body_bytes", self.max_body_bytes, "give a positive number of bytes"
+        )
+        require(
+            self.max_prompt_chars > 0, "max_prompt_chars", self.max_prompt_chars, "give a positive number"
+        )
+        require(self.queue_size >= 0, "queue_size", self.queue_size, "give 0 (no waiting) or more")
 
 
 def serve(
@@ -28,12 +52,26 @@ def serve(
     cfg: ServeConfig = None,
 ) -> None:
     """Serve an LLM over an OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models."""
+    import dataclasses
+
     import uvicorn
 
     from ragseek.llm.base import load_llm
     from ragseek.llm.server import create_app
 
-    uvicorn.run(create_app(load_llm(llm, base_url), cfg.served_model_name), host=cfg.host, port=cfg.port)
+    cfg = dataclasses.replace(cfg, api_key=cfg.api_key or os.environ.get("RAGSEEK_API_KEY") or None)
+    auth = "a Bearer key required" if cfg.api_key else "no key (--api-key or $RAGSEEK_API_KEY to require one)"
+    typer.echo(
+        f"ragseek serve: {auth}; body <= {cfg.max_body_bytes:,} bytes, prompt <= {cfg.max_prompt_chars:,} characters, "
+        f"{cfg.queue_size} waiting at most",
+        err=True,
+    )
+    if not cfg.api_key and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(
+            f"warning: --host {cfg.host} without a key: anyone who reaches the port can use the model",
+            err=True,
+        )
+    uvicorn.run(create_app(load_llm(llm, base_url), cfg), host=cfg.host, port=cfg.port)
 
 
 def register(app: typer.Typer) -> None:

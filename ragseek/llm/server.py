@@ -9,23 +9,40 @@ top_logprobs), which is how an `openai:` client scores continuations. Sampling i
 1, n must be 1). The LLM protocol returns text, not why it stopped, so finish_reason is always "stop" and there is
 no `usage`. Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a bad request,
 404 for a model this server does not serve, 501 for what the backend cannot do.
+
+Under abuse (ServeConfig's limits, `ragseek serve --help`), every route gets the first two:
+    401  no `Authorization: Bearer KEY` when the server has a key (BearerAuth; checked before the body is read)
+    413  a body over max_body_bytes (BodyLimit; from its Content-Length, or as soon as a chunked body passes it)
+    400  prompts over max_prompt_chars in one request (check_prompt_chars)
+    503  the queue is full (Gate: one generation at a time, queue_size waiting; Retry-After says when to come back)
+A client that hangs up stops its generation at the model's next forward pass (Gate, Cancelled).
 """
 
 from __future__ import annotations
 
-import itertools
+import asyncio
+import hashlib
+import hmac
 import json
+import math
+import threading
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Literal
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, Literal
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ragseek.llm.base import LLM, TokenLogprobs
+from ragseek.llm.cli import ServeConfig
 
 
 class ChatMessage(BaseModel):
@@ -80,16 +97,238 @@ class CompletionRequest(_Sampling):
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.headers = status, message, param, headers
 
 
-def create_app(llm: LLM, served_name: str | None = None) -> FastAPI:
-    """The app serving `llm` under the model id `served_name` (default: `llm.name`); run it with uvicorn."""
-    name = served_name or llm.name
+# ---------------------------------------------------------------------------------------------------------------------
+# limits, auth and the queue: the middlewares guard every route of the app; a route that generates takes its turn
+# through the Gate (app.state.gate), so a new route (POST /v1/ask) gets all of them by the same two lines.
+
+
+class BearerAuth:
+    """401 unless the request carries `Authorization: Bearer KEY`, OpenAI's header. It runs before the body is read,
+    and compares SHA-256 digests in constant time (no timing leak of the key or its length)."""
+
+    def __init__(self, app: ASGIApp, key: str):
+        self.app, self.digest = app, hashlib.sha256(key.encode()).digest()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            return await self.app(scope, receive, send)
+        scheme, _, given = Headers(scope=scope).get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            message = MISSING_KEY
+        elif not hmac.compare_digest(hashlib.sha256(given.strip().encode()).digest(), self.digest):
+            message = "incorrect API key"
+        else:
+            return await self.app(scope, receive, send)
+        response = _error(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+
+MISSING_KEY = (
+    "missing API key: send the header 'Authorization: Bearer KEY' (the key this server was started with: "
+    "ragseek serve --api-key, or $RAGSEEK_API_KEY)"
+)
+
+
+class BodyLimit:
+    """413 for a request body over `max_bytes`: refused from its Content-Length before a byte is read, or, sent
+    without one (chunked), as soon as it passes the limit; the rest is never read."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def message(self, size: int | None) -> str:
+        body = "the request body" if size is None else f"the request body ({size:,} bytes)"
+        return (
+            f"{body} exceeds this server's limit of {self.max_bytes:,} bytes (ragseek serve --max-body-bytes)"
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await _error(413, self.message(int(declared)))(scope, receive, send)
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                # an HTTPException: FastAPI re-raises it from its body reading, the app's handler answers
+                raise HTTPException(413, self.message(None))
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def check_prompt_chars(chars: int, limit: int, param: str) -> None:
+    """400 when a request's prompts hold more than `limit` characters in all (before any tokenizer sees them)."""
+    if chars > limit:
+        raise APIError(
+            400,
+            f"{param}: {chars:,} characters exceed this server's limit of {limit:,} per request "
+            "(ragseek serve --max-prompt-chars); shorten the prompt",
+            param,
+        )
+
+
+class Cancelled(Exception):
+    """The client of a generation hung up."""
+
+
+# the Turn whose work this thread is running (set around each call, read by the model's forward pre-hook)
+_running = threading.local()
+_hooked: weakref.WeakSet = weakref.WeakSet()
+
+
+def _stop_if_cancelled(module: Any, args: Any) -> None:
+    """A forward pre-hook on the served model: the generation of a client that hung up stops at its next forward pass
+    (the LLM protocol has no cancel argument; every torch backend runs forward passes)."""
+    turn = getattr(_running, "turn", None)
+    if turn is not None and turn.cancelled.is_set():
+        raise Cancelled()
+
+
+class Turn:
+    """A request's turn at the model: `run` work in a worker thread, `stream` pieces; `leave` hands the model on
+    (idempotent). Its client hanging up sets `cancelled`."""
+
+    def __init__(self, gate: Gate, receive: Receive):
+        self.gate, self.cancelled = gate, threading.Event()
+        self.started: float | None = None
+        self._closers: list[Callable[[], Any]] = []
+        self._watcher = asyncio.ensure_future(self._watch(receive))
+        self._left = False
+
+    async def _watch(self, receive: Receive) -> None:
+        # the body has been read: the next message is the disconnect
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.cancelled.set()
+
+    def _call(self, fn: Callable, *args: Any) -> Any:
+        if self.cancelled.is_set():
+            raise Cancelled()
+        _running.turn = self
+        try:
+            return fn(*args)
+        finally:
+            _running.turn = None
+
+    async def run(self, fn: Callable, *args: Any) -> Any:
+        """fn(*args) in a worker thread; Cancelled once the client has gone (the thread is waited for)."""
+        return await anyio.to_thread.run_sync(self._call, fn, *args)
+
+    async def stream(self, start: Callable[[], Iterator[str]]) -> AsyncIterator[str]:
+        """The pieces of `start()`, its first computed now, so that a failure there (a prompt too long, ...) is an
+        error response, not a cut stream. It ends early, quietly, when the client hangs up."""
+        pieces = await self.run(lambda: iter(start()))
+        self._closers.append(getattr(pieces, "close", lambda: None))
+        first = await self.run(next, pieces, None)
+
+        async def rest() -> AsyncIterator[str]:
+            piece = first
+            try:
+                while piece is not None:
+                    yield piece
+                    piece = await self.run(next, pieces, None)
+            except Cancelled:
+                return
+
+        return rest()
+
+    def leave(self) -> None:
+        if self._left:
+            return
+        self._left = True
+        self._watcher.cancel()
+        for close in self._closers:
+            close()
+        if self.started is not None:
+            self.gate.release(time.monotonic() - self.started)
+        self.gate.admitted -= 1
+
+
+class Gate:
+    """One model, one generation at a time: a request waits its turn in a queue of at most `queue_size`; beyond that
+    it gets 503 with Retry-After (the queue's length times a moving average of a turn's seconds). A client that hangs
+    up, waiting or generating, stops at the model's next forward pass, and its turn passes on.
+
+        texts = await gate.run(request, llm.complete, prompts)             # a whole answer
+        turn, pieces = await gate.stream(request, lambda: llm.stream(p))   # send the pieces, then turn.leave()
+    """
+
+    def __init__(self, queue_size: int, model: Any = None):
+        self.queue_size = queue_size
+        self.admitted = 0  # generating + waiting
+        self.seconds = 1.0
+        self._free = asyncio.Semaphore(1)
+        if hasattr(model, "register_forward_pre_hook") and model not in _hooked:
+            model.register_forward_pre_hook(_stop_if_cancelled)
+            _hooked.add(model)
+
+    async def enter(self, request: Request) -> Turn:
+        """Wait for the model; 503 when `queue_size` requests already wait. Call `leave()` on the turn when done."""
+        if self.admitted > self.queue_size:
+            retry = max(1, math.ceil(self.seconds * self.admitted))
+            raise APIError(
+                503,
+                f"the server is busy: 1 request generating and {self.admitted - 1} waiting (ragseek serve "
+                f"--queue-size {self.queue_size}); retry after {retry} s",
+                headers={"Retry-After": str(retry)},
+            )
+        self.admitted += 1
+        turn = Turn(self, request.receive)
+        try:
+            await self._free.acquire()
+        except BaseException:
+            turn.leave()
+            raise
+        turn.started = time.monotonic()
+        return turn
+
+    def release(self, seconds: float) -> None:
+        self.seconds = 0.8 * self.seconds + 0.2 * seconds
+        self._free.release()
+
+    async def run(self, request: Request, fn: Callable, *args: Any) -> Any:
+        """fn(*args) in a worker thread when the request's turn comes."""
+        turn = await self.enter(request)
+        try:
+            return await turn.run(fn, *args)
+        finally:
+            turn.leave()
+
+    async def stream(
+        self, request: Request, start: Callable[[], Iterator[str]]
+    ) -> tuple[Turn, AsyncIterator[str]]:
+        """The turn and the pieces of `start()` (Turn.stream); the response that sends them leaves the turn."""
+        turn = await self.enter(request)
+        try:
+            return turn, await turn.stream(start)
+        except BaseException:
+            turn.leave()
+            raise
+
+
+def create_app(llm: LLM, cfg: ServeConfig | None = None) -> FastAPI:
+    """The app serving `llm` under the model id `cfg.served_model_name` (default: `llm.name`), with cfg's limits and
+    API key (taken as given: `ragseek serve` reads $RAGSEEK_API_KEY); run it with uvicorn."""
+    cfg = cfg or ServeConfig()
+    name = cfg.served_model_name or llm.name
     started = int(time.time())
     app = FastAPI(title="ragseek", description=f"OpenAI-compatible API serving {name}")
+    app.state.gate = gate = Gate(cfg.queue_size, getattr(llm, "model", None))
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    if cfg.api_key:
+        # added last, so it runs first: an unauthenticated client cannot make the server read a body
+        app.add_middleware(BearerAuth, key=cfg.api_key)
 
     def check_model(model: str) -> None:
         if model != name:
@@ -101,7 +340,11 @@ def create_app(llm: LLM, served_name: str | None = None) -> FastAPI:
 
     @app.exception_handler(APIError)
     def _api_error(_: Request, err: APIError) -> JSONResponse:
-        return _error(err.status, err.message, err.param)
+        return _error(err.status, err.message, err.param, headers=err.headers)
+
+    @app.exception_handler(HTTPException)
+    def _http_error(_: Request, err: HTTPException) -> JSONResponse:
+        return _error(err.status_code, str(err.detail), headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
@@ -118,6 +361,11 @@ def create_app(llm: LLM, served_name: str | None = None) -> FastAPI:
     def _not_implemented(_: Request, err: NotImplementedError) -> JSONResponse:
         return _error(501, str(err))
 
+    # nobody reads it: nginx's "client closed request"
+    @app.exception_handler(Cancelled)
+    def _cancelled(_: Request, err: Cancelled) -> JSONResponse:
+        return _error(499, "the client hung up; its generation was stopped")
+
     @app.get("/v1/models")
     def models() -> dict:
         return {
@@ -126,31 +374,33 @@ def create_app(llm: LLM, served_name: str | None = None) -> FastAPI:
         }
 
     @app.post("/v1/chat/completions")
-    def chat(req: ChatRequest):
+    async def chat(req: ChatRequest, request: Request):
         check_model(req.model)
+        check_prompt_chars(sum(len(m.content) for m in req.messages), cfg.max_prompt_chars, "messages")
         messages = [m.model_dump() for m in req.messages]
         max_tokens = next((m for m in (req.max_completion_tokens, req.max_tokens) if m is not None), 256)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         if req.stream:
-            pieces = _primed(llm.stream(messages, max_tokens, req.temperature, req.stops))
-            first = {**head, "object": "chat.completion.chunk"}
-            chunks = itertools.chain(
-                [
-                    {
-                        **first,
-                        "choices": [
-                            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                        ],
-                    }
-                ],
-                (
-                    {**first, "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]}
-                    for p in pieces
-                ),
-                [{**first, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}],
+            turn, pieces = await gate.stream(
+                request, lambda: llm.stream(messages, max_tokens, req.temperature, req.stops)
             )
-            return _sse(chunks)
-        text = llm.complete([messages], max_tokens, req.temperature, req.stops)[0]
+            first = {**head, "object": "chat.completion.chunk"}
+            return _sse(
+                turn,
+                pieces,
+                lambda p: {
+                    **first,
+                    "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}],
+                },
+                before={
+                    **first,
+                    "choices": [
+                        {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                    ],
+                },
+                after={**first, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+            )
+        (text,) = await gate.run(request, llm.complete, [messages], max_tokens, req.temperature, req.stops)
         message = {"role": "assistant", "content": text}
         return {
             **head,
@@ -159,11 +409,12 @@ def create_app(llm: LLM, served_name: str | None = None) -> FastAPI:
         }
 
     @app.post("/v1/completions")
-    def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts:
             raise APIError(400, "prompt: give a string or a non-empty list of strings", "prompt")
+        check_prompt_chars(sum(map(len, prompts)), cfg.max_prompt_chars, "prompt")
         max_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's default
         head = {
             "id": f"cmpl-{uuid.uuid4().hex}",
@@ -174,23 +425,30 @@ def create_app(llm: LLM, served_name: str | None = None) -> FastAPI:
         if req.stream:
             if len(prompts) > 1 or req.echo or req.logprobs is not None:
                 raise APIError(400, "stream=true takes one prompt, without echo or logprobs", "stream")
-            pieces = _primed(llm.stream(prompts[0], max_tokens, req.temperature, req.stops))
-            choice = {"index": 0, "logprobs": None}
-            chunks = itertools.chain(
-                ({**head, "choices": [{**choice, "text": p, "finish_reason": None}]} for p in pieces),
-                [{**head, "choices": [{**choice, "text": "", "finish_reason": "stop"}]}],
+            turn, pieces = await gate.stream(
+                request, lambda: llm.stream(prompts[0], max_tokens, req.temperature, req.stops)
             )
-            return _sse(chunks)
-        texts = (
-            llm.complete(prompts, max_tokens, req.temperature, req.stops)
-            if max_tokens
-            else [""] * len(prompts)
-        )
-        scored: list[TokenLogprobs | None] = [None] * len(prompts)
-        if req.logprobs is not None:
-            scored = llm.token_logprobs(
+            choice = {"index": 0, "logprobs": None}
+            return _sse(
+                turn,
+                pieces,
+                lambda p: {**head, "choices": [{**choice, "text": p, "finish_reason": None}]},
+                after={**head, "choices": [{**choice, "text": "", "finish_reason": "stop"}]},
+            )
+
+        def generate() -> tuple[list[str], list[TokenLogprobs | None]]:
+            texts = (
+                llm.complete(prompts, max_tokens, req.temperature, req.stops)
+                if max_tokens
+                else [""] * len(prompts)
+            )
+            if req.logprobs is None:
+                return texts, [None] * len(prompts)
+            return texts, llm.token_logprobs(
                 [p + t for p, t in zip(prompts, texts, strict=True)], top=req.logprobs
             )
+
+        texts, scored = await gate.run(request, generate)
         choices = []
         for i, (p, t, tl) in enumerate(zip(prompts, texts, scored, strict=True)):
             logprobs = None if tl is None else _logprobs_json(tl, 0 if req.echo else len(p), req.logprobs)
@@ -214,21 +472,53 @@ def _logprobs_json(tl: TokenLogprobs, start: int, top: int | None) -> dict:
     }
 
 
-def _primed(pieces: Iterator[str]) -> Iterator[str]:
-    """Run the first step now, so that a failure there (a prompt too long, ...) is an error response, not a cut stream."""
-    first = next(pieces, None)
-    return itertools.chain([] if first is None else [first], pieces)
+class _HeldStream(StreamingResponse):
+    """A streamed response that holds its turn at the model until it has been sent, however it ends."""
+
+    def __init__(self, turn: Turn, content: AsyncIterator[str]):
+        super().__init__(content, media_type="text/event-stream")
+        self.turn = turn
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.turn.leave()
 
 
-def _sse(chunks) -> StreamingResponse:
-    lines = itertools.chain((f"data: {json.dumps(c)}\n\n" for c in chunks), ["data: [DONE]\n\n"])
-    return StreamingResponse(lines, media_type="text/event-stream")
+def _sse(
+    turn: Turn,
+    pieces: AsyncIterator[str],
+    chunk: Callable[[str], dict],
+    *,
+    after: dict,
+    before: dict | None = None,
+) -> StreamingResponse:
+    """Server-sent events: `before`, one chunk per piece, `after`, [DONE]."""
+
+    async def lines() -> AsyncIterator[str]:
+        if before is not None:
+            yield f"data: {json.dumps(before)}\n\n"
+        async for p in pieces:
+            yield f"data: {json.dumps(chunk(p))}\n\n"
+        yield f"data: {json.dumps(after)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return _HeldStream(turn, lines())
 
 
-def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
-    kind = {400: "invalid_request_error", 404: "not_found_error", 501: "not_implemented"}.get(
-        status, "server_error"
-    )
-    return JSONResponse(
-        {"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status
-    )
+def _error(
+    status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None
+) -> JSONResponse:
+    kind = ERROR_TYPES.get(status, "server_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    501: "not_implemented",
+}
