@@ -32,14 +32,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(llm, cfg: ServeConfig):
-    """Start `create_app(llm, cfg)` under uvicorn on a free 127.0.0.1 port; returns (base_url, stop)."""
+def _serve(app):
+    """Start `app` under uvicorn on a free 127.0.0.1 port; returns (base_url, stop)."""
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(llm, cfg), host="127.0.0.1", port=port, log_level="warning")
-    )
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -57,12 +55,13 @@ def _serve(llm, cfg: ServeConfig):
 
 @pytest.fixture(scope="session")
 def start_server():
-    """start_server(llm, name, **ServeConfig fields) -> base URL of a live server; all are stopped at the end of the
-    session."""
+    """start_server(llm, name, **ServeConfig fields) -> base URL of a live server (or start_server(app) for an app
+    already made); all are stopped at the end of the session."""
     stops = []
 
-    def start(llm, name, **settings):
-        url, stop = _serve(llm, ServeConfig(served_model_name=name, **settings))
+    def start(llm, name=None, **settings):
+        app = llm if name is None else create_app(llm, ServeConfig(served_model_name=name, **settings))
+        url, stop = _serve(app)
         stops.append(stop)
         return url
 

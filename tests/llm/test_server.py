@@ -20,8 +20,10 @@ from pathlib import Path
 import openai
 import pytest
 
+from ragseek.llm.cli import ServeConfig
 from ragseek.llm.local import LocalLLM
 from ragseek.llm.openai_backend import OpenAILLM
+from ragseek.llm.server import create_app
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 CHAT2 = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
@@ -237,6 +239,42 @@ def wait_for(ok, timeout=30):
     while not ok():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def test_a_client_that_leaves_while_waiting_never_generates(start_server, local_llm):
+    app = create_app(local_llm, ServeConfig(served_model_name="waiting"))
+    url, gate = start_server(app), app.state.gate
+    forwards, running, release = [], threading.Event(), threading.Event()
+
+    def hold(*_):
+        forwards.append(None)
+        running.set()
+        release.wait(30)
+
+    # first in line, so it counts a forward pass that the server then stops
+    handle = local_llm.model.register_forward_pre_hook(hold, prepend=True)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(
+                post, url + "/completions", {"model": "waiting", "prompt": "a b", "max_tokens": 3}
+            )
+            running.wait(30)
+            parts = urllib.parse.urlsplit(url)
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+            body = {"model": "waiting", "prompt": "a b c", "max_tokens": 200}
+            conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+            wait_for(lambda: gate.admitted == 2)
+            conn.sock.shutdown(socket.SHUT_RDWR)
+            conn.close()
+            time.sleep(0.5)  # ample for the server's idle event loop to see the hang-up
+            release.set()
+            assert first.result()[0] == 200
+        wait_for(lambda: gate.admitted == 0)
+    finally:
+        release.set()
+        handle.remove()
+    # the first request's 2 decoding steps (3 tokens: the prefill makes the first); none for the one that left
+    assert len(forwards) == 2
 
 
 def test_a_full_queue_answers_503_with_retry_after(start_server, local_llm):
