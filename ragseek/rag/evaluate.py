@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ragseek.rag.pipeline import CITATION, DONT_KNOW, AskConfig, StepsConfig, ask
+from ragseek.rag.pipeline import CITATION, AskConfig, StepsConfig, ask, is_dont_know
 from ragseek.rag.search import Hit
 
 if TYPE_CHECKING:
@@ -246,15 +246,6 @@ def token_f1(prediction: str, golds: list[str]) -> float:
 def strip_citations(answer: str) -> str:
     """The answer without its `[n]` markers, as EM and F1 read it ("Denver Broncos [2]" -> "Denver Broncos")."""
     return " ".join(CITATION.sub(" ", answer).split())
-
-
-_DONT_KNOW_TEXT = re.compile(r"\b(?:don['’]?t|do not)\s+know\b", re.IGNORECASE)
-
-
-def is_dont_know(answer: str) -> bool:
-    """The pipeline's DONT_KNOW (the gate's answer, or a reader trained to write it), or an answer saying it does
-    not know ("I don't know", "we do not know")."""
-    return answer.strip() == DONT_KNOW or bool(_DONT_KNOW_TEXT.search(answer))
 
 
 def cites_gold(text: str, golds: list[str]) -> bool:

@@ -11,8 +11,11 @@ generate → check the citations against the sources → attach them. There are 
 
 "Don't know": a chunk enters the prompt only if it is relevant enough — its cosine similarity to the question
 under the store's embedder is at least `min_similarity`, and, when reranking, the LLM's P(relevant) is at least
-`min_relevance`. When nothing passes, `ask` answers DONT_KNOW without calling the generator: a small model given
-unrelated sources invents an answer from them.
+`min_relevance`. Then the sources together must support the question: `unanswerable` is a logistic model of how
+well their best sentence matches it (`support`: cosine, and the share of the question's words it holds), fitted
+on SQuAD questions with and without their passage; at `max_unanswerable` or above the sources are dropped. When
+nothing is left, `ask` answers DONT_KNOW without calling the generator: a small model given sources that do not
+hold the answer invents one from them.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ from ragseek.rag.rerank import rerank
 from ragseek.rag.search import Hit, Searcher, similarity
 
 DONT_KNOW = "I don't know: the sources do not contain the answer."
+# P(no source answers) = sigmoid(b + w_cos * cos + w_words * words) (`support`), fitted on the reader's SQuAD training
+# rows (20 articles, 3,679 questions, 670 without their answer in the sources) by `ragseek data reader`, MiniLM
+UNANSWERABLE_WEIGHTS = (0.0, 0.0, 0.0)
 
 
 @dataclass
@@ -58,12 +64,25 @@ class AskConfig:
         0.2, "don't-know gate: least cosine(question, chunk) under the store's embedder (-1 = off)"
     )
     min_relevance: float = _f(0.5, "don't-know gate with --rerank llm: least P(relevant) of a chunk")
+    max_unanswerable: float = _f(
+        0.7,
+        "don't-know gate: answer don't-know, without the model, when P(no source answers) from `support` is at "
+        "least this (1 = off)",
+    )
+    unanswerable_weights: list[float] = _f(
+        list(UNANSWERABLE_WEIGHTS),
+        "the gate's logistic model: bias, weight of the best sentence's cosine, weight of its share of the "
+        "question's content words (fitted by `ragseek data reader`, docs/reader.md)",
+    )
     attribute_min: float = _f(
         0.35,
         "cite for the model: an answer sentence with no [n] gets its most similar source if their "
         "cosine is at least this (2 = off)",
     )
     one_paragraph: bool = _f(True, "stop the answer at its first blank line (small models ramble after it)")
+    one_citation: bool = _f(
+        True, "stop the answer at its first complete [n], the prompt's format: one phrase, one source"
+    )
     max_tokens: int = _f(64, "most answer tokens")
     temperature: float = _f(0.0, "answer sampling temperature (0 = greedy)")
 
@@ -84,7 +103,7 @@ class Answer:
     question: str
     answer: str
     citations: list[Citation]
-    # the numbered sources of the prompt ([1] is chunks[0]); empty when the answer is DONT_KNOW
+    # the numbered sources of the prompt ([1] is chunks[0]); empty when the gate answered DONT_KNOW, unasked
     chunks: list[Hit]
     queries: list[str]  # what was retrieved by (the transformed query / queries / HyDE passage)
     timings: dict[str, float]  # seconds per step
@@ -113,6 +132,15 @@ def build_prompt(question: str, chunks: list[Hit]) -> str:
         "it, then that source's number in square brackets, for example: Ada Lovelace [2]. If the sources do not "
         f"contain the answer, reply: {DONT_KNOW}\n\nQuestion: {question}"
     )
+
+
+_DONT_KNOW_TEXT = re.compile(r"\b(?:don['’]?t|do not)\s+know\b", re.IGNORECASE)
+
+
+def is_dont_know(answer: str) -> bool:
+    """The pipeline's DONT_KNOW (the gate's answer, or a reader trained to write it), or an answer saying it does
+    not know ("I don't know", "we do not know")."""
+    return answer.strip() == DONT_KNOW or bool(_DONT_KNOW_TEXT.search(answer))
 
 
 CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
@@ -180,6 +208,39 @@ def attribute(
     return answer
 
 
+# words too common to say what a question asks about; the rest lose a plural s and are cut to 5 letters (a crude
+# stem: holds -> hold, invented and invention -> inven)
+STOPWORDS = frozenset(
+    "a an the of in on at to for from by with and or is are was were be been being what which who whom whose when "
+    "where why how did do does that this these those it its as into than then there their they he she his her i "
+    "you we our your not no can could would should will may might has have had about after before during over "
+    "under between also other such many much most more some any each one two first if so but".split()
+)
+
+
+def content_words(text: str) -> set[str]:
+    return {w.removesuffix("s")[:5] for w in WORD.findall(text.casefold()) if w not in STOPWORDS}
+
+
+def support(question: str, chunks: list[Hit], searcher: Searcher) -> tuple[float, float]:
+    """How well the sources' best sentences match the question: the highest cosine of a sentence with the
+    question (the store's embedder), and the highest share of the question's content words one sentence holds.
+    A SQuAD-style question is written from one sentence of its passage; with that passage missing, both fall."""
+    sentences = [m.group().strip() for h in chunks for m in SENTENCE.finditer(h.text)]
+    if not sentences:
+        return 0.0, 0.0
+    cos = similarity(searcher.encode([question]), searcher.encode(sentences), "cosine")[0]
+    asked = content_words(question)
+    held = max(len(asked & content_words(s)) for s in sentences) / len(asked) if asked else 1.0
+    return float(cos.max()), held
+
+
+def unanswerable(features: tuple[float, float], weights: list[float]) -> float:
+    """P(no source answers the question) = sigmoid(b + w . features), from `support`'s features."""
+    b, *w = weights
+    return float(1 / (1 + np.exp(-(b + float(np.dot(w, features))))))
+
+
 def search(
     searcher: Searcher, questions: list[str], llm: LLM | None, steps: StepsConfig, depth: int
 ) -> tuple[list[list[str]], list[list[Hit]], dict[str, float]]:
@@ -240,6 +301,9 @@ def sources(
         chunks = searcher.relevant(question, chunks, cfg.min_similarity)
     if steps.rerank == "llm":
         chunks = [h for h in chunks if h.score >= cfg.min_relevance]
+    if chunks and cfg.max_unanswerable < 1:
+        p = unanswerable(support(question, chunks, searcher), cfg.unanswerable_weights)
+        chunks = [] if p >= cfg.max_unanswerable else chunks
     t["gate"] = time.perf_counter() - clock
     return texts, chunks, t
 
@@ -283,15 +347,21 @@ def ask(
         "temperature": cfg.temperature,
         "stop": ["\n\n"] if cfg.one_paragraph else None,
     }
-    if on_text:
-        pieces = []
-        for piece in llm.stream(chat, **gen):
-            pieces.append(piece)
+    answer = ""
+    for piece in llm.stream(chat, **gen):
+        done = CITATION.search(answer + piece) if cfg.one_citation else None
+        if done:  # the tokens after it would be wasted: a 135M reader may repeat [n] up to max_tokens
+            piece = piece[: done.end() - len(answer)]
+        answer += piece
+        if on_text:
             on_text(piece)
-        answer = "".join(pieces).strip()
-    else:
-        answer = llm.complete([chat], **gen)[0].strip()
+        if done:
+            break
+    answer = answer.strip()
     lap("generate")
+    if is_dont_know(answer):  # in its own words ("the recipes do not contain..."): the one sentence, nothing cited
+        t["total"] = time.perf_counter() - start
+        return Answer(question, DONT_KNOW, [], chunks, texts, t, prompt)
     by_model = {c.n for c in cite(answer, chunks)}
     answer, moved = recite(answer, chunks)
     answer = attribute(answer, chunks, searcher.encode, cfg.attribute_min)

@@ -408,14 +408,15 @@ class Searcher:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Query vectors under the store's embedder, each text embedded once per searcher (the last 1,024 kept):
-        retrieval, the don't-know gate and attribution all embed the question."""
+        retrieval, the don't-know gates and attribution all embed the question; the support gate embeds the
+        sentences of the sources, which recur when questions share a passage."""
         new = [t for t in dict.fromkeys(texts) if t not in self._queries]
-        if new:
-            for t, v in zip(new, self.embedder().encode(new), strict=True):
-                self._queries[t] = v
-            for t in list(self._queries)[: max(0, len(self._queries) - 1024)]:
-                del self._queries[t]
-        return np.stack([self._queries[t] for t in texts]) if texts else np.zeros((0, 0), np.float32)
+        for t, v in zip(new, self.embedder().encode(new) if new else [], strict=True):
+            self._queries[t] = v
+        vectors = np.stack([self._queries[t] for t in texts]) if texts else np.zeros((0, 0), np.float32)
+        for t in list(self._queries)[: max(0, len(self._queries) - 1024)]:  # after reading: texts may be old
+            del self._queries[t]
+        return vectors
 
     def relevant(self, question: str, hits: list[Hit], min_similarity: float) -> list[Hit]:
         """The don't-know gate: the hits whose chunk vector has cosine >= `min_similarity` with the question's."""

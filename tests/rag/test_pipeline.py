@@ -21,8 +21,11 @@ from ragseek.rag.pipeline import (
     attribute,
     build_prompt,
     cite,
+    content_words,
     ranking,
     recite,
+    support,
+    unanswerable,
 )
 from ragseek.rag.query import retrieve, transform
 from ragseek.rag.rerank import probability, relevance, rerank, rerank_prompt
@@ -279,6 +282,84 @@ def test_smollm2_answers_from_the_docs_with_citations(tmp_path):
         assert st.document(c.doc).text[c.start : c.end] == c.text
     unrelated = ask("What is the recipe for a French onion soup?", searcher, smol)
     assert unrelated.answer == DONT_KNOW, [replace(h, text=h.text[:60]) for h in unrelated.chunks]
+
+
+def test_support_is_the_best_sentence_by_cosine_and_by_the_question_words_it_holds(store):
+    searcher = Searcher(store, SearchConfig(retriever="bm25", embedder="word2vec", k=3))
+    question = "Which bias balances the experts?"
+    # content words: bia(s), balan(ces), exper(ts); "which" and "the" are stop words
+    assert content_words(question) == {"bia", "balan", "exper"}
+    sentences = [
+        "DeepSeekMoE routes each token to experts.",
+        "A bias per expert balances the load!",
+        "One latent vector per token.",
+    ]
+    chunks = [hit(0, "a.md", f"{sentences[0]} {sentences[1]}"), hit(1, "b.md", sentences[2])]
+    cos, held = support(question, chunks, searcher)
+    assert held == 1.0  # the second sentence holds all three; the first one of three
+    assert support(question, [chunks[0]], searcher)[1] == 1.0
+    assert support(question, [hit(0, "a.md", sentences[0])], searcher)[1] == pytest.approx(1 / 3)
+    embed = searcher.embedder().encode
+    q = embed([question])[0]
+    vectors = embed(sentences)
+    assert (
+        np.linalg.norm(vectors, axis=1).min() > 0 and np.linalg.norm(q) > 0
+    )  # every sentence has a known word
+    by_hand = [v @ q / (np.linalg.norm(v) * np.linalg.norm(q)) for v in vectors]
+    assert cos == pytest.approx(max(by_hand), abs=1e-6)
+
+
+def test_encode_returns_a_cached_text_even_when_this_call_evicts_it(store):
+    searcher = Searcher(store, SearchConfig(retriever="hybrid", embedder="word2vec"))
+    first = searcher.encode(["latent cache"])
+    # the oldest entry is read, then evicted: the cache keeps the last 1,024 texts
+    out = searcher.encode(["latent cache", *(f"token {i}" for i in range(1100))])
+    assert out.shape[0] == 1101 and np.allclose(out[0], first[0])
+    assert len(searcher._queries) == 1024 and "latent cache" not in searcher._queries
+
+
+def test_unanswerable_is_a_logistic_of_the_support():
+    # sigmoid(1 - 2 * 0.5 - 3 * 0.25) = 1 / (1 + e^0.75)
+    assert unanswerable((0.5, 0.25), [1.0, -2.0, -3.0]) == pytest.approx(0.3208213, abs=1e-7)
+
+
+def test_support_gate_answers_dont_know_without_the_model(store, llm):
+    counting = Counting(llm)
+    searcher = Searcher(store, SearchConfig(retriever="hybrid", embedder="word2vec", k=3))
+    sure = AskConfig(
+        min_similarity=-1, max_tokens=4, max_unanswerable=0.5, unanswerable_weights=[9.0, 0.0, 0.0]
+    )
+    result = ask("latent cache per token", searcher, counting, sure)
+    assert (result.answer, result.chunks, counting.calls) == (DONT_KNOW, [], 0)
+    for cfg in (replace(sure, unanswerable_weights=[-9.0, 0.0, 0.0]), replace(sure, max_unanswerable=1.0)):
+        assert ask("latent cache per token", searcher, counting, cfg).chunks
+    assert counting.calls == 2
+
+
+class Repeating:
+    """A real LLM-protocol class that streams a cited phrase, then repeats the citation (a small reader's failure)."""
+
+    name = "repeating"
+    pieces = ["Thomas", " Edison [", "1] [", "1] [1]", " [1]"]
+
+    def __init__(self):
+        self.pulled = 0
+
+    def stream(self, prompt, **kw):
+        for piece in self.pieces:
+            self.pulled += 1
+            yield piece
+
+
+def test_the_answer_stops_at_its_first_citation(store):
+    searcher = Searcher(store, SearchConfig(retriever="bm25", k=2))
+    cfg = AskConfig(min_similarity=-1, max_unanswerable=1, attribute_min=2)
+    llm, shown = Repeating(), []
+    result = ask("Who?", searcher, llm, cfg, on_text=shown.append)
+    assert result.answer == "Thomas Edison [1]" and "".join(shown) == "Thomas Edison [1]"
+    assert llm.pulled == 3  # nothing generated after the citation closed
+    whole = ask("Who?", searcher, Repeating(), replace(cfg, one_citation=False))
+    assert whole.answer == "Thomas Edison [1] [1] [1] [1]"
 
 
 def test_beir_ranking_with_llm_steps_scores_by_rank(store, llm, tmp_path):

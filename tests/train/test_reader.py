@@ -4,6 +4,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ragseek.rag.evaluate import load_squad, squad_store
@@ -11,6 +12,8 @@ from ragseek.rag.pipeline import DONT_KNOW, AskConfig, StepsConfig, build_prompt
 from ragseek.rag.search import Hit, SearchConfig, Searcher
 from ragseek.rag.store import Store, StoreConfig
 from ragseek.train.tasks.reader import (
+    fit_gate,
+    fit_logistic,
     mentions,
     reader_row,
     reader_rows,
@@ -20,14 +23,14 @@ from ragseek.train.tasks.reader import (
 )
 
 SLICE = Path(__file__).resolve().parents[1] / "rag" / "data" / "squad-slice.json"
-NO_GATE = AskConfig(min_similarity=-1)
+NO_GATE = AskConfig(min_similarity=-1, max_unanswerable=1)
 
 
 @pytest.fixture(scope="module")
 def searcher(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAGSEEK_CACHE", str(tmp_path_factory.mktemp("cache")))
-        store = squad_store(SLICE, store_cfg=StoreConfig(embedder="none"))
+        store = squad_store(SLICE, store_cfg=StoreConfig(embedder="word2vec"))
     return Searcher(Store(store), SearchConfig(retriever="bm25", k=2))
 
 
@@ -120,3 +123,27 @@ def test_target_answer_is_the_most_given_then_the_shortest():
     item = load_squad(SLICE)[0]
     item.answers = ["the Normans", "Normans", "Normans", "Norman people"]
     assert target_answer(item) == "Normans"  # "the Normans" normalises to "normans" too: 3 votes, shortest
+
+
+def test_fit_logistic_matches_sklearn():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 2))
+    y = rng.random(400) < 1 / (1 + np.exp(-(0.5 - 2.0 * X[:, 0] + 1.0 * X[:, 1])))
+    b, *w = fit_logistic(X, y, l2=1e-3)
+    # sklearn minimises 1/2 |w|^2 + C * sum(log-loss); ours mean(log-loss) + l2/2 |w|^2: the same at C = 1/(l2 n)
+    ref = LogisticRegression(C=1 / (1e-3 * len(y)), tol=1e-10, max_iter=1000).fit(X, y)
+    assert b == pytest.approx(ref.intercept_[0], abs=1e-5) and w == pytest.approx(
+        ref.coef_[0].tolist(), abs=1e-5
+    )
+
+
+def test_fit_gate_counts_what_it_sends_to_dont_know():
+    rows = [{"support": [c, h], "gold": g} for c, h, g in [(0.9, 1.0, 1), (0.8, 0.9, 2), (0.7, 0.8, 1)]]
+    rows += [{"support": [0.2, 0.1], "gold": 0}, {"support": [0.3, 0.2], "gold": 0}]
+    gate = fit_gate(rows, thresholds=(0.5,))
+    _, w_cos, w_words = gate["weights"]
+    assert w_cos < 0 and w_words < 0  # weaker support, more likely unanswerable
+    assert gate["at"]["0.5"] == {"dont_know": 2, "precision": 1.0, "recall": 1.0, "answerable_lost": 0.0}
+    assert (gate["rows"], gate["unanswerable"]) == (5, 2)

@@ -28,8 +28,18 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from ragseek.rag.evaluate import QAItem, load_squad, normalize_answer, squad_store
-from ragseek.rag.pipeline import DONT_KNOW, AskConfig, StepsConfig, build_prompt, sources
+from ragseek.rag.pipeline import (
+    DONT_KNOW,
+    AskConfig,
+    StepsConfig,
+    build_prompt,
+    sources,
+    support,
+    unanswerable,
+)
 from ragseek.rag.search import Hit, SearchConfig, Searcher
 from ragseek.rag.store import Store
 from ragseek.train.data import write_jsonl
@@ -82,6 +92,7 @@ def reader_row(
     gold paragraph missing while another source holds an answer)."""
     exclude = frozenset({item.doc_id}) if drop_gold else frozenset()
     _, chunks, _ = sources(item.question, searcher, None, cfg or AskConfig(), StepsConfig(), exclude)
+    features = support(item.question, chunks, searcher) if chunks else (0.0, 0.0)
     if order is not None:
         order.shuffle(chunks)
     answer = target_answer(item)
@@ -95,6 +106,7 @@ def reader_row(
         "answers": list(item.answers),
         "gold": gold,
         "dropped": drop_gold,
+        "support": list(features),
     }
 
 
@@ -117,6 +129,44 @@ def reader_rows(
         if i % 500 == 0 or i == len(items):
             print(f"reader rows {i}/{len(items)}", file=sys.stderr, flush=True)
     return [r for r in rows if r is not None and r["prompt"]]
+
+
+def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1e-4, steps: int = 50) -> list[float]:
+    """Weights [b, w...] of P(y = 1 | x) = sigmoid(b + w . x) by Newton's method on the mean log-loss (+ l2/2 |w|^2,
+    which keeps separable data finite)."""
+    A = np.column_stack([np.ones(len(X)), np.asarray(X, np.float64)])
+    y = np.asarray(y, np.float64)
+    theta = np.zeros(A.shape[1])
+    ridge = l2 * np.diag([0.0] + [1.0] * (A.shape[1] - 1))
+    for _ in range(steps):
+        p = 1 / (1 + np.exp(-A @ theta))
+        grad = A.T @ (p - y) / len(y) + ridge @ theta
+        hess = (A * (p * (1 - p))[:, None]).T @ A / len(y) + ridge
+        step = np.linalg.solve(hess, grad)
+        theta -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return theta.tolist()
+
+
+def fit_gate(rows: Sequence[dict], thresholds: Sequence[float] = (0.5, 0.6, 0.7, 0.8)) -> dict:
+    """The don't-know gate's logistic model on reader rows (`support` features; positive: no source holds the
+    gold paragraph), and at each threshold the rows it sends to don't-know: precision, recall, and the share of
+    answerable rows it loses."""
+    X = np.array([r["support"] for r in rows])
+    y = np.array([r["gold"] == 0 for r in rows])
+    weights = fit_logistic(X, y)
+    p = np.array([unanswerable(tuple(x), weights) for x in X])
+    table = {}
+    for t in thresholds:
+        sent = p >= t
+        table[str(t)] = {
+            "dont_know": int(sent.sum()),
+            "precision": float((sent & y).sum() / max(1, sent.sum())),
+            "recall": float((sent & y).sum() / max(1, y.sum())),
+            "answerable_lost": float((sent & ~y).sum() / max(1, (~y).sum())),
+        }
+    return {"weights": weights, "rows": len(rows), "unanswerable": int(y.sum()), "at": table}
 
 
 def write_squad(path: str | Path, squad: str | Path, keep: set[str]) -> Path:
@@ -150,7 +200,8 @@ def build(
     searcher = Searcher(Store(squad_store(squad)), SearchConfig(k=k))
     train = [it for it in items if it.title in set(train_titles)]
     val = [it.id for it in items if it.title in set(val_titles)]
-    rows = reader_rows(train, searcher, dont_know, seed, shuffle=shuffle)
+    # the gate `support` feeds stays off here: these are the rows the shipped adapter was trained on, and they fit it
+    rows = reader_rows(train, searcher, dont_know, seed, AskConfig(max_unanswerable=1.0), shuffle)
     out = Path(out)
     write_jsonl(out / "train.jsonl", rows)
     write_squad(out / "val.json", squad, set(val))
@@ -169,6 +220,7 @@ def build(
         "k": k,
         "shuffle": shuffle,
         "seed": seed,
+        "dont_know_gate": fit_gate(rows),
     }
     (out / "split.json").write_text(json.dumps(summary, indent=1))
     return summary
