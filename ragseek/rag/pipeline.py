@@ -359,7 +359,8 @@ def ask(
             break
     answer = answer.strip()
     lap("generate")
-    if is_dont_know(answer):  # in its own words ("the recipes do not contain..."): the one sentence, nothing cited
+    # a don't-know in the model's own words ("the recipes do not contain ..."): the one sentence, nothing cited
+    if is_dont_know(answer):
         t["total"] = time.perf_counter() - start
         return Answer(question, DONT_KNOW, [], chunks, texts, t, prompt)
     by_model = {c.n for c in cite(answer, chunks)}
