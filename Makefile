@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast bench lint install dev sandbox clean
+.PHONY: demo test test-fast bench lint install dev sandbox browser clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,26 +32,34 @@ demo: $(VENV)/.installed
 	$(BIN)/ragseek ingest docs --store runs/demo-store
 	$(BIN)/ragseek ask "How many bytes per token does the MLA absorbed KV cache take?" --store runs/demo-store
 
-# code_reward runs model-written code only inside bubblewrap (docs/grpo.md, "The code sandbox"). As root with apt
-# (CI), install it, and stop if that fails; elsewhere say what is missing: the sandbox then fails closed, and so do
-# its tests.
-sandbox:
-	@if command -v bwrap >/dev/null; then exit 0; fi; \
-	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  export DEBIAN_FRONTEND=noninteractive; \
-	  apt-get install -y -qq bubblewrap >/dev/null 2>&1 || \
-	  { apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; } || \
-	  { echo "make sandbox: apt-get could not install bubblewrap" >&2; exit 1; }; \
-	else \
-	  echo "make sandbox: bubblewrap (bwrap) is missing and cannot be installed here (needs root and apt-get):" \
-	    "install it (apt-get install bubblewrap / dnf install bubblewrap); until then code_reward refuses to" \
-	    "run code and its tests fail" >&2; \
-	fi
+# apt_install,COMMAND,PACKAGES,WHAT FAILS: as root with apt (CI), install PACKAGES when COMMAND is missing, and stop if
+# that fails; elsewhere say what is missing and what fails until it is installed.
+define apt_install
+@if command -v $(1) >/dev/null; then exit 0; fi; \
+if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+  export DEBIAN_FRONTEND=noninteractive; \
+  apt-get install -y -qq $(2) >/dev/null 2>&1 || \
+  { apt-get update -qq && apt-get install -y -qq $(2) >/dev/null; } || \
+  { echo "make $@: apt-get could not install $(2)" >&2; exit 1; }; \
+else \
+  echo "make $@: $(1) is missing and cannot be installed here (needs root and apt-get):" \
+    "install $(2) (apt-get install / dnf install); until then $(3)" >&2; \
+fi
+endef
 
-test: $(VENV)/.dev sandbox
+# code_reward runs model-written code only inside bubblewrap (docs/grpo.md, "The code sandbox"): without it the
+# sandbox fails closed, and so do its tests.
+sandbox:
+	$(call apt_install,bwrap,bubblewrap,code_reward refuses to run code and its tests fail)
+
+# The page of `ragseek serve --store` is tested in headless Chromium (tests/llm/test_page.py, docs/serve.md).
+browser:
+	$(call apt_install,chromedriver,chromium chromium-driver,the browser test of the page skips)
+
+test: $(VENV)/.dev sandbox browser
 	$(BIN)/python -m pytest -q
 
-test-fast: $(VENV)/.dev sandbox
+test-fast: $(VENV)/.dev sandbox browser
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(VENV)/.dev

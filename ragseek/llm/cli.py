@@ -1,14 +1,20 @@
-"""`ragseek serve`: an OpenAI-compatible HTTP API over any ragseek LLM backend."""
+"""`ragseek serve`: an OpenAI-compatible HTTP API over any ragseek LLM backend; with `--store`, the page too."""
 
 from __future__ import annotations
 
 import os
+import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 import typer
 
 from ragseek.config import config_field, require, with_configs
 from ragseek.llm.base import SPECS
+
+if typing.TYPE_CHECKING:
+    from ragseek.rag.pipeline import AskConfig, StepsConfig
+    from ragseek.rag.search import ANNConfig, BM25Config, SearchConfig
 
 LLM_HELP = f"the LLM: {SPECS}"
 BASE_URL_HELP = (
@@ -49,14 +55,27 @@ class ServeConfig:
 def serve(
     llm: str = typer.Option("local", help=LLM_HELP),
     base_url: str = typer.Option(None, help=BASE_URL_HELP),
+    store: Path = typer.Option(
+        None,
+        "--store",
+        help="also serve a page at / asking this store (and POST /v1/ask, /v1/documents); the flags of "
+        "`ragseek ask` are its defaults (docs/serve.md)",
+    ),
     cfg: ServeConfig = None,
+    ask_cfg: AskConfig = None,
+    steps: StepsConfig = None,
+    search_cfg: SearchConfig = None,
+    bm25: BM25Config = None,
+    ann: ANNConfig = None,
 ) -> None:
-    """Serve an LLM over an OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models."""
+    """Serve an LLM over an OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models; with --store,
+    a page at / to ask the store's documents (answers streamed, citations opening their exact spans)."""
     import dataclasses
 
     import uvicorn
 
     from ragseek.llm.base import load_llm
+    from ragseek.llm.page import Library
     from ragseek.llm.server import create_app
 
     cfg = dataclasses.replace(cfg, api_key=cfg.api_key or os.environ.get("RAGSEEK_API_KEY") or None)
@@ -71,8 +90,24 @@ def serve(
             f"warning: --host {cfg.host} without a key: anyone who reaches the port can use the model",
             err=True,
         )
-    uvicorn.run(create_app(load_llm(llm, base_url), cfg), host=cfg.host, port=cfg.port)
+    library = None
+    if store is not None:
+        library = Library(store, ask_cfg, steps, search_cfg, bm25, ann)
+        info = library.info()
+        typer.echo(
+            f"ragseek serve: the page at http://{cfg.host}:{cfg.port}/ asks {info['path']} ({info['documents']} "
+            f"documents, {info['chunks']} chunks; {search_cfg.retriever}, k {search_cfg.k}, embedder "
+            f"{search_cfg.embedder})",
+            err=True,
+        )
+    uvicorn.run(create_app(load_llm(llm, base_url), cfg, library), host=cfg.host, port=cfg.port)
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(with_configs(serve, {"ServeConfig": ServeConfig}))
+    # `ragseek ask`'s settings (its classes, its k) are the page's, with --store
+    from ragseek.rag.cli import ASK_DEFAULTS
+    from ragseek.rag.pipeline import AskConfig, StepsConfig
+    from ragseek.rag.search import ANNConfig, BM25Config, SearchConfig
+
+    classes = (ServeConfig, AskConfig, StepsConfig, SearchConfig, BM25Config, ANNConfig)
+    app.command()(with_configs(serve, {c.__name__: c for c in classes}, **ASK_DEFAULTS))

@@ -16,6 +16,10 @@ Under abuse (ServeConfig's limits, `ragseek serve --help`), every route gets the
     400  prompts over max_prompt_chars in one request (check_prompt_chars)
     503  the queue is full (Gate: one generation at a time, queue_size waiting; Retry-After says when to come back)
 A client that hangs up stops its generation at the model's next forward pass (Gate, Cancelled).
+
+With a store (`ragseek serve --store DIR`, ragseek/llm/page.py) it also serves a page at `/` and the JSON routes
+the page uses: POST /v1/ask (`ragseek ask --json`'s object, or streamed), GET /v1/documents (a cited document's
+text), POST /v1/documents (upload and ingest). The page's own files are public; every /v1 route needs the key.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, Literal
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio.to_thread
 from fastapi import FastAPI, Request
@@ -43,6 +48,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ragseek.llm.base import LLM, TokenLogprobs
 from ragseek.llm.cli import ServeConfig
+
+if TYPE_CHECKING:
+    from ragseek.llm.page import Library
 
 
 class ChatMessage(BaseModel):
@@ -109,13 +117,18 @@ class APIError(Exception):
 
 class BearerAuth:
     """401 unless the request carries `Authorization: Bearer KEY`, OpenAI's header. It runs before the body is read,
-    and compares SHA-256 digests in constant time (no timing leak of the key or its length)."""
+    and compares SHA-256 digests in constant time (no timing leak of the key or its length).
 
-    def __init__(self, app: ASGIApp, key: str):
-        self.app, self.digest = app, hashlib.sha256(key.encode()).digest()
+    `public`: paths a GET or HEAD reaches without the key (the page's static files: a browser's navigation sends no
+    header; the page then sends the key the user types with each /v1 request)."""
+
+    def __init__(self, app: ASGIApp, key: str, public: Callable[[str], bool] = lambda path: False):
+        self.app, self.digest, self.public = app, hashlib.sha256(key.encode()).digest(), public
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
+            return await self.app(scope, receive, send)
+        if scope["method"] in ("GET", "HEAD") and self.public(scope["path"]):
             return await self.app(scope, receive, send)
         scheme, _, given = Headers(scope=scope).get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
@@ -222,8 +235,41 @@ class Turn:
             _running.turn = None
 
     async def run(self, fn: Callable, *args: Any) -> Any:
-        """fn(*args) in a worker thread; Cancelled once the client has gone (the thread is waited for)."""
-        return await anyio.to_thread.run_sync(self._call, fn, *args)
+        """fn(*args) on the gate's worker thread; Cancelled once the client has gone. A caller cancelled meanwhile
+        still waits for the thread (as anyio.to_thread does), so the next turn never overlaps this one."""
+        done = asyncio.wrap_future(self.gate.worker.submit(self._call, fn, *args))
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait({done})
+        return done.result()
+
+    async def reports(self, fn: Callable, *args: Any) -> AsyncIterator[tuple[bool, Any]]:
+        """fn(*args, report) on the gate's worker thread: (False, x) for each report(x) as it comes (a piece of
+        text, a progress step), then (True, fn's value); fn's error is raised. Closed early (its client hung up),
+        it stops fn at the model's next forward pass and waits for the thread."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        work = asyncio.ensure_future(
+            self.run(fn, *args, lambda x: loop.call_soon_threadsafe(queue.put_nowait, x))
+        )
+        try:
+            while True:
+                item = asyncio.ensure_future(queue.get())
+                await asyncio.wait({item, work}, return_when=asyncio.FIRST_COMPLETED)
+                if not item.done():
+                    item.cancel()
+                    break
+                yield False, item.result()
+            # every report was queued before the thread returned
+            while not queue.empty():
+                yield False, queue.get_nowait()
+            yield True, work.result()
+        finally:
+            if not work.done():
+                self.cancelled.set()
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wait({work})
+            # retrieved: its Cancelled is no "exception never retrieved"
+            if not work.cancelled():
+                work.exception()
 
     async def stream(self, start: Callable[[], Iterator[str]]) -> AsyncIterator[str]:
         """The pieces of `start()`, its first computed now, so that a failure there (a prompt too long, ...) is an
@@ -258,7 +304,8 @@ class Turn:
 class Gate:
     """One model, one generation at a time: a request waits its turn in a queue of at most `queue_size`; beyond that
     it gets 503 with Retry-After (the queue's length times a moving average of a turn's seconds). A client that hangs
-    up, waiting or generating, stops at the model's next forward pass, and its turn passes on.
+    up, waiting or generating, stops at the model's next forward pass, and its turn passes on. Every turn's work runs
+    on the gate's one worker thread, so what a turn uses (the model, the page's SQLite store) stays on one thread.
 
         texts = await gate.run(request, llm.complete, prompts)             # a whole answer
         turn, pieces = await gate.stream(request, lambda: llm.stream(p))   # send the pieces, then turn.leave()
@@ -269,6 +316,7 @@ class Gate:
         self.admitted = 0  # generating + waiting
         self.seconds = 1.0
         self._free = asyncio.Semaphore(1)
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="ragseek-gate")
         if hasattr(model, "register_forward_pre_hook") and model not in _hooked:
             model.register_forward_pre_hook(_stop_if_cancelled)
             _hooked.add(model)
@@ -317,9 +365,12 @@ class Gate:
             raise
 
 
-def create_app(llm: LLM, cfg: ServeConfig | None = None) -> FastAPI:
+def create_app(llm: LLM, cfg: ServeConfig | None = None, library: Library | None = None) -> FastAPI:
     """The app serving `llm` under the model id `cfg.served_model_name` (default: `llm.name`), with cfg's limits and
-    API key (taken as given: `ragseek serve` reads $RAGSEEK_API_KEY); run it with uvicorn."""
+    API key (taken as given: `ragseek serve` reads $RAGSEEK_API_KEY); run it with uvicorn. With a `library` (a
+    store and `ragseek ask`'s settings) it also serves the page and its routes (ragseek/llm/page.py)."""
+    from ragseek.llm import page
+
     cfg = cfg or ServeConfig()
     name = cfg.served_model_name or llm.name
     started = int(time.time())
@@ -328,7 +379,7 @@ def create_app(llm: LLM, cfg: ServeConfig | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
     if cfg.api_key:
         # added last, so it runs first: an unauthenticated client cannot make the server read a body
-        app.add_middleware(BearerAuth, key=cfg.api_key)
+        app.add_middleware(BearerAuth, key=cfg.api_key, public=page.is_public)
 
     def check_model(model: str) -> None:
         if model != name:
@@ -457,6 +508,7 @@ def create_app(llm: LLM, cfg: ServeConfig | None = None) -> FastAPI:
             )
         return {**head, "choices": choices}
 
+    page.add_routes(app, llm, cfg, library)
     return app
 
 
@@ -496,12 +548,23 @@ def _sse(
 ) -> StreamingResponse:
     """Server-sent events: `before`, one chunk per piece, `after`, [DONE]."""
 
-    async def lines() -> AsyncIterator[str]:
+    async def events() -> AsyncIterator[dict]:
         if before is not None:
-            yield f"data: {json.dumps(before)}\n\n"
+            yield before
         async for p in pieces:
-            yield f"data: {json.dumps(chunk(p))}\n\n"
-        yield f"data: {json.dumps(after)}\n\n"
+            yield chunk(p)
+        yield after
+
+    return event_stream(turn, events())
+
+
+def event_stream(turn: Turn, events: AsyncIterator[dict]) -> StreamingResponse:
+    """Server-sent events: each dict of `events` as one `data:` line, then `data: [DONE]`; the response holds the
+    turn at the model until it has been sent."""
+
+    async def lines() -> AsyncIterator[str]:
+        async for event in events:
+            yield f"data: {json.dumps(event)}\n\n"
         yield "data: [DONE]\n\n"
 
     return _HeldStream(turn, lines())
@@ -510,15 +573,20 @@ def _sse(
 def _error(
     status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None
 ) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
     kind = ERROR_TYPES.get(status, "server_error")
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "invalid_request_error",
     404: "not_found_error",
+    409: "invalid_request_error",
     413: "invalid_request_error",
     501: "not_implemented",
 }

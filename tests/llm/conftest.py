@@ -77,14 +77,16 @@ def server_url(start_server, local_llm):
 
 @pytest.fixture
 def serve_process(tiny_dir, tmp_path):
-    """serve_process(*flags, env={...}) -> (base URL, Popen): `ragseek serve --llm local:TINY` as its own process on
-    a free 127.0.0.1 port, answering; killed after the test. Its log is tmp_path/serve.log."""
+    """serve_process(*flags, env={...}, model=FOLDER) -> (base URL, Popen): `ragseek serve --llm local:TINY` (or
+    local:FOLDER) as its own process on a free 127.0.0.1 port, answering; killed after the test. Its log is
+    tmp_path/serve.log."""
     procs = []
 
-    def start(*flags, env=None):
+    def start(*flags, env=None, model=None):
         port = free_port()
         log = open(tmp_path / "serve.log", "wb")
-        cmd = [sys.executable, "-m", "ragseek", "serve", "--llm", f"local:{tiny_dir}", "--port", str(port)]
+        llm = f"local:{model or tiny_dir}"
+        cmd = [sys.executable, "-m", "ragseek", "serve", "--llm", llm, "--port", str(port)]
         proc = subprocess.Popen(
             [*cmd, "--served-model-name", "tiny", *flags],
             stdout=log,

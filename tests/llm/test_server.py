@@ -34,11 +34,13 @@ def client(server_url):
     return OpenAILLM("tiny", base_url=server_url)
 
 
-def post(url, body, headers=None, method="POST"):
-    """(status, parsed JSON or raw text, headers) of a request with a JSON body (None: no body)."""
-    data = None if body is None else json.dumps(body).encode()
+def post(url, body, headers=None, method="POST", data=None):
+    """(status, parsed JSON or raw text, headers) of a request with a JSON body (None: no body), or with the bytes
+    `data` as its body."""
+    kind = "application/json" if data is None else "application/octet-stream"
+    data = data if body is None else json.dumps(body).encode()
     req = urllib.request.Request(
-        url, data=data, headers={"Content-Type": "application/json", **(headers or {})}, method=method
+        url, data=data, headers={"Content-Type": kind, **(headers or {})}, method=method
     )
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
