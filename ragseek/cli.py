@@ -5,10 +5,13 @@ from __future__ import annotations
 import typer
 
 from ragseek.config import with_configs
+from ragseek.errors import CommandGroup
 from ragseek.model.sampling import SamplingConfig
 
-# rich_markup_mode=None: help texts are plain, so "[n]" and "[1]" print as written instead of vanishing as markup
+# rich_markup_mode=None: help texts are plain, so "[n]" and "[1]" print as written instead of vanishing as markup;
+# CommandGroup prints an error a user can act on as one line, exit 2 (ragseek/errors.py)
 app = typer.Typer(
+    cls=CommandGroup,
     add_completion=False,
     rich_markup_mode=None,
     no_args_is_help=True,
@@ -16,6 +19,18 @@ app = typer.Typer(
 )
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate retrieval (beir) or a model (math).")
 app.add_typer(eval_app, name="eval")
+
+
+@app.callback()
+def main(
+    debug: bool = typer.Option(
+        False,
+        "--debug",
+        envvar="RAGSEEK_DEBUG",
+        help="show the traceback of an error instead of its one line (or set RAGSEEK_DEBUG=1)",
+    ),
+) -> None:
+    """The options every command takes (before its name: `ragseek --debug ask ...`)."""
 
 
 def generate(

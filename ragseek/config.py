@@ -26,6 +26,8 @@ from typing import Any, get_args, get_type_hints
 
 import yaml
 
+from ragseek.errors import FileError, one_line, reading
+
 
 def config_field(default: Any, help: str) -> Any:
     """A dataclass field with help text (what `--help` and the config docs show); a list, dict or dataclass default
@@ -44,19 +46,17 @@ def require(ok: bool, name: str, value: Any, need: str) -> None:
 
 def read_settings(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The mapping a YAML file holds (empty without one), then each `key=value` / `block.key=value` of
-    `overrides` set in it (values parsed as YAML). Raises ValueError naming the file or the override."""
+    `overrides` set in it (values parsed as YAML). Raises a FileError naming the file (one line: where YAML gave
+    up), or a ValueError naming the override."""
     data: Any = {}
     if path:
         try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            with reading(path, "valid YAML"):
+                data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except OSError as e:
-            raise ValueError(f"{path}: cannot read the config file ({e.strerror or e})") from e
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML ({e})") from e
+            raise FileError(path, f"cannot read the config file ({e.strerror or e})") from e
         if not isinstance(data, dict):
-            raise ValueError(
-                f"{path}: a config file is a YAML mapping of key: value, not {type(data).__name__}"
-            )
+            raise FileError(path, f"a config file is a YAML mapping of key: value, not {type(data).__name__}")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -67,7 +67,10 @@ def read_settings(path: str | Path | None, overrides: Sequence[str] = ()) -> dic
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ValueError(f"--set {item!r}: {p} is a value, not a block of keys")
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML ({one_line(e)})") from e
     return data
 
 
@@ -173,6 +176,9 @@ def with_configs(fn, classes: Mapping[str, type], **defaults):
                     )  # typer's click or click's
                     values[f.name] = settings[f.name] if f.name in settings and not given else flag
                 kwargs[name] = cls(**typed(cls, values))
+        # a broken config file is no usage error: the group prints its one line (ragseek/errors.py)
+        except FileError:
+            raise
         except (ValueError, TypeError) as e:
             raise typer.BadParameter(str(e)) from e
         return fn(**kwargs)

@@ -5,8 +5,12 @@ Nothing here downloads anything: a missing package is an error that says which `
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import platformdirs
@@ -52,6 +56,40 @@ def cache_dir() -> Path:
     path = Path(os.environ.get("RAGSEEK_CACHE") or platformdirs.user_cache_dir("ragseek"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def cache_entry(final: Path) -> Iterator[Path | None]:
+    """Build the cache folder `final` once, whoever else is building it at the same time:
+
+        with cache_entry(cache_dir() / "gguf" / name) as tmp:
+            if tmp is not None:         # None: it is already there (built before, or while this one waited)
+                write_everything_into(tmp)
+
+    Builders take turns on an exclusive lock (flock on the parent folder: released when the holder dies, and no
+    lock file is left behind). The one that finds `final` missing gets an empty `<name>.tmp-<pid>` beside it,
+    renamed into place when the block ends: a reader sees the whole folder or none of it. A build that fails
+    removes its temporary folder, and one killed leaves it to the next builder, which removes it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if final.exists():
+            yield None
+            return
+        # a killed build's temporary folder (the lock says no build runs)
+        for stale in final.parent.glob(f"{final.name}.tmp*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+        tmp.mkdir()
+        try:
+            yield tmp
+            tmp.rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        # closing the folder releases the lock
+        os.close(fd)
 
 
 def shared_data_dir() -> Path | None:

@@ -20,7 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ragseek.defaults import cache_dir
+from ragseek.defaults import cache_dir, cache_entry
+from ragseek.errors import FileError, reading
 from ragseek.model.config import ModelConfig
 from ragseek.model.transformer import Transformer
 
@@ -40,12 +41,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Transfor
         raise FileNotFoundError(
             f"{path}: expected a folder with config.json and *.safetensors (a transformers checkpoint) or a .gguf file"
         )
-    hf = json.loads((path / "config.json").read_text())
-    cfg = (
-        ModelConfig.from_dict(hf["ragseek"])
-        if hf.get("model_type") == "ragseek"
-        else ModelConfig.from_hf_config(hf)
-    )
+    cfg = _read_config(path / "config.json")
     tensors = _read_safetensors(path)
     # load the MTP modules a V3 checkpoint carries as layers n_layers, n_layers+1..
     if cfg.model_type == "deepseek_v3":
@@ -145,13 +141,33 @@ def ragseek_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
     return out
 
 
+# what to do about a checkpoint file that is cut short or damaged
+DAMAGED = "it is truncated or corrupt: save or download the checkpoint again"
+
+
+def _read_config(path: Path) -> ModelConfig:
+    """The ModelConfig of a checkpoint's config.json (a transformers config, or ragseek's own)."""
+    with reading(path, "valid JSON", DAMAGED):
+        hf = json.loads(path.read_text())
+    if not isinstance(hf, dict):
+        raise FileError(path, f"a config.json holds a JSON object, not {type(hf).__name__}", DAMAGED)
+    try:
+        if hf.get("model_type") == "ragseek":
+            return ModelConfig.from_dict(hf["ragseek"])
+        return ModelConfig.from_hf_config(hf)
+    except KeyError as e:
+        raise FileError(path, f"the key {e.args[0]!r} is missing", DAMAGED) from e
+    except (TypeError, ValueError) as e:
+        raise FileError(path, str(e)) from e
+
+
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{folder}: no *.safetensors file next to config.json")
     tensors = {}
     for f in files:
-        with safe_open(str(f), "pt") as fh:
+        with reading(f, "a readable safetensors file", DAMAGED), safe_open(str(f), "pt") as fh:
             for k in fh.keys():
                 tensors[k] = fh.get_tensor(k)
     return tensors
@@ -201,15 +217,12 @@ def gguf_to_folder(gguf_path: Path) -> Path:
     folder = cache_dir() / "gguf" / f"{gguf_path.stem}-{digest}"
     if (folder / "model.safetensors").is_file():
         return folder
-    ckpt = read_gguf(gguf_path)
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "config.json").write_text(json.dumps(ckpt.hf_config, indent=2) + "\n")
-    save_file(
-        {k: v.contiguous() for k, v in ckpt.state_dict.items()},
-        str(tmp / "model.safetensors"),
-        {"format": "pt"},
-    )
-    ckpt.tokenizer.save(tmp)
-    tmp.replace(folder)  # atomic: a killed conversion leaves only the .tmp folder, redone next time
+    # several first runs at once: one converts while the others wait for its folder (no partial folder, no leftovers)
+    with cache_entry(folder) as tmp:
+        if tmp is not None:
+            ckpt = read_gguf(gguf_path)
+            (tmp / "config.json").write_text(json.dumps(ckpt.hf_config, indent=2) + "\n")
+            state = {k: v.contiguous() for k, v in ckpt.state_dict.items()}
+            save_file(state, str(tmp / "model.safetensors"), {"format": "pt"})
+            ckpt.tokenizer.save(tmp)
     return folder

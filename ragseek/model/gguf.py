@@ -26,6 +26,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType
 from gguf.quants import dequantize, quant_shape_to_byte_shape
 
+from ragseek.errors import FileError
 from ragseek.model.tokenizer import Tokenizer, tokenizer_from_gguf_metadata
 
 # architecture -> (transformers class, whether llama.cpp permuted the q/k rows)
@@ -95,14 +96,13 @@ def read_gguf_header(path: str | Path) -> tuple[dict[str, Any], list[TensorInfo]
     with open(path, "rb") as f:
         magic = f.read(4)
         if magic != b"GGUF":
-            raise ValueError(f"{path}: not a GGUF file (it starts with {magic!r}, expected b'GGUF')")
+            raise FileError(path, f"not a GGUF file (it starts with {magic!r}, expected b'GGUF')")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             try:
                 return _parse_header(buf)
             except (struct.error, UnicodeDecodeError, KeyError, ValueError) as e:
-                raise ValueError(
-                    f"{path}: the GGUF file is truncated or corrupt ({type(e).__name__}: {e}); download it again"
-                ) from e
+                problem = f"the GGUF file is truncated or corrupt ({type(e).__name__}: {e})"
+                raise FileError(path, problem, "download it again") from e
 
 
 def _parse_header(buf: mmap.mmap) -> tuple[dict[str, Any], list[TensorInfo]]:

@@ -24,6 +24,8 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.decoders import DecodeStream
 
+from ragseek.errors import reading
+
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp's token types (tokenizer.ggml.token_type)
 
 # Split regexes for `tokenizer.ggml.pre`, as llama.cpp's llama-vocab.cpp and transformers' GGUF loader use them.
@@ -198,7 +200,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    with reading(path, "valid JSON", "it is truncated or corrupt: save or download the tokenizer again"):
+        return json.loads(path.read_text())
 
 
 def _first(value: Any) -> Any:
@@ -206,7 +211,10 @@ def _first(value: Any) -> Any:
 
 
 def _from_folder(folder: Path) -> Tokenizer:
-    backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    with reading(
+        folder / "tokenizer.json", "a readable tokenizer.json", "save or download the tokenizer again"
+    ):
+        backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
     config = _read_json(folder / "tokenizer_config.json")
     special_map = _read_json(folder / "special_tokens_map.json")
     model_config = _read_json(folder / "config.json")

@@ -102,8 +102,7 @@ def ingest(
     problems = [f"{display(p)}: {problem}" for p in paths if (problem := path_problem(p))]
     # before the store is created: a typo leaves nothing behind
     if len(problems) == len(paths):
-        typer.echo(f"error: {'; '.join(problems)}; nothing was ingested", err=True)
-        raise typer.Exit(1)
+        raise ValueError(f"{'; '.join(problems)}; nothing was ingested")
     st = Store(store)
     model = load_llm(llm, base_url) if contextual else None
     with _progress() as progress:
@@ -178,12 +177,8 @@ def search(
 
     if not (store / "store.sqlite").exists():
         raise typer.BadParameter(f"{store} is not a store: run `ragseek ingest PATH --store {store}` first")
-    try:
-        hits = Searcher(Store(store), search_cfg, bm25, ann).search(query)
-    # no chunks, or no vectors for the chosen embedder: say what to run
-    except (LookupError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from e
+    # no chunks, or no vectors for the chosen embedder: a LookupError that says what to run
+    hits = Searcher(Store(store), search_cfg, bm25, ann).search(query)
     if json_:
         _print_json([dataclasses.asdict(h) for h in hits])
         return
@@ -218,14 +213,10 @@ def ask(
     if not (store / "store.sqlite").exists():
         raise typer.BadParameter(f"{store} is not a store: run `ragseek ingest PATH --store {store}` first")
     searcher = Searcher(Store(store), search_cfg, bm25, ann)
-    try:
-        searcher.check()  # an empty store or missing vectors fail here, before the LLM loads
-        model = load_llm(llm, base_url)
-        on_text = None if json_ else lambda piece: (sys.stdout.write(piece), sys.stdout.flush())
-        result = run_ask(question, searcher, model, ask_cfg, steps, on_text)
-    except (LookupError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from e
+    searcher.check()  # an empty store or missing vectors fail here, before the LLM loads
+    model = load_llm(llm, base_url)
+    on_text = None if json_ else lambda piece: (sys.stdout.write(piece), sys.stdout.flush())
+    result = run_ask(question, searcher, model, ask_cfg, steps, on_text)
     if show_prompt:
         typer.echo(f"--- prompt ---\n{result.prompt}\n--------------", err=True)
     if json_:
@@ -271,14 +262,7 @@ def beir(
     from ragseek.rag.store import Store
 
     # before any store is built: a qrels file in another format is one error line
-    try:
-        judged, questions = load_qrels(qrels), load_queries(queries)
-    except OSError as e:
-        typer.echo(f"error: {e.filename}: {e.strerror}", err=True)
-        raise typer.Exit(1) from e
-    except ValueError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from e
+    judged, questions = load_qrels(qrels), load_queries(queries)
     if store is None:
         key = hashlib.sha256(f"{corpus.resolve()}|{dataclasses.asdict(splitter)}".encode()).hexdigest()[:12]
         store = cache_dir() / "beir" / f"{corpus.parent.name}-{key}"
@@ -373,34 +357,28 @@ def qa(
     from ragseek.rag.search import Searcher
     from ragseek.rag.store import Store, StoreConfig
 
-    def fail(message: str) -> typer.Exit:
-        typer.echo(f"error: {message}", err=True)
-        return typer.Exit(1)
-
     if n is not None and n < 1:
-        raise fail(f"--n {n}: give a number of questions >= 1, or leave it out for all")
+        raise ValueError(f"--n {n}: give a number of questions >= 1, or leave it out for all")
     if store is not None and drop_gold_frac:
-        raise fail(
+        raise ValueError(
             "--drop-gold-frac removes paragraphs from the store it builds from --data: leave out --store"
         )
     if store is not None and not (store / "store.sqlite").exists():
-        raise fail(f"{store} is not a store: run `ragseek ingest PATH --store {store}`, or leave out --store")
-    try:
-        items = load_squad(data)[:n]
-        drop = drop_gold(items, drop_gold_frac)
-        if store is None:
-            with _progress() as progress:
-                store = squad_store(
-                    data, None, splitter, StoreConfig(embedder=search_cfg.embedder), drop,
-                    _on_progress(progress),
-                )  # fmt: skip
-        searcher = Searcher(Store(store), search_cfg, bm25, ann)
-        searcher.check()  # an empty store or missing vectors fail here, before the LLM loads
-        model = load_llm(llm, base_url)
+        raise ValueError(
+            f"{store} is not a store: run `ragseek ingest PATH --store {store}`, or leave out --store"
+        )
+    items = load_squad(data)[:n]
+    drop = drop_gold(items, drop_gold_frac)
+    if store is None:
         with _progress() as progress:
-            result = run_qa(items, searcher, model, ask_cfg, steps, oracle, _on_progress(progress))
-    except (OSError, LookupError, ValueError) as e:
-        raise fail(str(e)) from e
+            store = squad_store(
+                data, None, splitter, StoreConfig(embedder=search_cfg.embedder), drop, _on_progress(progress)
+            )
+    searcher = Searcher(Store(store), search_cfg, bm25, ann)
+    searcher.check()  # an empty store or missing vectors fail here, before the LLM loads
+    model = load_llm(llm, base_url)
+    with _progress() as progress:
+        result = run_qa(items, searcher, model, ask_cfg, steps, oracle, _on_progress(progress))
     if predictions is not None:
         with open(predictions, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in result.predictions)

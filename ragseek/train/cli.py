@@ -124,11 +124,7 @@ def register_data(app: typer.Typer) -> None:
         """RAG reading rows: each question retrieved over every paragraph, in ask's exact prompt, target 'phrase [n]'."""
         from ragseek.train.tasks.reader import build
 
-        try:
-            summary = build(squad, cfg.out, cfg.val_articles, cfg.dont_know, cfg.k, cfg.seed, cfg.shuffle)
-        except (FileNotFoundError, ValueError) as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(1) from e
+        summary = build(squad, cfg.out, cfg.val_articles, cfg.dont_know, cfg.k, cfg.seed, cfg.shuffle)
         print(json.dumps(summary))
 
     def addition(
@@ -140,11 +136,9 @@ def register_data(app: typer.Typer) -> None:
 
         writers = {"grpo": task.write_grpo_jsonl, "sft": task.write_sft_jsonl}
         if cfg.kind not in writers or cfg.style not in ("answer", "worked", "think"):
-            typer.echo(
-                f"error: --kind {cfg.kind} --style {cfg.style}: kind is grpo|sft, style answer|worked|think",
-                err=True,
+            raise ValueError(
+                f"--kind {cfg.kind} --style {cfg.style}: kind is grpo|sft, style answer|worked|think"
             )
-            raise typer.Exit(1)
         problems = task.eval_problems() if cfg.eval else task.train_problems(cfg.n, seed=cfg.seed)
         print(writers[cfg.kind](out, problems, style=cfg.style))
 

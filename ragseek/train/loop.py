@@ -33,7 +33,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +43,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from ragseek.config import config_field as _f
+from ragseek.errors import FileError, reading, user_message
 
 Precision = Literal["fp32", "bf16"]
 LossFn = Callable[[Any], tuple[torch.Tensor, Mapping[str, Any]]]
@@ -236,6 +237,8 @@ class Resumed:
     config: dict  # the resolved config saved with the checkpoint
     extra: dict  # anything else the recipe saved (JSON)
     path: Path
+    # newer checkpoints passed over because a file was missing, truncated or torn: "FILE: what is wrong"
+    skipped: list[str] = field(default_factory=list)
 
 
 class Checkpointer:
@@ -313,21 +316,57 @@ class Checkpointer:
     def load(
         self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, path: str | Path | None = None
     ) -> Resumed:
-        """Restore weights, optimizer state and every RNG from `path` (default: the latest checkpoint)."""
-        path = Path(path) if path is not None else self.latest()
-        if path is None:
+        """Restore weights, optimizer state and every RNG from `path`, by default from the newest intact checkpoint:
+        one with a file missing, truncated or torn (a disk that filled, a copy that stopped) is skipped and named
+        in `Resumed.skipped`, and the next older one is loaded, which overwrites whatever the damaged one had
+        restored. A FileError when none is intact."""
+        if path is not None:
+            return self._load(Path(path), model, optimizer)
+        found = self.all()
+        if not found:
             raise FileNotFoundError(
                 f"no checkpoint under {self.root}: run without --resume to start from scratch"
             )
-        load_model(model, str(path / "model.safetensors"))
+        skipped = []
+        for candidate in reversed(found):
+            try:
+                resumed = self._load(candidate, model, optimizer)
+            except (FileError, OSError) as e:
+                skipped.append(user_message(e))
+                continue
+            resumed.skipped = skipped
+            return resumed
+        raise FileError(
+            self.root,
+            f"no intact checkpoint ({'; '.join(skipped)})",
+            "run without --resume to start from scratch",
+        )
+
+    def _load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Resumed:
+        names = ["state.json", "config.json", "model.safetensors", "rng.safetensors"]
+        names += ["optimizer.json", "optimizer.safetensors"] if optimizer is not None else []
+        missing = next((name for name in names if not (path / name).is_file()), None)
+        if missing:
+            raise FileError(path / missing, "is missing", DAMAGED)
+        # state.json first: it is small and says which step the folder holds
+        state = _read_json(path / "state.json")
+        missing = sorted({"step", "data", "rng", "extra"} - set(state if isinstance(state, dict) else ()))
+        if missing:
+            raise FileError(path / "state.json", f"torn: the keys {missing} are missing", DAMAGED)
+        if path.name.startswith("step_") and state["step"] != int(path.name.removeprefix("step_")):
+            raise FileError(path / "state.json", f"holds step {state['step']}, not the folder's", DAMAGED)
+        config = _read_json(path / "config.json")
+        layout = _read_json(path / "optimizer.json") if optimizer is not None else {}
+        # a file that is no safetensors is damage; weights of another model (a RuntimeError) are not
+        with reading(path / "model.safetensors", "a readable safetensors file", DAMAGED):
+            load_model(model, str(path / "model.safetensors"))
         if optimizer is not None:
-            layout = json.loads((path / "optimizer.json").read_text())
-            optimizer.load_state_dict(
-                _optimizer_from_files(load_file(str(path / "optimizer.safetensors")), layout)
-            )
-        state = json.loads((path / "state.json").read_text())
-        _set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
-        config = json.loads((path / "config.json").read_text())
+            with reading(path / "optimizer.safetensors", "a readable safetensors file", DAMAGED):
+                moments = load_file(str(path / "optimizer.safetensors"))
+            optimizer.load_state_dict(_optimizer_from_files(moments, layout))
+        with reading(path / "rng.safetensors", "a readable safetensors file", DAMAGED):
+            rng = load_file(str(path / "rng.safetensors"))
+        _set_rng_state(rng, state["rng"])
         return Resumed(step=state["step"], data=state["data"], config=config, extra=state["extra"], path=path)
 
 
@@ -379,6 +418,15 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], states: dict) -> None:
     random.setstate((version, tuple(mt), gauss))
     kind, keys, pos, has_gauss, cached = states["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# what to do about a checkpoint file that is damaged
+DAMAGED = "the checkpoint is damaged"
+
+
+def _read_json(path: Path) -> Any:
+    with reading(path, "complete JSON", DAMAGED):
+        return json.loads(path.read_text())
 
 
 def _fsync(path: Path) -> None:

@@ -15,6 +15,7 @@ The optimiser, schedule, checkpoint files and metrics log themselves are `loop.p
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -184,6 +185,8 @@ def start_run(
         if sampler is not None:
             sampler.load_state_dict(resumed.data)
         start = resumed.step
+        for problem in resumed.skipped:
+            print(f"warning: skipped a damaged checkpoint: {problem}", file=sys.stderr, flush=True)
         print(f"resumed from {resumed.path} at step {start}", flush=True)
     save_config(cfg, out / "config.json")
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if loop.resume else None)

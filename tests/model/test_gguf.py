@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -382,3 +388,48 @@ def test_smollm2_matches_transformers():
     assert ckpt.hf_config["model_type"] == "llama" and ckpt.hf_config["tie_word_embeddings"]
     assert ckpt.chat_template is not None and ckpt.chat_template.startswith("{% for message in messages %}")
     assert len(ckpt.state_dict) == 2 + 30 * 9
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the conversion cache
+
+CONVERT = """
+import os, sys, time
+from pathlib import Path
+from ragseek.model.checkpoint import gguf_to_folder
+Path(sys.argv[2] + f".ready{os.getpid()}").touch()
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.001)
+print(gguf_to_folder(Path(sys.argv[1])))
+"""
+
+
+def test_first_conversions_at_once_share_one_folder_and_leave_no_temp_files(tmp_path):
+    """Six first runs at once with a fresh cache (six `ragseek eval qa` started together): each gets the converted
+    folder, none crashes, and the cache holds that folder alone: no temporary folder, no lock file."""
+
+    write_tiny_gguf(tmp_path / "m.gguf")
+    env = {**os.environ, "RAGSEEK_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONVERT, str(tmp_path / "m.gguf"), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )  # fmt: skip
+        for _ in range(6)
+    ]
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("go.ready*"))) < len(procs) and time.time() < deadline:
+        time.sleep(0.05)
+    # all six are past their imports: released together
+    go.touch()
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, [err[-1500:] for _, err in outs]
+    folders = {out.strip() for out, _ in outs}
+    assert len(folders) == 1
+    folder = Path(folders.pop())
+    assert os.listdir(tmp_path / "cache" / "gguf") == [folder.name]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}

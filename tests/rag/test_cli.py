@@ -37,7 +37,7 @@ def test_ingest_of_a_missing_path_names_it_and_stores_the_rest(tmp_path):
     assert f"failed: {tmp_path / 'my-papers'}: no such file or folder" in result.stderr
     # nothing to read at all: one error line, and no store is created
     result = runner.invoke(app, ["ingest", str(tmp_path / "my-papers"), "--store", str(tmp_path / "typo")])
-    assert result.exit_code == 1 and "my-papers: no such file or folder" in result.output
+    assert result.exit_code == 2 and "my-papers: no such file or folder" in result.output
     assert "nothing was ingested" in result.output and not (tmp_path / "typo").exists()
 
 
@@ -122,7 +122,7 @@ def test_search_without_vectors_says_what_to_run(tmp_path):
     (docs / "a.txt").write_text("some text")
     invoke("ingest", str(docs), "--store", str(tmp_path / "s"), "--embedder", "none")
     result = runner.invoke(app, ["search", "text", "--store", str(tmp_path / "s"), "--retriever", "dense"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "no 'minilm' embedding" in result.output and "ragseek ingest" in result.output
 
 
@@ -188,7 +188,7 @@ def test_eval_qa_rejects_a_file_that_is_not_squad(tmp_path, monkeypatch):
     monkeypatch.setenv("RAGSEEK_CACHE", str(tmp_path / "cache"))
     bad = DATA / "beir" / "corpus.jsonl"
     result = runner.invoke(app, ["eval", "qa", "--data", str(bad)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     text = " ".join(result.output.split())
     assert str(bad) in text and "is not SQuAD v1.1 format" in text and '"answer_start": int' in text
 
@@ -220,7 +220,7 @@ def test_eval_qa_rejects_an_adapter_for_another_base_naming_the_file(tmp_path, m
     other = Transformer(ModelConfig(vocab_size=300, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8))
     adapter = save_adapter(apply_lora(other, LoRAConfig(r=2)), tmp_path / "adapter", base=base)
     result = runner.invoke(app, tiny_qa_args(f"local:{adapter}"))
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     text = " ".join(result.output.split())
     assert str(adapter / "adapter_model.safetensors") in text and "Traceback" not in text
 

@@ -197,6 +197,65 @@ def test_checkpointer_keeps_last_k_and_ignores_partial_saves(tmp_path):
         Checkpointer(tmp_path / "empty", every=1).load(model, opt)
 
 
+def _cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+# how a checkpoint's files get damaged after its atomic save: a disk that filled, a copy that stopped, a hand edit
+DAMAGE = {
+    "model.safetensors cut": lambda ck: _cut(ck / "model.safetensors"),
+    "optimizer.safetensors cut": lambda ck: _cut(ck / "optimizer.safetensors"),
+    "rng.safetensors missing": lambda ck: (ck / "rng.safetensors").unlink(),
+    "optimizer.json torn": lambda ck: _cut(ck / "optimizer.json"),
+    "state.json torn": lambda ck: _cut(ck / "state.json"),
+    "state.json of another step": lambda ck: (ck / "state.json").write_text(
+        (ck / "state.json").read_text().replace('"step": 4', '"step": 2')
+    ),
+    "state.json without its rng": lambda ck: (ck / "state.json").write_text(
+        json.dumps({k: v for k, v in json.loads((ck / "state.json").read_text()).items() if k != "rng"})
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_resume_skips_a_damaged_newest_checkpoint_and_says_so(tmp_path, capsys, damage):
+    from ragseek.errors import FileError
+    from ragseek.train.run import start_run
+
+    cfg = LoopConfig(lr=1e-2, max_steps=10, out_dir=str(tmp_path), resume=True)
+    model = tiny_model(seed=1)
+    opt = build_optimizer(model, cfg)
+    ckpt = Checkpointer(tmp_path, every=2, keep_last=2)
+    for step in range(4):
+        train_step(opt, micro_batches(toy_batch(seed=step), 2), loss_of(model), cfg, step)
+        if ckpt.due(step + 1):
+            ckpt.save(step + 1, model, opt, {"index": step + 1}, cfg)
+    older, newest = ckpt.all()
+    DAMAGE[damage](newest)
+
+    other = tiny_model(seed=2)
+    other_opt = build_optimizer(other, cfg)
+    resumed = ckpt.load(other, other_opt)
+    assert (resumed.path, resumed.step, resumed.data) == (older, 2, {"index": 2})
+    (problem,) = resumed.skipped
+    assert problem.startswith(str(newest / damage.split()[0])), problem
+    saved = load_file(str(older / "model.safetensors"))
+    assert all(torch.equal(saved[n], p) for n, p in other.state_dict().items() if n in saved)
+    assert all(other_opt.state[p]["step"] == 2 for p in other.parameters())
+
+    # a run says so: which checkpoint it skipped and why, then where it resumed
+    start_run(cfg, cfg, tiny_model(seed=3), build_optimizer(tiny_model(seed=3), cfg))
+    out = capsys.readouterr()
+    assert f"warning: skipped a damaged checkpoint: {problem}" in out.err
+    assert f"resumed from {older} at step 2" in out.out
+
+    # every checkpoint damaged: one error naming each, nothing resumed
+    _cut(older / "state.json")
+    with pytest.raises(FileError, match="no intact checkpoint") as e:
+        ckpt.load(other, other_opt)
+    assert str(older) in str(e.value) and str(newest) in str(e.value) and "\n" not in str(e.value)
+
+
 def test_metrics_log_resume_drops_rows_past_the_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
     log = MetricsLog(path)
