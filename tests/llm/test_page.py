@@ -376,7 +376,7 @@ def test_the_page_in_chromium(serve_process, model_dir, tmp_path):
         assert find("doc-path").text == cited["doc"]
         in_view = (
             "const m = arguments[0].getBoundingClientRect(), box = arguments[1].getBoundingClientRect();"
-            "return m.top >= box.top && m.bottom <= box.bottom && m.top >= 0 && m.bottom <= innerHeight"
+            "return m.top >= box.top && m.top < box.bottom && m.top >= 0 && m.top < innerHeight"
         )
         wait(lambda: driver.execute_script(in_view, mark, find("doc-text")))
 

@@ -244,7 +244,9 @@ async function openSource(n, opener) {
   $("main").classList.add("with-viewer");
   $("viewer").hidden = false;
   $("doc-title").focus({ preventScroll: true });
-  mark.scrollIntoView({ block: "center" });
+  // the span's start two lines below the text box's top, and the box on the screen
+  text.scrollTop += mark.getBoundingClientRect().top - text.getBoundingClientRect().top - 48;
+  $("viewer").scrollIntoView({ block: "nearest" });
 }
 
 function closeViewer() {
