@@ -93,7 +93,7 @@ def serve(
     library = None
     if store is not None:
         library = Library(store, ask_cfg, steps, search_cfg, bm25, ann)
-        info = library.info()
+        info = library.info(check=True)
         typer.echo(
             f"ragseek serve: the page at http://{cfg.host}:{cfg.port}/ asks {info['path']} ({info['documents']} "
             f"documents, {info['chunks']} chunks; {search_cfg.retriever}, k {search_cfg.k}, embedder "

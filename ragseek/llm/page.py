@@ -135,15 +135,18 @@ class Library:
     # --- in a thread of their own: a connection each -------------------------------------------------
 
     @contextmanager
-    def _open(self) -> Iterator[Store]:
-        store = Store(self.store)
+    def _open(self, check: bool = False) -> Iterator[Store]:
+        # the store was checked when the server opened it (`ragseek serve` calls info(check=True)): a click on a
+        # citation does not read every page again (PRAGMA quick_check)
+        store = Store(self.store, check=check)
         try:
             yield store
         finally:
             store.close()
 
-    def info(self) -> dict:
-        with self._open() as store:
+    def info(self, check: bool = False) -> dict:
+        """The store's path, documents and chunks; `check`: run SQLite's quick_check first (Store)."""
+        with self._open(check) as store:
             info = store.info()
         return {"path": str(self.store.resolve()), "documents": info["documents"], "chunks": info["chunks"]}
 

@@ -412,3 +412,31 @@ def test_the_page_in_chromium(serve_process, model_dir, tmp_path):
     finally:
         driver.quit()
     assert proc.poll() is None and post(api + "/models", None, method="GET")[0] == 200
+
+
+def test_the_page_asks_for_the_key(start_server, page_llm, store_dir):
+    """A server with a key: the page loads, says a key is needed, takes it, and answers with it."""
+    if reason := missing():
+        pytest.skip(reason)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url = start_server(create_app(page_llm, ServeConfig(api_key=KEY), library(store_dir))).removesuffix("/v1")
+    driver = start_chromium(1024, 768)
+    find = lambda id_: driver.find_element(By.ID, id_)  # noqa: E731
+    wait = lambda ok: WebDriverWait(driver, 60).until(lambda _: ok())  # noqa: E731
+    try:
+        driver.get(url + "/")
+        wait(lambda: find("message").text.startswith("missing API key"))
+        assert find("key-field").is_displayed() and driver.switch_to.active_element == find("api-key")
+        find("api-key").send_keys("sk-wrong", Keys.TAB)
+        wait(lambda: find("message").text.startswith("incorrect API key"))
+        find("api-key").clear()
+        find("api-key").send_keys(KEY, Keys.TAB)
+        wait(lambda: f"{len(DOCS)} documents" in find("about").text)
+        assert find("message").text == ""
+        find("question").send_keys(QUESTION, Keys.ENTER)
+        wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#answer button.cite"))
+    finally:
+        driver.quit()

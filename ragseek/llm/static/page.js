@@ -57,6 +57,7 @@ async function loadSettings() {
   }
   if (response.status === 401) return askForKey($("message"), await errorOf(response));
   if (!response.ok) return say($("message"), await errorOf(response));
+  say($("message"), "");
   const s = (state.settings = await response.json());
   for (const name of ["retriever", "query"]) {
     const select = $(name);
