@@ -12,9 +12,10 @@ reading alone) and `dropped` (--drop-gold-frac 0.2: a fifth of the questions los
 store; don't-know precision/recall are measured there). These articles were used to pick the recipe's settings:
 every figure here is a validation figure.
 
-Time to answer (`latency`): the embedded reader after loading, on the first 20 retrieved-mode questions:
-retrieval + gate, prefill of the prompt (time to the first token), the answer's tokens, and tokens generated
-after the answer ended (the answer stops at the end-of-turn token).
+Time to answer (`latency`): the embedded reader after loading, on the first 20 retrieved-mode questions, through
+`ask` itself: retrieval + the don't-know gates, prefill of the prompt (time to the first streamed piece), and the
+answer's tokens (the answer stops at its first citation or the end of the model's turn: nothing is generated after
+it).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ DATA = ROOT / "runs" / "data" / "reader" / "val_sample.json"
 READERS = {
     "base": ("SmolLM2-135M-Instruct", "local:base"),
     "sft": ("SFT (LoRA r=16, configs/reader_sft.yaml)", "local:runs/reader-sft/final"),
-    "grpo": ("SFT + GRPO (configs/reader_grpo.yaml, 40 steps)", "local:runs/reader-grpo/final"),
+    "grpo": ("SFT + GRPO (configs/reader_grpo.yaml, 40 steps; shipped)", "local"),
 }
 MODES = {"retrieved": [], "oracle": ["--oracle"], "dropped": ["--drop-gold-frac", "0.2"]}
 
@@ -69,41 +70,42 @@ def eval_row(spec: str, mode: str, n: int | None) -> dict:
 
 
 def latency(n: int = 20) -> dict:
-    """Per question, after the models are loaded: retrieval + gate, prefill (first token), answer tokens."""
+    """Per question, after the models are loaded, through `ask` itself: retrieval + gates, prefill (time to the first
+    streamed piece), answer tokens (the answer stops at its first citation)."""
     from ragseek.llm.base import load_llm
     from ragseek.rag.evaluate import load_squad, squad_store
-    from ragseek.rag.pipeline import AskConfig, StepsConfig, build_prompt, sources
+    from ragseek.rag.pipeline import ask
     from ragseek.rag.search import SearchConfig, Searcher
     from ragseek.rag.store import Store
 
     llm = load_llm("local")
     searcher = Searcher(Store(squad_store(DATA)), SearchConfig(k=3))
-    cfg = AskConfig()
     rows = []
     for item in load_squad(DATA)[:n]:
+        pieces: list[float] = []
         t0 = time.perf_counter()
-        _, chunks, _ = sources(item.question, searcher, llm, cfg, StepsConfig())
-        t1 = time.perf_counter()
-        chat = [{"role": "user", "content": build_prompt(item.question, chunks)}]
-        prompt_tokens = len(llm.tokenizer.encode(llm.render(chat)))
-        first, pieces = None, []
-        for piece in llm.stream(chat, max_tokens=cfg.max_tokens, temperature=0.0, stop=["\n\n"]):
-            first = first or time.perf_counter()
-            pieces.append(piece)
-        t2 = time.perf_counter()
-        answer = "".join(pieces)
+        a = ask(item.question, searcher, llm, on_text=lambda _, seen=pieces: seen.append(time.perf_counter()))
+        total = time.perf_counter() - t0
+        t = a.timings
+        found = t["query"] + t["retrieve"] + t["gate"]
+        chat = [{"role": "user", "content": a.prompt}]
         rows.append(
             {
-                "retrieve_s": t1 - t0,
-                "prefill_s": (first or t2) - t1,
-                "answer_s": t2 - t1,
-                "prompt_tokens": prompt_tokens,
-                "answer_tokens": len(llm.tokenizer.encode(answer)),
-                "total_s": t2 - t0,
+                "retrieve_s": found,
+                "prefill_s": pieces[0] - t0 - found if a.prompt else 0.0,
+                "answer_s": t.get("generate", 0.0),
+                "prompt_tokens": len(llm.tokenizer.encode(llm.render(chat))) if a.prompt else 0,
+                "answer_tokens": len(llm.tokenizer.encode(a.answer)) if a.prompt else 0,
+                "total_s": total,
             }
         )
     p50 = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    return {"n": len(rows), "p50": p50, "max_total_s": max(r["total_s"] for r in rows)}
+    return {
+        "n": len(rows),
+        "p50": p50,
+        "max_total_s": max(r["total_s"] for r in rows),
+        "load": os.getloadavg(),
+    }
 
 
 def plot_curves() -> list[str]:
@@ -143,15 +145,21 @@ def write_md(results: dict) -> None:
         "| reader | EM | F1 | citation acc. | oracle EM | oracle F1 | don't-know P / R | s/question p50 |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    stale = []
     for key, (name, _) in READERS.items():
         r, o, d = (results.get(f"{key}/{m}") for m in MODES)
         if r is None:
             continue
         dk = f"{ratio(d['dont_know_precision'])} / {ratio(d['dont_know_recall'])}" if d else "–"
+        before = [x["measured_before"] for x in (r, o, d) if x and "measured_before" in x]
+        if before:
+            name, stale = f"{name} *", [*stale, *before]
         lines.append(
             f"| {name} | {pct(r['em'])} | {pct(r['f1'])} | {pct(r['citation_accuracy'])} | "
             f"{pct(o['em']) if o else '–'} | {pct(o['f1']) if o else '–'} | {dk} | {r['p50_s']:.2f} |"
         )
+    if stale:
+        lines += ["", f"\\* measured before {stale[0]}; not rerun."]
     if any(f"{key}/{m}" not in results for key in READERS for m in MODES):
         lines += ["", "–: that reader was not run in that mode (`--readers` / `--modes`)."]
     if "latency" in results:
@@ -161,8 +169,9 @@ def write_md(results: dict) -> None:
             f"Time to answer, the shipped reader after loading (p50 of {results['latency']['n']} questions): "
             f"retrieval + gate {lat['retrieve_s']:.2f} s, prefill of {lat['prompt_tokens']:.0f} prompt tokens "
             f"(first token) {lat['prefill_s']:.2f} s, the whole answer ({lat['answer_tokens']:.0f} tokens, "
-            f"stopped at end of turn) {lat['answer_s']:.2f} s; total {lat['total_s']:.2f} s "
-            f"(slowest {results['latency']['max_total_s']:.2f} s).",
+            f"stopped at its first citation) {lat['answer_s']:.2f} s; total {lat['total_s']:.2f} s "
+            f"(slowest {results['latency']['max_total_s']:.2f} s; load average "
+            f"{', '.join(f'{x:.1f}' for x in results['latency'].get('load', []))} during the run).",
         ]
     lines += ["", "Training curves: " + ", ".join(f"[{c}]({c})" for c in results.get("curves", []))]
     (RESULTS / "reader.md").write_text("\n".join(lines) + "\n")

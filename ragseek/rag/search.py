@@ -348,6 +348,7 @@ class Searcher:
         self._embedder = embedder
         self._cache: dict[str, object] = {}
         self._queries: dict[str, np.ndarray] = {}  # query text -> vector: `ask` embeds its question once
+        self.encode_cache = 1024  # texts `encode` keeps (the most recent)
 
     def _cached(self, key: str, make: Callable[[], object]):
         key = f"{key}@{self.store.generation}"
@@ -407,14 +408,16 @@ class Searcher:
         return self._cached("hnsw", make)
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        """Query vectors under the store's embedder, each text embedded once per searcher (the last 1,024 kept):
+        """Query vectors under the store's embedder, each text embedded once per searcher (the last `encode_cache`):
         retrieval, the don't-know gates and attribution all embed the question; the support gate embeds the
         sentences of the sources, which recur when questions share a passage."""
         new = [t for t in dict.fromkeys(texts) if t not in self._queries]
         for t, v in zip(new, self.embedder().encode(new) if new else [], strict=True):
             self._queries[t] = v
         vectors = np.stack([self._queries[t] for t in texts]) if texts else np.zeros((0, 0), np.float32)
-        for t in list(self._queries)[: max(0, len(self._queries) - 1024)]:  # after reading: texts may be old
+        # evicted after reading: a text of this call may be among the oldest
+        excess = max(0, len(self._queries) - self.encode_cache)
+        for t in list(self._queries)[:excess]:
             del self._queries[t]
         return vectors
 

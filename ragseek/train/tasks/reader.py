@@ -33,6 +33,7 @@ import numpy as np
 from ragseek.rag.evaluate import QAItem, load_squad, normalize_answer, squad_store
 from ragseek.rag.pipeline import (
     DONT_KNOW,
+    SENTENCE,
     AskConfig,
     StepsConfig,
     build_prompt,
@@ -122,6 +123,10 @@ def reader_rows(
     with their sources in a random order (both drawn with `seed`). Questions whose sources all fail the don't-know
     gate are left out (`ask` answers those without the model), and so are those `reader_row` has no target for."""
     rng = random.Random(seed)
+    # the support features embed the sources' sentences: every sentence of the store at once, in large batches
+    texts = searcher.store.chunks().texts
+    searcher.encode_cache = len(texts) * 64
+    searcher.encode([m.group().strip() for t in texts for m in SENTENCE.finditer(t)])
     rows = []
     for i, it in enumerate(items, 1):
         drop, shuffled = rng.random() < dont_know, rng.random() < shuffle
