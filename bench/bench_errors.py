@@ -11,8 +11,8 @@ train sft, serve) and records the exit code, the lines printed on stderr, a trac
 A row passes when the command exits 2 with one line naming the file (`ragseek serve` prints its limits first); a
 resume passes when it resumes from the newest intact checkpoint and says so. Then two `ragseek eval qa` first runs
 at once on a fresh cache (both convert SmolLM2's GGUF: ~1 min), and what opening a store of 2,000 chunks costs with
-and without SQLite's quick_check. Writes bench/results/errors.json and errors.md; without --before, the `before`
-column is kept from the last run that had one.
+and without SQLite's quick_check. Writes bench/results/errors.json and errors.md; a row not rerun (--only, or the
+`before` column without --before) keeps its last result.
 """
 
 from __future__ import annotations
@@ -45,13 +45,12 @@ def test_module():
 
 
 def make_files(t, tmp: Path) -> dict[str, Path]:
-    """The tests' broken files (`make_broken`) around a tiny random model, and a training run whose newest
+    """The tests' broken files (`make_broken`) around a tiny random model, and a `ragseek train sft` run whose newest
     checkpoint's weights are cut in half."""
     import torch
 
     from ragseek.defaults import smollm2_gguf
     from ragseek.model import ModelConfig, Transformer, load_tokenizer
-    from ragseek.train.loop import Checkpointer
 
     model = tmp / "model"
     tok = load_tokenizer(smollm2_gguf())
@@ -65,12 +64,21 @@ def make_files(t, tmp: Path) -> dict[str, Path]:
     net.save_pretrained(model)
     (tmp / "broken").mkdir()
     f = t.make_broken(tmp / "broken", model)
+    # a real run of two steps with a checkpoint after each, the newest one's weights then cut in half
     f["run"] = tmp / "run"
-    ckpt = Checkpointer(f["run"], every=1, keep_last=2)
-    opt = torch.optim.AdamW(net.parameters())
-    for step in (1, 2):
-        ckpt.save(step, net, opt, {"epoch": 0, "index": step, "seed": 0}, {"model": str(model)})
-    t.cut(ckpt.latest() / "model.safetensors", ckpt.latest() / "model.safetensors")
+    argv = [
+        *t.fill(f, t.SFT),
+        "--set",
+        f"model={model}",
+        "--set",
+        "loop.max_steps=2",
+        "--set",
+        "loop.ckpt_every=1",
+    ]
+    trained = run([*argv, "--out", str(f["run"])], None, tmp, tmp / "cache")
+    assert trained["exit"] == 0, trained["stderr"][-2000:]
+    newest = f["run"] / "checkpoints" / "step_000002" / "model.safetensors"
+    t.cut(newest, newest)
     return f
 
 
@@ -102,7 +110,7 @@ def probes(t, f: dict[str, Path]) -> list[tuple[str, str, list[str]]]:
         argv = [*t.fill(f, template), "--config", str(f["yaml"])]
         out.append((f"YAML config with an unclosed [: `{command}`", str(f["yaml"]), argv))
     resume = [*t.fill(f, t.SFT), "--set", f"model={f['model']}", "--out", str(f["run"]), "--resume"]
-    resume += ["--set", "loop.max_steps=2"]
+    resume += ["--set", "loop.max_steps=3"]
     out.append(("newest checkpoint's model.safetensors cut: `train sft --resume`", "step_000002", resume))
     return out
 
@@ -156,33 +164,35 @@ def summary(v: dict | None) -> str:
         return "-"
     # the concurrent first runs
     if "runs" in v:
-        left = ", ".join(v["leftovers"]) or "none"
-        return f"exits {v['runs']}, left in the cache: {left}"
+        left = ", ".join(v["leftovers"]) or "no temporary file"
+        locks = f"; lock file {', '.join(v['lock_files'])} (empty)" if v.get("lock_files") else ""
+        return f"exits {v['runs']}, {left}{locks}"
+    if v["exit"] == 0 and v["ok"]:
+        return "exit 0, resumed from the newest intact checkpoint, naming the damaged one"
+    if v["exit"] == 0:
+        return "exit 0, no error: went on with what it could read"
     how = f"{v['lines']}-line traceback" if v["traceback"] else f"{v['lines']} line(s)"
     return f"exit {v['exit']}, {how}, {'names' if v['names_file'] else 'does not name'} the file"
 
 
 def race(pythonpath: str | None, tmp: Path) -> dict:
     """Two `ragseek eval qa` first runs at once on a fresh cache: exit codes, and what is left in the cache besides
-    the converted model and the store (temporary folders and lock files, with their size)."""
+    the converted model and the store: temporary files and folders (with their size), lock files."""
     cache = tmp / f"cache-race-{'before' if pythonpath else 'now'}"
     args = ["eval", "qa", "--data", str(SQUAD), "--n", "1", "--llm", "local:base"]
     procs = [ragseek(args, pythonpath, tmp, cache) for _ in range(2)]
     errs = [p.communicate(timeout=1800)[1] for p in procs]
     leftovers = []
     for p in sorted(cache.rglob("*")):
-        if ".tmp" in p.name or p.suffix == ".lock":
+        if ".tmp" in p.name:
             files = p.rglob("*") if p.is_dir() else [p]
             size = sum(q.stat().st_size for q in files if q.is_file())
             leftovers.append(f"{p.relative_to(cache)} ({size / 1e6:.0f} MB)")
+    locks = [str(p.relative_to(cache)) for p in sorted(cache.rglob("*.lock"))]
     codes = [p.returncode for p in procs]
     error = next((e.strip().splitlines()[-1] for e, c in zip(errs, codes, strict=True) if c), "")
-    return {
-        "runs": codes,
-        "leftovers": leftovers,
-        "says": error[:300],
-        "ok": codes == [0, 0] and not leftovers,
-    }
+    ok = codes == [0, 0] and not leftovers
+    return {"runs": codes, "leftovers": leftovers, "lock_files": locks, "says": error[:300], "ok": ok}
 
 
 def store_open_cost(tmp: Path, chunks: int = 2000) -> dict:
@@ -200,7 +210,7 @@ def store_open_cost(tmp: Path, chunks: int = 2000) -> dict:
     # two chunks a document with the default splitter
     for i in range(chunks // 2):
         (docs / f"d{i}.txt").write_text(
-            " ".join(rng.choice(words, 260)) + "\n\n" + " ".join(rng.choice(words, 260))
+            " ".join(rng.choice(words, 100)) + "\n\n" + " ".join(rng.choice(words, 100))
         )
     st = Store(tmp / "open-cost-store")
     st.ingest([docs], SplitterConfig(), StoreConfig(embedder="none"))
@@ -222,17 +232,27 @@ def store_open_cost(tmp: Path, chunks: int = 2000) -> dict:
     return {"chunks": n, "mb": round(size / 1e6, 1), **ms}
 
 
+RACE = "two `ragseek eval qa` first runs at once, fresh cache"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
         "--before", help="a tree holding an older ragseek/: git archive REV ragseek | tar -x -C DIR"
     )
-    ap.add_argument("--only", help="run only the probes whose row contains this text")
-    ap.add_argument("--no-race", action="store_true", help="leave out the two concurrent first runs (~1 min)")
+    ap.add_argument("--only", help="rerun only the rows that contain this text (the others are kept)")
     args = ap.parse_args()
     old = json.loads((RESULTS / "errors.json").read_text()) if (RESULTS / "errors.json").exists() else {}
-    before = {row["probe"]: row.get("before") for row in old.get("rows", [])}
-    rows = []
+    # probe -> {"probe", "before", "now"}: a row not rerun keeps its last result
+    rows = {row["probe"]: row for row in old.get("rows", [])}
+
+    def record(probe: str, now: dict, before: dict | None) -> None:
+        rows[probe] = {"probe": probe, "before": before or rows.get(probe, {}).get("before"), "now": now}
+        print(
+            f"{probe}\n    before: {summary(rows[probe]['before'])}\n    now:    {summary(now)}", flush=True
+        )
+        print(f"    {now['says']}", flush=True)
+
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         t = test_module()
@@ -244,48 +264,35 @@ def main() -> None:
                 continue
             resume = "--resume" in argv
             now = verdict(run(argv, None, tmp, tmp / "cache"), names, resume)
+            before = None
             if args.before:
                 for name in MUTABLE:
                     shutil.rmtree(files[name])
                     shutil.copytree(tmp / "pristine" / name, files[name])
-                before[probe] = verdict(run(argv, args.before, tmp, tmp / "cache-before"), names, resume)
-            rows.append({"probe": probe, "before": before.get(probe), "now": now})
-            print(
-                f"{probe}\n    before: {summary(before.get(probe))}\n    now:    {summary(now)}", flush=True
-            )
-            print(f"    {now['says']}", flush=True)
-        probe = "two `ragseek eval qa` first runs at once, fresh cache"
-        if not args.no_race and not args.only:
-            now = race(None, tmp)
-            if args.before:
-                before[probe] = race(args.before, tmp)
-            print(
-                f"{probe}\n    before: {summary(before.get(probe))}\n    now:    {summary(now)}", flush=True
-            )
-        else:
-            now = next((r["now"] for r in old.get("rows", []) if r["probe"] == probe), None)
-        if now is not None:
-            rows.append({"probe": probe, "before": before.get(probe), "now": now})
+                before = verdict(run(argv, args.before, tmp, tmp / "cache-before"), names, resume)
+            record(probe, now, before)
+        if not args.only or args.only in RACE:
+            record(RACE, race(None, tmp), race(args.before, tmp) if args.before else None)
         cost = store_open_cost(tmp)
         print(f"store open: {cost}", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "errors.json").write_text(json.dumps({"rows": rows, "store_open_ms": cost}, indent=2) + "\n")
-    passed = sum(r["now"]["ok"] for r in rows)
+    table = list(rows.values())
+    (RESULTS / "errors.json").write_text(json.dumps({"rows": table, "store_open_ms": cost}, indent=2) + "\n")
+    passed = sum(r["now"]["ok"] for r in table)
     md = [
         "## Errors a user can act on (Reliability, issue 14 §4)",
         "",
         "`python bench/bench_errors.py [--before DIR]`: each command run on a broken file, as a user runs it. A row",
         "passes when the command exits 2 with one line naming the file (`ragseek --debug` or RAGSEEK_DEBUG=1 shows",
         "the traceback instead); a `--resume` when it resumes from the newest intact checkpoint and says so; the two",
-        f"first runs when both finish and leave no temporary file. Now: {passed} of {len(rows)} pass.",
+        f"first runs when both finish and leave no temporary file. Now: {passed} of {len(table)} pass.",
         "",
         "| probe | before | now |",
         "|---|---|---|",
     ]
-    for r in rows:
-        md.append(
-            f"| {r['probe']} | {summary(r['before'])} | {summary(r['now'])}{'' if r['now']['ok'] else ' **(fails)**'} |"
-        )
+    for r in table:
+        fails = "" if r["now"]["ok"] else " **(fails)**"
+        md.append(f"| {r['probe']} | {summary(r['before'])} | {summary(r['now'])}{fails} |")
     md += [
         "",
         f"Opening a store checks it with SQLite's `PRAGMA quick_check` (every page read, its structure checked): for "
@@ -293,7 +300,7 @@ def main() -> None:
         f"{cost['without_check']} ms without (median of 30 opens); RAGSEEK_STORE_CHECK=0 skips it.",
     ]
     (RESULTS / "errors.md").write_text("\n".join(md) + "\n")
-    print(f"wrote {RESULTS / 'errors.md'}: {passed}/{len(rows)} pass")
+    print(f"wrote {RESULTS / 'errors.md'}: {passed}/{len(table)} pass")
 
 
 if __name__ == "__main__":

@@ -105,14 +105,14 @@ STORE_READERS = {
     "search": ["search", "foxes", "--retriever", "bm25", "--store", "STORE"],
     "ask": [*ASK, "--store", "STORE"],
     "info": ["info", "--store", "STORE"],
-    "ingest": ["ingest", str(SQUAD), "--embedder", "none", "--store", "STORE"],
+    "ingest": ["ingest", str(DATA / "beir" / "corpus.jsonl"), "--embedder", "none", "--store", "STORE"],
     "eval qa": [*QA, "--store", "STORE"],
     "eval beir": [*BEIR, "--store", "STORE"],
 }
 YAML_READERS = {
     "search": ["search", "foxes", "--store", "@store"],
     "ask": [*ASK, "--store", "@store"],
-    "ingest": ["ingest", str(SQUAD), "--store", "@store"],
+    "ingest": ["ingest", str(DATA / "beir" / "corpus.jsonl"), "--store", "@store"],
     "generate": ["generate", "hi"],
     "serve": ["serve"],
     "eval qa": QA,
@@ -241,3 +241,25 @@ def test_a_bug_is_still_a_traceback():
     assert user_message(FileNotFoundError(2, "No such file or directory", "a.yaml")) == (
         "a.yaml: No such file or directory"
     )
+
+
+def test_a_cut_reward_head_and_a_torn_token_split_name_their_file(tmp_path):
+    """The other files a recipe reads back: a reward model's value head (ppo's reward_model) and pretraining's
+    tokenized split (meta.json)."""
+    import torch
+
+    from ragseek.errors import FileError
+    from ragseek.model import ModelConfig, Transformer
+    from ragseek.train.corpus import load_split
+    from ragseek.train.value_heads import VALUE_HEAD_FILE, RewardModel, load_reward_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=16, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, inter_dim=32)
+    RewardModel(Transformer(cfg)).save_pretrained(tmp_path / "rm")
+    cut(tmp_path / "rm" / VALUE_HEAD_FILE, tmp_path / "rm" / VALUE_HEAD_FILE)
+    with pytest.raises(FileError, match=f"{tmp_path / 'rm' / VALUE_HEAD_FILE}: not a readable safetensors"):
+        load_reward_model(tmp_path / "rm")
+    (tmp_path / "split").mkdir()
+    (tmp_path / "split" / "meta.json").write_text('{"vocab_size": 51')
+    with pytest.raises(FileError, match=r"split/meta\.json: not valid JSON \(line 1, column 18"):
+        load_split(tmp_path / "split")

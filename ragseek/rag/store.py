@@ -1,4 +1,7 @@
-"""The store, ragseek's system of record: one folder holding a SQLite database (WAL) and the indexes built from it.
+"""The store, ragseek's system of record. One interface (`Store`), two implementations: a folder holding a SQLite
+database (WAL) and the indexes built from it (`SQLiteStore`, the embedded default), or a PostgreSQL schema with
+pgvector (`PgStore`, rag/pgstore.py; `Store("postgresql://USER@HOST:PORT/DB?schema=NAME")`). The tables and their
+keys are the same in both; what follows describes the SQLite one.
 
     DIR/store.sqlite   documents (source, id, content hash, cleaned text, raw offsets, metadata),
                        chunks (text, char offsets), embeddings (float32 blobs keyed by (embedder, chunk hash)),
@@ -19,14 +22,17 @@ keyed by doc_id alone) is migrated when opened, in one transaction (`Store._migr
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import re
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -50,6 +56,9 @@ from ragseek.rag.embedders import (
     train_word_embedder,
 )
 from ragseek.rag.splitters import SplitterConfig, split
+
+if TYPE_CHECKING:
+    from ragseek.rag.search import ANNConfig
 
 # PRAGMA user_version. 1 (stored as 0): documents keyed by doc_id alone; 2: by (source, doc_id)
 SCHEMA_VERSION = 2
@@ -122,119 +131,100 @@ class ChunkTable:
     hashes: list[str]
 
 
-# what to do with a store.sqlite that SQLite cannot read
-DAMAGED = "restore it from a backup, or ingest the documents again into a new store"
-
-
 class Store:
-    def __init__(self, root: str | Path, check: bool | None = None) -> None:
-        """Open (or create) the store in folder `root`. Unless `check` is False (default: unless
-        RAGSEEK_STORE_CHECK=0), SQLite's `PRAGMA quick_check` runs first, so that a damaged database is reported
-        (a FileError naming it), never searched or written to: it reads every page, 6.5 ms for a store of
-        2,000 chunks with MiniLM vectors (14 MB)."""
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / "store.sqlite"
-        if check is None:
-            check = os.environ.get("RAGSEEK_STORE_CHECK", "1") != "0"
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
-        try:
-            if check:
-                self._quick_check(path)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a killed process
-            self.db.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
-            self.db.executescript(SCHEMA)
-            if self.db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-                self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        except (sqlite3.DatabaseError, FileError) as e:
-            self.db.close()
-            # a busy or locked database is no damage (the 30 s timeout ran out): that error goes on as it is
-            if isinstance(e, FileError) or e.sqlite_errorname in ("SQLITE_BUSY", "SQLITE_LOCKED"):
-                raise
-            raise FileError(path, f"not a readable SQLite store ({one_line(e)})", DAMAGED) from e
-        self._chunks: tuple[int, ChunkTable] | None = None
+    """The store's one interface. `Store(path)` opens (or creates) the SQLite store in folder `path` (`SQLiteStore`),
+    `Store("postgresql://USER@HOST:PORT/DB?schema=NAME")` the PostgreSQL + pgvector store (`PgStore`,
+    rag/pgstore.py): the constructor picks the implementation, as `pathlib.Path(...)` gives a PosixPath.
 
-    def _quick_check(self, path: Path) -> None:
-        """SQLite's quick_check: every page of every table and index read and its structure checked (not that
-        an index matches its table: that is integrity_check, no faster on a store). A FileError unless 'ok'."""
-        try:
-            problems = [row[0] for row in self.db.execute("PRAGMA quick_check")]
-        except sqlite3.DatabaseError as e:
-            if e.sqlite_errorname != "SQLITE_CORRUPT":
-                raise
-            problems = [str(e)]
-        if problems != ["ok"]:
-            more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
-            raise FileError(path, f"fails SQLite's quick_check ({one_line(problems[0])}{more})", DAMAGED)
+    Everything above the SQL is written once, here: ingest, the content-hash check, generations, embedding what is
+    missing, the chunk table, contexts. An implementation supplies the connection, a write transaction (`_write`),
+    the statements that differ (a document's rows, how a vector is stored) and, optionally, its own kNN (`knn`).
+    SQL here is the dialect both speak: `?` placeholders, `INSERT ... ON CONFLICT`."""
 
-    def _migrate(self) -> None:
-        """Bring a store of layout 1 (documents keyed by doc_id alone) to (source, doc_id) keys, in one transaction
-        that keeps every document, chunk id and embedding; a store from a newer ragseek is refused."""
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise ValueError(
-                f"{self.root / 'store.sqlite'}: written by a newer ragseek (store layout {version}; this one "
-                f"reads {SCHEMA_VERSION}): upgrade ragseek"
-            )
-        old = self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'documents'")
-        if version == SCHEMA_VERSION or old.fetchone() is None:
-            return
-        # the tables are renamed and copied: no cascade meanwhile
-        self.db.execute("PRAGMA foreign_keys=OFF")
-        try:
-            with self.db:
-                self.db.execute("BEGIN IMMEDIATE")
-                # another process migrated it first
-                if self.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
-                    return
-                for sql in (
-                    "DROP INDEX IF EXISTS chunks_doc",
-                    "ALTER TABLE documents RENAME TO documents_v1",
-                    "ALTER TABLE chunks RENAME TO chunks_v1",
-                    DOCUMENTS,
-                    CHUNKS,
-                    "INSERT INTO documents SELECT source, doc_id, content_hash, splitter, title, metadata, added, "
-                    "text, offsets FROM documents_v1",
-                    'INSERT INTO chunks SELECT c.id, d.source, c.doc_id, c.ord, c.start, c."end", c.text, '
-                    "c.content_hash FROM chunks_v1 c JOIN documents_v1 d ON d.doc_id = c.doc_id",
-                    "DROP TABLE chunks_v1",
-                    "DROP TABLE documents_v1",
-                    f"PRAGMA user_version = {SCHEMA_VERSION}",
-                ):
-                    self.db.execute(sql)
-        finally:
-            self.db.execute("PRAGMA foreign_keys=ON")
+    # the folder of the index files built from the store (BM25, faiss HNSW, word models): the SQLite store's own
+    # folder; a local cache folder for PostgreSQL
+    root: Path
+    # the store as its user names it, in messages: the folder, or the URL without its password
+    location: str
+
+    def __new__(cls, spec: str | Path | None = None, *args, **kwargs) -> Store:
+        if cls is Store:
+            cls = store_class(spec)
+        return super().__new__(cls)
+
+    # --- what an implementation supplies ------------------------------------------------------------------
+
+    def sql(self, query: str, args: Sequence = ()) -> list[tuple]:
+        """The rows of a read-only query (`?` placeholders), in either backend."""
+        raise NotImplementedError
+
+    def _write(self) -> contextlib.AbstractContextManager[None]:
+        """A write transaction: committed when the block ends, rolled back on an error."""
+        raise NotImplementedError
+
+    def _exec(self, query: str, args: Sequence = ()) -> int:
+        """Run one statement (inside `_write`); returns the rows it changed."""
+        raise NotImplementedError
+
+    def _exec_many(self, query: str, rows: Iterable[Sequence]) -> None:
+        raise NotImplementedError
+
+    def _replace_document(
+        self, doc: Document, splitter: str, chunks: list, offsets: np.ndarray | None
+    ) -> bool:
+        """In one transaction: delete the stored (doc.source, doc.doc_id) and its chunks, insert `doc` and `chunks`,
+        bump the generation. False when another writer stored this very version meanwhile (nothing written)."""
+        raise NotImplementedError
+
+    def _upsert_sql(self, table: str, columns: Sequence[str], keys: Sequence[str]) -> str:
+        """An INSERT of `columns` (`?` each) into `table` that replaces the row holding the same `keys`."""
+        raise NotImplementedError
+
+    def _vector_param(self, v: np.ndarray):
+        """A float32 vector as the embeddings table's `vector` column takes it."""
+        raise NotImplementedError
+
+    def _vector_value(self, value) -> np.ndarray:
+        """The `vector` column's value as a float32 array."""
+        raise NotImplementedError
+
+    def knn(
+        self, embedder_name: str, q: np.ndarray, k: int, metric: str, ann: ANNConfig | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray]] | None:
+        """(chunk rows of `chunks()`, scores) of the k nearest chunks to each query vector, ranked by the store
+        itself; None when it has no vector search of its own (the Searcher ranks `vectors()` with numpy/faiss)."""
+        return None
 
     def close(self) -> None:
-        self.db.close()
+        raise NotImplementedError
 
     # --- meta -----------------------------------------------------------------------------------------
 
     def get_meta(self, key: str, default: str | None = None) -> str | None:
-        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else default
+        rows = self.sql("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else default
 
     def _set_meta(self, key: str, value: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+        self._exec(self._upsert_sql("meta", ("key", "value"), ("key",)), (key, value))
 
     @property
     def generation(self) -> int:
         return int(self.get_meta("generation", "0"))
 
     def _bump(self) -> None:
+        """generation + 1, inside a write transaction (where SQLite has no other writer)."""
         self._set_meta("generation", str(self.generation + 1))
 
     def index_is_fresh(self, name: str) -> bool:
-        row = self.db.execute("SELECT generation FROM indexes WHERE name = ?", (name,)).fetchone()
-        return row is not None and row[0] == self.generation
+        rows = self.sql("SELECT generation FROM indexes WHERE name = ?", (name,))
+        return bool(rows) and rows[0][0] == self.generation
 
     def mark_index(self, name: str) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO indexes(name, generation, built) VALUES (?, ?, ?)",
-            (name, self.generation, time.time()),
-        )
+        sql = self._upsert_sql("indexes", ("name", "generation", "built"), ("name",))
+        self._exec(sql, (name, self.generation, time.time()))
+
+    def _indexes(self) -> list[tuple[str, int]]:
+        return self.sql("SELECT name, generation FROM indexes ORDER BY name")
 
     # --- documents ------------------------------------------------------------------------------------
 
@@ -242,56 +232,26 @@ class Store:
         """Store `doc` and its chunks in one transaction; None when it is already stored unchanged, else #chunks.
         The document is (doc.source, doc.doc_id): another file's row with the same `_id` is another document."""
         spl = json.dumps(asdict(splitter), sort_keys=True)
-        key = (doc.source, doc.doc_id)
-        row = self.db.execute(
-            "SELECT content_hash, splitter FROM documents WHERE source = ? AND doc_id = ?", key
-        ).fetchone()
-        if row == (doc.content_hash, spl):
+        row = self.sql(
+            "SELECT content_hash, splitter FROM documents WHERE source = ? AND doc_id = ?",
+            (doc.source, doc.doc_id),
+        )
+        if row and row[0] == (doc.content_hash, spl):
             return None
         chunks = split(doc.doc_id, doc.text, splitter)
         offsets = None if doc.offsets is None else np.ascontiguousarray(doc.offsets, dtype=np.int32)
-        size = None if offsets is None else offsets.nbytes
-        with self.db:  # BEGIN ... COMMIT, ROLLBACK on error
-            self.db.execute("BEGIN IMMEDIATE")
-            # cascades to its chunks
-            self.db.execute("DELETE FROM documents WHERE source = ? AND doc_id = ?", key)
-            self._drop_relative_twin(doc)
-            row_id = self.db.execute(
-                "INSERT INTO documents(source, doc_id, content_hash, splitter, title, text, offsets, metadata, "
-                "added) VALUES (?1, ?2, ?3, ?4, ?5, ?6, CASE WHEN ?7 IS NULL THEN NULL ELSE zeroblob(?7) END, ?8, ?9)",
-                (*key, doc.content_hash, spl, doc.title, doc.text, size, json.dumps(doc.metadata), time.time()),
-            ).lastrowid  # fmt: skip
-            # the offsets are written in slices: a large document's map is never copied whole
-            if size:
-                with self.db.blobopen("documents", "offsets", row_id) as blob:
-                    for i in range(0, len(offsets), 1 << 20):
-                        blob.write(offsets[i : i + (1 << 20)].tobytes())
-            self.db.executemany(
-                'INSERT INTO chunks(source, doc_id, ord, start, "end", text, content_hash) '
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                ((*key, i, c.start, c.end, c.text, content_hash(c.text)) for i, c in enumerate(chunks)),
-            )
-            self._bump()
-        return len(chunks)
+        return len(chunks) if self._replace_document(doc, spl, chunks, offsets) else None
 
-    def _drop_relative_twin(self, doc: Document) -> None:
-        """Delete the row an older ragseek stored for the same document under a relative source (a .jsonl named
-        `../data/corpus.jsonl`, now `/abs/data/corpus.jsonl`): the relative path, less its leading `..`, is a tail
-        of the new source."""
-        rows = self.db.execute(
-            "SELECT source FROM documents WHERE doc_id = ? AND source != ?", (doc.doc_id, doc.source)
-        ).fetchall()
-        for (source,) in rows:
-            tail = tuple(itertools.dropwhile(lambda part: part == "..", Path(os.path.normpath(source)).parts))
-            if not Path(source).is_absolute() and tail and Path(doc.source).parts[-len(tail) :] == tail:
-                self.db.execute("DELETE FROM documents WHERE source = ? AND doc_id = ?", (source, doc.doc_id))
+    def _chunk_rows(self, doc: Document, chunks: list) -> Iterator[tuple]:
+        """The chunks table's rows of `doc` (less the id), for `_replace_document`."""
+        for i, c in enumerate(chunks):
+            yield doc.source, doc.doc_id, i, c.start, c.end, c.text, content_hash(c.text)
 
     def remove(self, doc_ids: Iterable[str]) -> int:
         """Delete the documents with these ids (from every source) and their chunks; returns how many."""
         ids = list(doc_ids)
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            n = sum(self.db.execute("DELETE FROM documents WHERE doc_id = ?", (d,)).rowcount for d in ids)
+        with self._write():
+            n = sum(self._exec("DELETE FROM documents WHERE doc_id = ?", (d,)) for d in ids)
             if n:
                 self._bump()
         return n
@@ -301,7 +261,7 @@ class Store:
         BEIR rows stay while their .jsonl exists). A source that cannot be checked (no permission on a folder on
         its path, or a relative path stored by an older ragseek) is kept and returned as {"source", "reason"}."""
         gone, kept = [], []
-        for (source,) in self.db.execute("SELECT DISTINCT source FROM documents").fetchall():
+        for (source,) in self.sql("SELECT DISTINCT source FROM documents"):
             if not Path(source).is_absolute():
                 reason = (
                     "a relative path, stored by an older ragseek: ingest its file again to store it absolute"
@@ -313,9 +273,8 @@ class Store:
                 gone.append(source)
             elif True not in states:
                 kept.append({"source": source, "reason": next(s for s in states if isinstance(s, str))})
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            n = sum(self.db.execute("DELETE FROM documents WHERE source = ?", (s,)).rowcount for s in gone)
+        with self._write():
+            n = sum(self._exec("DELETE FROM documents WHERE source = ?", (s,)) for s in gone)
             if n:
                 self._bump()
         return n, kept
@@ -325,16 +284,16 @@ class Store:
         where, args = (
             ("doc_id = ?", (doc_id,)) if source is None else ("source = ? AND doc_id = ?", (source, doc_id))
         )
-        rows = self.db.execute(
+        rows = self.sql(
             f"SELECT doc_id, text, source, title, metadata, offsets FROM documents WHERE {where} LIMIT 2",
             args,
-        ).fetchall()
+        )
         if not rows:
-            raise KeyError(f"no document {doc_id!r} in {self.root}")
+            raise KeyError(f"no document {doc_id!r} in {self.location}")
         if len(rows) > 1:
             raise LookupError(
-                f"{doc_id!r} names a document in several sources of {self.root} ({rows[0][2]}, {rows[1][2]}, ...): "
-                "pass its source"
+                f"{doc_id!r} names a document in several sources of {self.location} ({rows[0][2]}, "
+                f"{rows[1][2]}, ...): pass its source"
             )
         row = rows[0]
         offsets = np.frombuffer(row[5], dtype=np.int32) if row[5] is not None else None
@@ -400,9 +359,9 @@ class Store:
     def chunks(self) -> ChunkTable:
         """All chunks in id order (cached until the next change)."""
         if self._chunks is None or self._chunks[0] != self.generation:
-            rows = self.db.execute(
+            rows = self.sql(
                 'SELECT id, doc_id, start, "end", text, content_hash, source FROM chunks ORDER BY id'
-            ).fetchall()
+            )
             table = ChunkTable(
                 ids=np.array([r[0] for r in rows], dtype=np.int64),
                 doc_ids=[r[1] for r in rows],
@@ -432,7 +391,7 @@ class Store:
             stored = json.loads(self.get_meta(f"word-model:{spec}", "null") or "null")
             if stored is None:
                 raise LookupError(
-                    f"no {spec} model in {self.root}: run `ragseek ingest ... --embedder {spec}`"
+                    f"no {spec} model in {self.location}: run `ragseek ingest ... --embedder {spec}`"
                 )
             return stored["name"]
         return "minilm" if spec == "minilm" else f"st:{Path(spec).resolve().name}"
@@ -454,8 +413,7 @@ class Store:
         path = self.root / "models" / f"{emb.name}.npz"
         path.parent.mkdir(exist_ok=True)
         emb.save(path)
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
+        with self._write():
             self._set_meta(key, json.dumps({"name": emb.name, "cfg": asdict(cfg)}))
             self.mark_index(key)
         return emb
@@ -484,11 +442,12 @@ class Store:
         done = 0
         while part := list(itertools.islice(todo, batch_size)):
             vecs = embedder.encode([t for _, t in part])
-            with self.db:
-                self.db.execute("BEGIN IMMEDIATE")
-                self.db.executemany(
-                    "INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?)",
-                    [(name, h, v.astype(np.float32).tobytes()) for (h, _), v in zip(part, vecs, strict=True)],
+            with self._write():
+                self._exec_many(
+                    self._upsert_sql(
+                        "embeddings", ("embedder", "content_hash", "vector"), ("embedder", "content_hash")
+                    ),
+                    [(name, h, self._vector_param(v)) for (h, _), v in zip(part, vecs, strict=True)],
                 )
             done += len(part)
             if on_progress:
@@ -499,9 +458,9 @@ class Store:
         """(hash, text) of each distinct chunk text whose hash is not in `have`, in chunk id order, read `page`
         rows at a time (each page fetched whole, so the batches committed in between never meet an open cursor)."""
         seen, last = set(have), 0
-        while rows := self.db.execute(
+        while rows := self.sql(
             "SELECT id, content_hash, text FROM chunks WHERE id > ? ORDER BY id LIMIT ?", (last, page)
-        ).fetchall():
+        ):
             for _, h, text in rows:
                 if h not in seen:
                     seen.add(h)
@@ -509,29 +468,21 @@ class Store:
             last = rows[-1][0]
 
     def _vector_hashes(self, name: str) -> set[str]:
-        return {
-            h for (h,) in self.db.execute("SELECT content_hash FROM embeddings WHERE embedder = ?", (name,))
-        }
+        return {h for (h,) in self.sql("SELECT content_hash FROM embeddings WHERE embedder = ?", (name,))}
 
     def missing_vectors(self, embedder_name: str) -> int:
         """How many distinct chunk texts have no vector from `embedder_name` (no model is loaded to tell)."""
-        return self.db.execute(
+        return self.sql(
             "SELECT COUNT(DISTINCT content_hash) FROM chunks WHERE content_hash NOT IN "
             "(SELECT content_hash FROM embeddings WHERE embedder = ?)",
             (embedder_name,),
-        ).fetchone()[0]
+        )[0][0]
 
     def vectors(self, embedder_name: str) -> np.ndarray:
         """float32 (n_chunks, d), row i for chunk `chunks().ids[i]`; errors if some chunk has no vector yet."""
         table = self.chunks()
         want = set(table.hashes)
-        found = {
-            h: np.frombuffer(v, dtype=np.float32)
-            for h, v in self.db.execute(
-                "SELECT content_hash, vector FROM embeddings WHERE embedder = ?", (embedder_name,)
-            )
-            if h in want
-        }
+        found = {h: v for h, v in self.embeddings(embedder_name).items() if h in want}
         missing = len(want) - len(found)
         if missing:
             spec = (
@@ -540,43 +491,243 @@ class Store:
                 else embedder_name.split("-")[0]
             )
             raise LookupError(
-                f"{missing} chunks have no {embedder_name!r} embedding in {self.root}: "
-                f"run `ragseek ingest ... --store {self.root} --embedder {spec}`"
+                f"{missing} chunks have no {embedder_name!r} embedding in {self.location}: "
+                f"run `ragseek ingest ... --store {self.location} --embedder {spec}`"
             )
         if not table.hashes:
             return np.zeros((0, 0), dtype=np.float32)
         return np.stack([found[h] for h in table.hashes])
 
-    def import_embeddings(self, other: Path) -> int:
-        """Copy another store's cached embeddings (same (embedder, chunk hash) keys) into this one."""
-        self.db.execute("ATTACH DATABASE ? AS other", (str(Path(other) / "store.sqlite"),))
-        try:
-            with self.db:
-                self.db.execute("BEGIN IMMEDIATE")
-                n = self.db.execute(
-                    "INSERT OR IGNORE INTO embeddings SELECT * FROM other.embeddings"
-                ).rowcount
-        finally:
-            self.db.execute("DETACH DATABASE other")
-        return n
+    def embeddings(self, embedder_name: str) -> dict[str, np.ndarray]:
+        """Every stored vector of `embedder_name`, by chunk content hash (those of chunks gone included)."""
+        return {
+            h: self._vector_value(v)
+            for h, v in self.sql(
+                "SELECT content_hash, vector FROM embeddings WHERE embedder = ?", (embedder_name,)
+            )
+        }
+
+    def import_embeddings(self, other: str | Path | Store) -> int:
+        """Copy another store's cached embeddings (same (embedder, chunk hash) keys; either backend) into this one;
+        returns how many were new here."""
+        src = other if isinstance(other, Store) else Store(other)
+        names = [n for (n,) in src.sql("SELECT DISTINCT embedder FROM embeddings")]
+        before = self.sql("SELECT COUNT(*) FROM embeddings")[0][0]
+        for name in names:
+            with self._write():
+                self._exec_many(
+                    "INSERT INTO embeddings(embedder, content_hash, vector) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                    [(name, h, self._vector_param(v)) for h, v in src.embeddings(name).items()],
+                )
+        return self.sql("SELECT COUNT(*) FROM embeddings")[0][0] - before
+
+    def contexts(self, llm_name: str) -> dict[str, str]:
+        """The chunk contexts `llm_name` wrote (contextual retrieval, rag/contextual.py), by chunk content hash."""
+        return dict(self.sql("SELECT content_hash, context FROM contexts WHERE llm = ?", (llm_name,)))
+
+    def put_contexts(self, llm_name: str, contexts: Iterable[tuple[str, str]]) -> None:
+        """Store (chunk hash, context) pairs written by `llm_name`, in one transaction."""
+        with self._write():
+            self._exec_many(
+                self._upsert_sql("contexts", ("llm", "content_hash", "context"), ("llm", "content_hash")),
+                [(llm_name, h, c) for h, c in contexts],
+            )
 
     def info(self) -> dict:
-        count = lambda sql: self.db.execute(sql).fetchone()[0]  # noqa: E731
-        embedders = dict(
-            self.db.execute("SELECT embedder, COUNT(*) FROM embeddings GROUP BY embedder").fetchall()
-        )
-        indexes = [
-            {"name": n, "generation": g, "fresh": g == self.generation}
-            for n, g in self.db.execute("SELECT name, generation FROM indexes ORDER BY name")
-        ]
+        count = lambda sql: self.sql(sql)[0][0]  # noqa: E731
+        embedders = dict(self.sql("SELECT embedder, COUNT(*) FROM embeddings GROUP BY embedder"))
+        indexes = [{"name": n, "generation": g, "fresh": g == self.generation} for n, g in self._indexes()]
         return {
-            "store": str(self.root),
+            "store": self.location,
             "documents": count("SELECT COUNT(*) FROM documents"),
             "chunks": count("SELECT COUNT(*) FROM chunks"),
             "generation": self.generation,
             "embedders": embedders,
             "indexes": indexes,
         }
+
+
+# what to do with a store.sqlite that SQLite cannot read
+DAMAGED = "restore it from a backup, or ingest the documents again into a new store"
+
+
+class SQLiteStore(Store):
+    """The embedded store: one folder, one SQLite database (WAL) beside its index files."""
+
+    def __init__(self, root: str | Path, check: bool | None = None) -> None:
+        """Open (or create) the store in folder `root`. Unless `check` is False (default: unless
+        RAGSEEK_STORE_CHECK=0), SQLite's `PRAGMA quick_check` runs first, so that a damaged database is reported
+        (a FileError naming it), never searched or written to: it reads every page, about 7 ms for a store of
+        2,000 chunks with MiniLM-sized vectors (13 MB; bench/bench_errors.py)."""
+        self.root = Path(root)
+        self.location = str(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / "store.sqlite"
+        if check is None:
+            check = os.environ.get("RAGSEEK_STORE_CHECK", "1") != "0"
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
+        try:
+            if check:
+                self._quick_check(path)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a killed process
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+            self.db.executescript(SCHEMA)
+            if self.db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except (sqlite3.DatabaseError, FileError) as e:
+            self.db.close()
+            # a busy or locked database is no damage (the 30 s timeout ran out): that error goes on as it is
+            if isinstance(e, FileError) or e.sqlite_errorname in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+                raise
+            raise FileError(path, f"not a readable SQLite store ({one_line(e)})", DAMAGED) from e
+        self._chunks: tuple[int, ChunkTable] | None = None
+
+    def _quick_check(self, path: Path) -> None:
+        """SQLite's quick_check: every page of every table and index read and its structure checked (not that
+        an index matches its table: that is integrity_check, no faster on a store). A FileError unless 'ok'."""
+        try:
+            problems = [row[0] for row in self.db.execute("PRAGMA quick_check")]
+        except sqlite3.DatabaseError as e:
+            if e.sqlite_errorname != "SQLITE_CORRUPT":
+                raise
+            problems = [str(e)]
+        if problems != ["ok"]:
+            # one problem a line, under a "*** in database main ***" header
+            lines = [
+                line for row in problems for line in row.splitlines() if line.strip()[:3] not in ("", "***")
+            ]
+            more = f", and {len(lines) - 1} more" if len(lines) > 1 else ""
+            raise FileError(path, f"fails SQLite's quick_check ({one_line(lines[0])}{more})", DAMAGED)
+
+    def _migrate(self) -> None:
+        """Bring a store of layout 1 (documents keyed by doc_id alone) to (source, doc_id) keys, in one transaction
+        that keeps every document, chunk id and embedding; a store from a newer ragseek is refused."""
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise ValueError(
+                f"{self.root / 'store.sqlite'}: written by a newer ragseek (store layout {version}; this one "
+                f"reads {SCHEMA_VERSION}): upgrade ragseek"
+            )
+        old = self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'documents'")
+        if version == SCHEMA_VERSION or old.fetchone() is None:
+            return
+        # the tables are renamed and copied: no cascade meanwhile
+        self.db.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with self.db:
+                self.db.execute("BEGIN IMMEDIATE")
+                # another process migrated it first
+                if self.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+                    return
+                for sql in (
+                    "DROP INDEX IF EXISTS chunks_doc",
+                    "ALTER TABLE documents RENAME TO documents_v1",
+                    "ALTER TABLE chunks RENAME TO chunks_v1",
+                    DOCUMENTS,
+                    CHUNKS,
+                    "INSERT INTO documents SELECT source, doc_id, content_hash, splitter, title, metadata, added, "
+                    "text, offsets FROM documents_v1",
+                    'INSERT INTO chunks SELECT c.id, d.source, c.doc_id, c.ord, c.start, c."end", c.text, '
+                    "c.content_hash FROM chunks_v1 c JOIN documents_v1 d ON d.doc_id = c.doc_id",
+                    "DROP TABLE chunks_v1",
+                    "DROP TABLE documents_v1",
+                    f"PRAGMA user_version = {SCHEMA_VERSION}",
+                ):
+                    self.db.execute(sql)
+        finally:
+            self.db.execute("PRAGMA foreign_keys=ON")
+
+    def close(self) -> None:
+        self.db.close()
+
+    def sql(self, query: str, args: Sequence = ()) -> list[tuple]:
+        return self.db.execute(query, args).fetchall()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        # BEGIN ... COMMIT, ROLLBACK on error; IMMEDIATE: the write lock is taken at once, so a writer never fails
+        # to upgrade a read lock half-way
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            yield
+
+    def _exec(self, query: str, args: Sequence = ()) -> int:
+        return self.db.execute(query, args).rowcount
+
+    def _exec_many(self, query: str, rows: Iterable[Sequence]) -> None:
+        self.db.executemany(query, rows)
+
+    def _upsert_sql(self, table: str, columns: Sequence[str], keys: Sequence[str]) -> str:
+        return (
+            f"INSERT OR REPLACE INTO {table}({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        )
+
+    def _vector_param(self, v: np.ndarray) -> bytes:
+        return v.astype(np.float32).tobytes()
+
+    def _vector_value(self, value: bytes) -> np.ndarray:
+        return np.frombuffer(value, dtype=np.float32)
+
+    def _replace_document(
+        self, doc: Document, splitter: str, chunks: list, offsets: np.ndarray | None
+    ) -> bool:
+        key = (doc.source, doc.doc_id)
+        size = None if offsets is None else offsets.nbytes
+        with self._write():
+            # cascades to its chunks
+            self.db.execute("DELETE FROM documents WHERE source = ? AND doc_id = ?", key)
+            self._drop_relative_twin(doc)
+            row_id = self.db.execute(
+                "INSERT INTO documents(source, doc_id, content_hash, splitter, title, text, offsets, metadata, "
+                "added) VALUES (?1, ?2, ?3, ?4, ?5, ?6, CASE WHEN ?7 IS NULL THEN NULL ELSE zeroblob(?7) END, ?8, ?9)",
+                (*key, doc.content_hash, splitter, doc.title, doc.text, size, json.dumps(doc.metadata), time.time()),
+            ).lastrowid  # fmt: skip
+            # the offsets are written in slices: a large document's map is never copied whole
+            if size:
+                with self.db.blobopen("documents", "offsets", row_id) as blob:
+                    for i in range(0, len(offsets), 1 << 20):
+                        blob.write(offsets[i : i + (1 << 20)].tobytes())
+            self.db.executemany(
+                'INSERT INTO chunks(source, doc_id, ord, start, "end", text, content_hash) '
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                self._chunk_rows(doc, chunks),
+            )
+            self._bump()
+        return True
+
+    def _drop_relative_twin(self, doc: Document) -> None:
+        """Delete the row an older ragseek stored for the same document under a relative source (a .jsonl named
+        `../data/corpus.jsonl`, now `/abs/data/corpus.jsonl`): the relative path, less its leading `..`, is a tail
+        of the new source."""
+        rows = self.db.execute(
+            "SELECT source FROM documents WHERE doc_id = ? AND source != ?", (doc.doc_id, doc.source)
+        ).fetchall()
+        for (source,) in rows:
+            tail = tuple(itertools.dropwhile(lambda part: part == "..", Path(os.path.normpath(source)).parts))
+            if not Path(source).is_absolute() and tail and Path(doc.source).parts[-len(tail) :] == tail:
+                self.db.execute("DELETE FROM documents WHERE source = ? AND doc_id = ?", (source, doc.doc_id))
+
+
+URL = "postgresql://USER@HOST:PORT/DB?schema=NAME"
+
+
+def store_class(spec: str | Path | None) -> type[Store]:
+    """SQLiteStore for a folder, PgStore for a postgresql:// (or postgres://) URL; any other URL is refused."""
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]+):/", str(spec))
+    if scheme is None:
+        return SQLiteStore
+    if scheme[1].lower() in ("postgresql", "postgres"):
+        from ragseek.rag.pgstore import PgStore
+
+        return PgStore
+    raise ValueError(f"{spec}: not a store: give a folder (SQLite), or a PostgreSQL URL {URL}")
+
+
+def is_url(spec: str | Path) -> bool:
+    """Whether `spec` names a store by URL (a database server) rather than a folder."""
+    return store_class(spec) is not SQLiteStore
 
 
 def _exists(path: Path) -> bool | str:

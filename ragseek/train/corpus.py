@@ -24,6 +24,7 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from ragseek.errors import reading
 from ragseek.model.tokenizer import Tokenizer
 
 EOS_TOKEN = "<|endoftext|>"
@@ -115,9 +116,9 @@ def load_split(folder: str | Path) -> TokenSplit | None:
     folder = Path(folder)
     if not (folder / "meta.json").is_file():
         return None
-    return TokenSplit(
-        folder / "train.bin", folder / "val.bin", json.loads((folder / "meta.json").read_text())
-    )
+    with reading(folder / "meta.json", "valid JSON", f"delete {folder} to tokenize the corpus again"):
+        meta = json.loads((folder / "meta.json").read_text())
+    return TokenSplit(folder / "train.bin", folder / "val.bin", meta)
 
 
 def open_tokens(split: TokenSplit, name: str) -> np.memmap:

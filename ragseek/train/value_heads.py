@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ragseek.errors import reading
 from ragseek.model import Transformer
 
 # a subfolder: the trunk's loader reads every *.safetensors
@@ -59,7 +60,9 @@ def load_reward_model(path: str | Path) -> RewardModel:
             f"{head} is missing: {path} is not a reward model folder (train one with `ragseek train rm`)"
         )
     model = RewardModel(Transformer.from_pretrained(path))
-    model.value_head.load_state_dict(load_file(str(head)))
+    with reading(head, "a readable safetensors file", "it is cut short or corrupt: train or copy it again"):
+        weights = load_file(str(head))
+    model.value_head.load_state_dict(weights)
     return model
 
 
