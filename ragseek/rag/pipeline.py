@@ -37,7 +37,7 @@ from ragseek.rag.search import Hit, Searcher, similarity
 DONT_KNOW = "I don't know: the sources do not contain the answer."
 # P(no source answers) = sigmoid(b + w_cos * cos + w_words * words) (`support`), fitted on the reader's SQuAD training
 # rows (20 articles, 3,679 questions, 670 without their answer in the sources) by `ragseek data reader`, MiniLM
-UNANSWERABLE_WEIGHTS = (0.0, 0.0, 0.0)
+UNANSWERABLE_WEIGHTS = (4.827, -5.545, -4.670)
 
 
 @dataclass
