@@ -146,14 +146,24 @@ def test_eval_qa_retrieved_with_dropped_gold(tmp_path, monkeypatch, tiny_llm):
     monkeypatch.setenv("RAGSEEK_CACHE", str(tmp_path / "cache"))
     preds = tmp_path / "p.jsonl"
     args = tiny_qa_args(tiny_llm)
-    args += ["--min-similarity", "-1", "--attribute-min", "-1", "--drop-gold-frac", "0.3"]
+    args += [
+        "--min-similarity",
+        "-1",
+        "--max-unanswerable",
+        "1",
+        "--attribute-min",
+        "-1",
+        "--drop-gold-frac",
+        "0.3",
+    ]
     out = json.loads(invoke(*args, "--json", "--predictions", str(preds)).stdout)
     assert {"em", "f1", "citation_accuracy", "dont_know_rate", "p50_s", "p95_s", "n"} <= set(out)
     assert {"dont_know_precision", "dont_know_recall"} <= set(out)
     items = load_squad(SQUAD)
     assert out["n"] == 11 and out["oracle"] is False and out["dropped"] >= 1
     assert 0.3 * 11 <= out["gold_missing"] < 11 and 0 <= out["f1"] <= 1 and out["p50_s"] <= out["p95_s"]
-    # the gate is off (--min-similarity -1), so nothing is a don't-know and its precision is undefined
+    # the gates are off (--min-similarity -1, --max-unanswerable 1), so nothing is a don't-know and its precision
+    # is undefined
     assert (
         out["dont_know_rate"] == 0.0 and out["dont_know_precision"] is None and out["dont_know_recall"] == 0.0
     )
