@@ -81,7 +81,7 @@ def contextualize(
     prompts per `llm.complete` call, committed after each call. Returns {"generated", "cached", "seconds"}:
     contexts written now, and distinct chunks whose context was already stored."""
     t0 = time.perf_counter()
-    have = {h for (h,) in store.db.execute("SELECT content_hash FROM contexts WHERE llm = ?", (llm.name,))}
+    have = set(store.contexts(llm.name))
     table = store.chunks()
     unique: dict[str, int] = {}  # chunk hash -> its first row in the table
     for row, h in enumerate(table.hashes):
@@ -99,12 +99,9 @@ def contextualize(
             for _, row in part
         ]  # fmt: skip
         contexts = llm.complete(prompts, max_tokens=max_tokens, temperature=0.0)
-        with store.db:
-            store.db.execute("BEGIN IMMEDIATE")
-            store.db.executemany(
-                "INSERT OR REPLACE INTO contexts VALUES (?, ?, ?)",
-                [(llm.name, h, " ".join(c.split())) for (h, _), c in zip(part, contexts, strict=True)],
-            )
+        store.put_contexts(
+            llm.name, [(h, " ".join(c.split())) for (h, _), c in zip(part, contexts, strict=True)]
+        )
         if on_progress:
             on_progress(f"contexts ({llm.name})", s + len(part), len(todo))
     return {"generated": len(todo), "cached": len(unique) - len(todo), "seconds": time.perf_counter() - t0}
@@ -115,16 +112,12 @@ def contextual_texts(store: Store, llm_name: str) -> list[str]:
     when its context is empty). LookupError if a chunk has no context from `llm_name`."""
     table = store.chunks()
     want = set(table.hashes)
-    found = {
-        h: c
-        for h, c in store.db.execute("SELECT content_hash, context FROM contexts WHERE llm = ?", (llm_name,))
-        if h in want
-    }
+    found = {h: c for h, c in store.contexts(llm_name).items() if h in want}
     missing = len(want) - len(found)
     if missing:
         raise LookupError(
-            f"{missing} chunks have no context from {llm_name!r} in {store.root}: "
-            f"run `ragseek ingest PATH --store {store.root} --contextual --llm {llm_name}`"
+            f"{missing} chunks have no context from {llm_name!r} in {store.location}: "
+            f"run `ragseek ingest PATH --store {store.location} --contextual --llm {llm_name}`"
         )
     return [f"{found[h]}\n\n{t}" if found[h] else t for h, t in zip(table.hashes, table.texts, strict=True)]
 

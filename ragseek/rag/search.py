@@ -443,6 +443,11 @@ class Searcher:
         self, queries: list[str], depth: int, vectors: np.ndarray | None = None
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         q = self._encode(queries, vectors)
+        # a store with vector search of its own (PostgreSQL: pgvector, exact or HNSW) ranks in the database
+        ann = self.ann_cfg if self.ann_cfg.ann else None
+        ranked = self.store.knn(self.vectors_name(), q, depth, self.cfg.metric, ann)
+        if ranked is not None:
+            return ranked
         if self.ann_cfg.ann:
             idx, sc = self.hnsw().search(q, depth, self.ann_cfg.ef_search, self.cfg.metric)
             return [(i[i >= 0], s[i >= 0]) for i, s in zip(idx, sc, strict=True)]
@@ -509,9 +514,12 @@ class Searcher:
         embedder: the commands call it before an LLM loads."""
         if not self.store.chunks().texts:
             raise LookupError(
-                f"the store {self.store.root} has no chunks: run `ragseek ingest PATH --store ...` first"
+                f"the store {self.store.location} has no chunks: run `ragseek ingest PATH --store ...` first"
             )
-        if self.cfg.retriever != "bm25":
+        if self.cfg.retriever == "dense" and self.store.ranks_vectors and not self.cfg.contextual:
+            # the database ranks: the vectors need not be loaded, only be there
+            self.store.require_vectors(self.vectors_name())
+        elif self.cfg.retriever != "bm25":
             self.matrix()
 
     def rank(

@@ -146,6 +146,8 @@ class Store:
     root: Path
     # the store as its user names it, in messages: the folder, or the URL without its password
     location: str
+    # whether `knn` ranks in the store itself (then dense search never loads every vector)
+    ranks_vectors: bool = False
 
     def __new__(cls, spec: str | Path | None = None, *args, **kwargs) -> Store:
         if cls is Store:
@@ -483,20 +485,26 @@ class Store:
         table = self.chunks()
         want = set(table.hashes)
         found = {h: v for h, v in self.embeddings(embedder_name).items() if h in want}
-        missing = len(want) - len(found)
-        if missing:
-            spec = (
-                f"PATH/TO/{embedder_name[3:]}"
-                if embedder_name.startswith("st:")
-                else embedder_name.split("-")[0]
-            )
-            raise LookupError(
-                f"{missing} chunks have no {embedder_name!r} embedding in {self.location}: "
-                f"run `ragseek ingest ... --store {self.location} --embedder {spec}`"
-            )
+        if len(want) > len(found):
+            raise self._no_vectors(embedder_name, len(want) - len(found))
         if not table.hashes:
             return np.zeros((0, 0), dtype=np.float32)
         return np.stack([found[h] for h in table.hashes])
+
+    def require_vectors(self, embedder_name: str) -> None:
+        """The LookupError `vectors` raises when some chunk has no vector, without reading the vectors."""
+        missing = self.missing_vectors(embedder_name)
+        if missing:
+            raise self._no_vectors(embedder_name, missing)
+
+    def _no_vectors(self, embedder_name: str, missing: int) -> LookupError:
+        spec = (
+            f"PATH/TO/{embedder_name[3:]}" if embedder_name.startswith("st:") else embedder_name.split("-")[0]
+        )
+        return LookupError(
+            f"{missing} chunks have no {embedder_name!r} embedding in {self.location}: "
+            f"run `ragseek ingest ... --store {self.location} --embedder {spec}`"
+        )
 
     def embeddings(self, embedder_name: str) -> dict[str, np.ndarray]:
         """Every stored vector of `embedder_name`, by chunk content hash (those of chunks gone included)."""

@@ -1,4 +1,6 @@
-"""The store: idempotent, transactional ingest; a killed ingest completes on the next run; bad files are reported."""
+"""The store: idempotent, transactional ingest; a killed ingest completes on the next run; bad files are reported.
+
+Tests taking `store_at` (tests/rag/conftest.py) run once on a SQLite folder and once on a PostgreSQL schema."""
 
 import os
 import signal
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 
 from ragseek.rag.embedders import WordVectorConfig
+from ragseek.rag.pgstore import PgStore
 from ragseek.rag.splitters import SplitterConfig
 from ragseek.rag.store import Store, StoreConfig
 
@@ -39,63 +42,60 @@ def write_corpus(folder: Path, n: int) -> list[Path]:
     return paths
 
 
-def snapshot(root: Path) -> dict:
-    """Everything a run leaves in the store, independent of row ids and timestamps."""
-    db = sqlite3.connect(root / "store.sqlite")
+def snapshot(spec: str | Path) -> dict:
+    """Everything a run leaves in the store at `spec` (either backend), independent of row ids and timestamps."""
+    store = Store(spec)
+    names = [n for (n,) in store.sql("SELECT DISTINCT embedder FROM embeddings")]
     out = {
-        "documents": db.execute(
-            "SELECT doc_id, content_hash, text FROM documents ORDER BY doc_id"
-        ).fetchall(),
-        "chunks": db.execute(
-            'SELECT doc_id, ord, start, "end", text FROM chunks ORDER BY doc_id, ord'
-        ).fetchall(),
-        "embeddings": db.execute(
-            "SELECT embedder, content_hash, vector FROM embeddings ORDER BY 1, 2"
-        ).fetchall(),
+        "documents": store.sql(
+            "SELECT source, doc_id, content_hash, text FROM documents ORDER BY source, doc_id"
+        ),
+        "chunks": store.sql(
+            'SELECT source, doc_id, ord, start, "end", text FROM chunks ORDER BY source, doc_id, ord'
+        ),
+        "embeddings": sorted((n, h, v.tobytes()) for n in names for h, v in store.embeddings(n).items()),
     }
-    db.close()
+    store.close()
     return out
 
 
-def test_reingest_is_idempotent(tmp_path):
+def test_reingest_is_idempotent(tmp_path, store_at):
     write_corpus(tmp_path / "docs", 6)
-    store = Store(tmp_path / "store")
+    store = Store(store_at("store"))
     first = store.ingest([tmp_path / "docs"], SPLIT, StoreConfig(embedder="word2vec"), WORD)
     assert (first.stored, first.skipped, first.failed) == (6, 0, [])
     assert first.embedded == first.chunks > 6
-    before, generation = snapshot(store.root), store.generation
+    before, generation = snapshot(store_at("store")), store.generation
     again = store.ingest([tmp_path / "docs"], SPLIT, StoreConfig(embedder="word2vec"), WORD)
     assert (again.stored, again.skipped, again.chunks, again.embedded) == (0, 6, 0, 0)
-    assert snapshot(store.root) == before and store.generation == generation
+    assert snapshot(store_at("store")) == before and store.generation == generation
 
 
-def test_changed_file_replaces_its_chunks_and_deleted_file_is_pruned(tmp_path):
+def test_changed_file_replaces_its_chunks_and_deleted_file_is_pruned(tmp_path, store_at):
     paths = write_corpus(tmp_path / "docs", 3)
-    store = Store(tmp_path / "store")
+    store = Store(store_at("store"))
     store.ingest([tmp_path / "docs"], SPLIT, StoreConfig(embedder="none"))
     paths[0].write_text("Completely new text about glaciers.")
     report = store.ingest([tmp_path / "docs"], SPLIT, StoreConfig(embedder="none"))
     assert (report.stored, report.skipped) == (1, 2)
     doc0 = str(paths[0].resolve())
-    texts = [t for d, t in store.db.execute("SELECT doc_id, text FROM chunks") if d == doc0]
+    texts = [t for d, t in store.sql("SELECT doc_id, text FROM chunks") if d == doc0]
     assert texts == ["Completely new text about glaciers."]
     paths[1].unlink()
     report = store.ingest([tmp_path / "docs"], SPLIT, StoreConfig(embedder="none", prune=True))
     assert report.removed == 1
     assert store.info()["documents"] == 2
-    assert str(paths[1].resolve()) not in {
-        d for (d,) in store.db.execute("SELECT DISTINCT doc_id FROM chunks")
-    }
+    assert str(paths[1].resolve()) not in {d for (d,) in store.sql("SELECT DISTINCT doc_id FROM chunks")}
 
 
-def test_bad_files_are_reported_not_fatal(tmp_path):
+def test_bad_files_are_reported_not_fatal(tmp_path, store_at):
     docs = tmp_path / "docs"
     write_corpus(docs, 2)
     (docs / "empty.txt").write_bytes(b"")
     (docs / "binary.md").write_bytes(b"\x7fELF\x00\x00\x01")
     (docs / "broken.pdf").write_bytes(b"%PDF-1.7\n garbage")
     (docs / "latin1.txt").write_bytes("r\u00e9sum\u00e9".encode("latin-1"))
-    report = Store(tmp_path / "store").ingest([docs], SPLIT, StoreConfig(embedder="none"))
+    report = Store(store_at("store")).ingest([docs], SPLIT, StoreConfig(embedder="none"))
     assert report.stored == 2
     reasons = {Path(f["path"]).name: f["reason"] for f in report.failed}
     assert set(reasons) == {"empty.txt", "binary.md", "broken.pdf", "latin1.txt"}
@@ -110,7 +110,7 @@ CHILD = textwrap.dedent(
     from ragseek.rag.embedders import WordVectorConfig
     from ragseek.rag.splitters import SplitterConfig
     from ragseek.rag.store import Store, StoreConfig
-    docs, root, delay = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
+    docs, root, delay = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
     Store(root).ingest(
         [docs], SplitterConfig("recursive", 120, 20), StoreConfig(embedder="word2vec", batch_size=8),
         WordVectorConfig(dim=16, epochs=2, min_count=1), on_progress=lambda *a: time.sleep(delay),
@@ -119,56 +119,68 @@ CHILD = textwrap.dedent(
 )
 
 
-def run_child(docs: Path, root: Path, delay: float = 0.0) -> subprocess.Popen:
+def run_child(docs: Path, root: str | Path, delay: float = 0.0) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", CHILD, str(docs), str(root), str(delay)])
 
 
-def count(root: Path, table: str) -> int:
-    try:
-        db = sqlite3.connect(f"file:{root / 'store.sqlite'}?mode=ro", uri=True, timeout=5)
-        n = db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
-        db.close()
-        return n
-    except sqlite3.OperationalError:  # not created yet
-        return 0
-
-
 @pytest.mark.parametrize("table, at", [("documents", 25), ("embeddings", 40)])
-def test_killed_ingest_then_rerun_equals_uninterrupted(tmp_path, table, at):
+def test_killed_ingest_then_rerun_equals_uninterrupted(tmp_path, store_at, table, at):
     docs = tmp_path / "docs"
     write_corpus(docs, 60)
-    assert run_child(docs, tmp_path / "clean").wait(timeout=120) == 0
+    assert run_child(docs, store_at("clean")).wait(timeout=120) == 0
 
-    child = run_child(docs, tmp_path / "killed", delay=0.01)
+    # opened (so created) before the child starts: it reads the child's commits as they come
+    watch = Store(store_at("killed"))
+    child = run_child(docs, store_at("killed"), delay=0.01)
     deadline = time.time() + 120
-    while count(tmp_path / "killed", table) < at and child.poll() is None and time.time() < deadline:
+    while (
+        watch.sql(f"SELECT COUNT(*) FROM {table}")[0][0] < at
+        and child.poll() is None
+        and time.time() < deadline
+    ):
         time.sleep(0.005)
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
-    partial = snapshot(tmp_path / "killed")
-    assert len(partial["embeddings"]) < len(snapshot(tmp_path / "clean")["embeddings"]), (
+    watch.close()
+    partial = snapshot(store_at("killed"))
+    assert len(partial["embeddings"]) < len(snapshot(store_at("clean"))["embeddings"]), (
         "the kill came too late"
     )
     # what survived the kill is consistent: every stored document has all its chunks
-    clean = snapshot(tmp_path / "clean")
-    clean_chunks = {d: [c for c in clean["chunks"] if c[0] == d] for d, _, _ in clean["documents"]}
-    for d, _, _ in partial["documents"]:
-        assert [c for c in partial["chunks"] if c[0] == d] == clean_chunks[d]
+    clean = snapshot(store_at("clean"))
+    clean_chunks = {d: [c for c in clean["chunks"] if c[1] == d] for _, d, _, _ in clean["documents"]}
+    for _, d, _, _ in partial["documents"]:
+        assert [c for c in partial["chunks"] if c[1] == d] == clean_chunks[d]
 
-    assert run_child(docs, tmp_path / "killed").wait(timeout=120) == 0
-    assert snapshot(tmp_path / "killed") == clean
+    assert run_child(docs, store_at("killed")).wait(timeout=120) == 0
+    assert snapshot(store_at("killed")) == clean
 
 
-def test_vectors_align_with_chunks_and_import_embeddings(tmp_path):
+def test_two_ingests_at_once_store_each_row_once(tmp_path, store_at):
+    """Two processes ingesting the same files into one store at the same time: no document or chunk twice, none
+    lost, the same rows as one ingest alone (PostgreSQL: a per-document advisory lock; SQLite: one writer)."""
+    docs = tmp_path / "docs"
+    write_corpus(docs, 40)
+    assert run_child(docs, store_at("clean")).wait(timeout=120) == 0
+    Store(store_at("both")).close()
+    children = [run_child(docs, store_at("both")) for _ in range(2)]
+    assert [c.wait(timeout=240) for c in children] == [0, 0]
+    clean = snapshot(store_at("clean"))
+    assert snapshot(store_at("both")) == clean
+    assert Store(store_at("both")).info()["chunks"] == len(clean["chunks"])
+
+
+def test_vectors_align_with_chunks_and_import_embeddings(tmp_path, store_at):
     write_corpus(tmp_path / "docs", 4)
-    a = Store(tmp_path / "a")
+    a = Store(store_at("a"))
     a.ingest([tmp_path / "docs"], SPLIT, StoreConfig(embedder="word2vec"), WORD)
     emb = a.embedder("word2vec")
     X = a.vectors(emb.name)
     np.testing.assert_allclose(X, emb.encode(a.chunks().texts), atol=1e-6)
-    b = Store(tmp_path / "b")
+    # from a store of the other backend too
+    b = Store(tmp_path / "b") if isinstance(a, PgStore) else Store(store_at("b"))
     b.ingest([tmp_path / "docs"], SPLIT, StoreConfig(embedder="none"))
-    assert b.import_embeddings(a.root) == len(X)
+    assert b.import_embeddings(a) == len(X)
     np.testing.assert_array_equal(b.vectors(emb.name), X)
     with pytest.raises(LookupError, match="no 'minilm' embedding"):
         b.vectors("minilm")
@@ -192,7 +204,7 @@ def test_reingest_with_every_vector_present_loads_no_model(tmp_path):
         store.ingest([tmp_path / "docs"], SPLIT, StoreConfig(embedder=spec))
 
 
-def test_a_beir_folder_ingests_its_corpus_and_leaves_out_its_queries(tmp_path):
+def test_a_beir_folder_ingests_its_corpus_and_leaves_out_its_queries(tmp_path, store_at):
     beir = tmp_path / "scifact"
     beir.mkdir()
     (beir / "corpus.jsonl").write_text(
@@ -200,7 +212,7 @@ def test_a_beir_folder_ingests_its_corpus_and_leaves_out_its_queries(tmp_path):
         '{"_id": "d2", "title": "Coffee", "text": "Coffee and mortality."}\n'
     )
     (beir / "queries.jsonl").write_text('{"_id": "q1", "text": "Does aspirin help?"}\n')
-    store = Store(tmp_path / "store")
+    store = Store(store_at("store"))
     report = store.ingest([beir], SPLIT, StoreConfig(embedder="none"))
     assert report.stored == 2 and report.failed == []
     assert [f["path"] for f in report.left_out] == [str(beir / "queries.jsonl")]
@@ -220,10 +232,10 @@ def rows(path: Path, ids: list[str], topic: str) -> Path:
     return path
 
 
-def test_jsonl_rows_are_keyed_by_source_and_id(tmp_path):
+def test_jsonl_rows_are_keyed_by_source_and_id(tmp_path, store_at):
     a = rows(tmp_path / "a.jsonl", ["1", "2", "3"], "Aspirin")
     b = rows(tmp_path / "b.jsonl", ["1", "2", "3"], "Coffee")
-    store = Store(tmp_path / "store")
+    store = Store(store_at("store"))
     report = store.ingest([a, b], SPLIT, NONE)
     # the same _id in two files is two documents: "stored 6" keeps 6
     assert report.stored == 6 and store.info()["documents"] == 6
@@ -237,16 +249,18 @@ def test_jsonl_rows_are_keyed_by_source_and_id(tmp_path):
     assert [f["reason"] for f in failed] == ["line 3: _id '7' repeats line 1: one row per _id"]
 
 
-def test_sources_are_absolute_and_prune_from_another_folder_removes_only_what_is_gone(tmp_path, monkeypatch):
+def test_sources_are_absolute_and_prune_from_another_folder_removes_only_what_is_gone(
+    tmp_path, monkeypatch, store_at
+):
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     paths = write_corpus(work / "docs", 2)
     rows(work / "rows.jsonl", ["r1", "r2"], "Aspirin")
     (elsewhere / "docs").mkdir(parents=True)  # a folder of the same name, holding other files
     (elsewhere / "docs" / "other.txt").write_text("Another file.")
-    store = Store(tmp_path / "store")
+    store = Store(store_at("store"))
     monkeypatch.chdir(work)
     assert store.ingest([Path("docs"), Path("rows.jsonl")], SPLIT, NONE).stored == 4
-    sources = {s for (s,) in store.db.execute("SELECT source FROM documents")}
+    sources = {s for (s,) in store.sql("SELECT source FROM documents")}
     assert sources == {str(p.resolve()) for p in [*paths, work / "rows.jsonl"]}
     monkeypatch.chdir(elsewhere)
     report = store.ingest([Path("docs")], SPLIT, StoreConfig(embedder="none", prune=True))
@@ -319,13 +333,13 @@ def test_links_and_unreadable_folders_in_a_walk_are_listed_as_failures(tmp_path,
     assert outside[0].exists()
 
 
-def test_a_file_name_that_is_not_utf8_is_ingested_searched_and_kept_by_prune(tmp_path):
+def test_a_file_name_that_is_not_utf8_is_ingested_searched_and_kept_by_prune(tmp_path, store_at):
     docs = tmp_path / "docs"
     docs.mkdir()
     name = os.fsencode(docs) + b"/caf\xe9 notes.txt"  # Latin-1: not valid UTF-8
     with open(name, "wb") as f:
         f.write(b"Notes about the cafe.")
-    store = Store(tmp_path / "store")
+    store = Store(store_at("store"))
     report = store.ingest([docs], SPLIT, StoreConfig(embedder="none", prune=True))
     assert (report.stored, report.failed, report.removed) == (1, [], 0)
     (doc_id,) = set(store.chunks().doc_ids)
@@ -396,15 +410,15 @@ def test_a_store_keyed_by_doc_id_alone_is_migrated_keeping_everything(tmp_path, 
     assert Store(old).info()["documents"] == 4  # opening it again migrates nothing
 
 
-def test_embedding_streams_the_missing_chunks_from_the_database(tmp_path):
+def test_embedding_streams_the_missing_chunks_from_the_database(tmp_path, store_at):
     """Embedding reads the chunks that lack a vector a page at a time, never the whole chunk table (a 50 MB file
     is ~65,000 chunks): the same vectors, batch by batch."""
     write_corpus(tmp_path / "docs", 5)
     ref = Store(tmp_path / "ref")
     ref.ingest([tmp_path / "docs"], SPLIT, StoreConfig(embedder="word2vec"), WORD)
     emb = ref.embedder("word2vec")
-    Store(tmp_path / "s").ingest([tmp_path / "docs"], SPLIT, NONE)
-    store, steps = Store(tmp_path / "s"), []
+    Store(store_at("s")).ingest([tmp_path / "docs"], SPLIT, NONE)
+    store, steps = Store(store_at("s")), []
     assert store.missing_vectors(emb.name) == len(set(ref.chunks().hashes))
     n = store.embed(emb, batch_size=4, on_progress=lambda stage, done, total: steps.append((done, total)))
     assert store._chunks is None  # the chunk table was never loaded
