@@ -80,6 +80,11 @@ class AskConfig:
         "cosine is at least this (2 = off)",
     )
     one_paragraph: bool = _f(True, "stop the answer at its first blank line (small models ramble after it)")
+    trust_dont_know: float = _f(
+        0.3,
+        "the reader's own don't-know stands where P(no source answers) is at least this; below it, the reader is "
+        "asked again without the don't-know option (0 = always trust it)",
+    )
     one_citation: bool = _f(
         True, "stop the answer at its first complete [n], the prompt's format: one phrase, one source"
     )
@@ -120,17 +125,18 @@ class Answer:
         }
 
 
-def build_prompt(question: str, chunks: list[Hit]) -> str:
+def build_prompt(question: str, chunks: list[Hit], dont_know: bool = True) -> str:
     """The whole user message the LLM answers: numbered sources, then the question and the instructions (after
-    the sources, where a small model still attends to them)."""
+    the sources, where a small model still attends to them); `dont_know` offers the don't-know reply."""
     numbered = "\n\n".join(
         f"Source [{n}] (from {h.doc_id}):\n{h.text.strip()}" for n, h in enumerate(chunks, 1)
     )
+    option = f" If the sources do not contain the answer, reply: {DONT_KNOW}" if dont_know else ""
     return (
         f"{numbered}\n\n"
         "Answer the question below from the sources above: reply with the shortest phrase of a source that answers "
-        "it, then that source's number in square brackets, for example: Ada Lovelace [2]. If the sources do not "
-        f"contain the answer, reply: {DONT_KNOW}\n\nQuestion: {question}"
+        f"it, then that source's number in square brackets, for example: Ada Lovelace [2].{option}\n\n"
+        f"Question: {question}"
     )
 
 
@@ -308,6 +314,31 @@ def sources(
     return texts, chunks, t
 
 
+def generate_answer(llm: LLM, prompt: str, cfg: AskConfig, on_text: Callable[[str], None] | None) -> str:
+    """The model's answer to the user message `prompt`, streamed to `on_text` as it comes — unless it is a
+    don't-know, which is held back: `ask` decides what to say then."""
+    gen = {
+        "max_tokens": cfg.max_tokens,
+        "temperature": cfg.temperature,
+        "stop": ["\n\n"] if cfg.one_paragraph else None,
+    }
+    answer, shown = "", 0
+    for piece in llm.stream([{"role": "user", "content": prompt}], **gen):
+        done = CITATION.search(answer + piece) if cfg.one_citation else None
+        if done:  # the tokens after it would be wasted: a 135M reader may repeat [n] up to max_tokens
+            piece = piece[: done.end() - len(answer)]
+        answer += piece
+        held = DONT_KNOW.startswith(answer.lstrip()) or is_dont_know(answer)
+        if on_text and not held:
+            on_text(answer[shown:])
+            shown = len(answer)
+        if done:
+            break
+    if on_text and shown < len(answer) and not is_dont_know(answer):
+        on_text(answer[shown:])
+    return answer.strip()
+
+
 def ask(
     question: str,
     searcher: Searcher,
@@ -341,26 +372,17 @@ def ask(
         t["total"] = time.perf_counter() - start
         return Answer(question, DONT_KNOW, [], [], texts, t)
     prompt = build_prompt(question, chunks)
-    chat = [{"role": "user", "content": prompt}]
-    gen = {
-        "max_tokens": cfg.max_tokens,
-        "temperature": cfg.temperature,
-        "stop": ["\n\n"] if cfg.one_paragraph else None,
-    }
-    answer = ""
-    for piece in llm.stream(chat, **gen):
-        done = CITATION.search(answer + piece) if cfg.one_citation else None
-        if done:  # the tokens after it would be wasted: a 135M reader may repeat [n] up to max_tokens
-            piece = piece[: done.end() - len(answer)]
-        answer += piece
-        if on_text:
-            on_text(piece)
-        if done:
-            break
-    answer = answer.strip()
+    answer = generate_answer(llm, prompt, cfg, on_text)
+    # the reader's own don't-know, against sources that support the question well: asked again without that option
+    if is_dont_know(answer) and cfg.trust_dont_know > 0:
+        if unanswerable(support(question, chunks, searcher), cfg.unanswerable_weights) < cfg.trust_dont_know:
+            prompt = build_prompt(question, chunks, dont_know=False)
+            answer = generate_answer(llm, prompt, cfg, on_text)
     lap("generate")
     # a don't-know in the model's own words ("the recipes do not contain ..."): the one sentence, nothing cited
     if is_dont_know(answer):
+        if on_text:
+            on_text(DONT_KNOW)
         t["total"] = time.perf_counter() - start
         return Answer(question, DONT_KNOW, [], chunks, texts, t, prompt)
     by_model = {c.n for c in cite(answer, chunks)}

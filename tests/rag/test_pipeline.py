@@ -351,6 +351,43 @@ class Repeating:
             yield piece
 
 
+class Scripted:
+    """A real LLM-protocol class that streams one scripted answer (its pieces) per call, and keeps its prompts."""
+
+    name = "scripted"
+
+    def __init__(self, *answers):
+        self.answers, self.prompts = list(answers), []
+
+    def stream(self, prompt, **kw):
+        self.prompts.append(prompt[0]["content"])
+        yield from self.answers.pop(0)
+
+
+def test_a_dont_know_against_well_supported_sources_is_asked_again_without_that_option(store):
+    searcher = Searcher(store, SearchConfig(retriever="bm25", embedder="word2vec", k=2))
+    supported = AskConfig(
+        min_similarity=-1, max_unanswerable=1, attribute_min=2, unanswerable_weights=[-9.0, 0, 0]
+    )
+    llm, shown = (
+        Scripted(["I don't", " know: the sources", " do not contain the answer."], ["Edison", " [1]"]),
+        [],
+    )
+    result = ask("Who?", searcher, llm, supported, on_text=shown.append)
+    assert (
+        result.answer == "Edison [1]" and "".join(shown) == "Edison [1]"
+    )  # the held don't-know never showed
+    assert DONT_KNOW in llm.prompts[0] and DONT_KNOW not in llm.prompts[1] and result.prompt == llm.prompts[1]
+    assert build_prompt("Who?", result.chunks, dont_know=False) == llm.prompts[1]
+    # weak support (P = sigmoid(9)): the reader's don't-know stands, shown once, asked once
+    weak = replace(supported, unanswerable_weights=[9.0, 0, 0])
+    llm, shown = Scripted(["I don't know: the recipes do not contain it."]), []
+    result = ask("Who?", searcher, llm, weak, on_text=shown.append)
+    assert (result.answer, result.citations, shown, len(llm.prompts)) == (DONT_KNOW, [], [DONT_KNOW], 1)
+    untrusting = replace(supported, trust_dont_know=0.0)
+    assert ask("Who?", searcher, Scripted([DONT_KNOW]), untrusting).answer == DONT_KNOW
+
+
 def test_the_answer_stops_at_its_first_citation(store):
     searcher = Searcher(store, SearchConfig(retriever="bm25", k=2))
     cfg = AskConfig(min_similarity=-1, max_unanswerable=1, attribute_min=2)
