@@ -35,7 +35,8 @@ def _config_classes() -> dict[str, type]:
     return {c.__name__: c for c in (*classes, AskConfig, StepsConfig)}
 
 
-STORE = typer.Option(..., "--store", help="store folder (created by ingest if absent)")
+STORE_HELP = "a folder (SQLite) or postgresql://USER@HOST:PORT/DB?schema=NAME (PostgreSQL + pgvector)"
+STORE = typer.Option(..., "--store", help=f"the store: {STORE_HELP}; ingest creates it if absent")
 PATHS = typer.Argument(..., help="files or folders (.txt .md .html .pdf .jsonl)")
 CORPUS = typer.Option(..., "--corpus", help="BEIR corpus.jsonl")
 QUERIES = typer.Option(..., "--queries", help="BEIR queries.jsonl")
@@ -45,7 +46,7 @@ QRELS = typer.Option(
     help="qrels: BEIR .tsv (query-id, corpus-id, score; header and CRLF accepted) or TREC (query-id 0 corpus-id score)",
 )
 BEIR_STORE = typer.Option(
-    None, "--store", help="store folder (default: one per corpus + splitter in the cache)"
+    None, "--store", help=f"the store: {STORE_HELP} (default: a folder per corpus + splitter in the cache)"
 )
 # `ragseek ask`'s overrides of the config defaults, shared by `ragseek eval qa` so it measures the same pipeline
 ASK_DEFAULTS = {"k": 3}
@@ -79,7 +80,7 @@ def _print_json(obj) -> None:
 
 def ingest(
     paths: list[Path] = PATHS,
-    store: Path = STORE,
+    store: str = STORE,
     json_: bool = typer.Option(False, "--json", help="print the summary as JSON"),
     contextual: bool = typer.Option(
         False,
@@ -138,17 +139,13 @@ def ingest(
 
 
 def info(
-    store: Path = STORE,
+    store: str = STORE,
     json_: bool = typer.Option(False, "--json", help="print as JSON"),
 ) -> None:
     """Documents, chunks, embedders and indexes in a store."""
-    from ragseek.rag.store import Store
+    from ragseek.rag.store import open_store
 
-    if not (store / "store.sqlite").exists():
-        raise typer.BadParameter(
-            f"{store} is not a store (no store.sqlite): run `ragseek ingest PATH --store {store}`"
-        )
-    out = Store(store).info()
+    out = open_store(store).info()
     if json_:
         _print_json(out)
         return
@@ -165,7 +162,7 @@ def info(
 
 def search(
     query: str = typer.Argument(..., help="the query text"),
-    store: Path = STORE,
+    store: str = STORE,
     json_: bool = typer.Option(False, "--json", help="print the hits as JSON"),
     search_cfg: SearchConfig = None,
     bm25: BM25Config = None,
@@ -173,12 +170,10 @@ def search(
 ) -> None:
     """Ranked chunks for a query, with document, char offsets and score."""
     from ragseek.rag.search import Searcher
-    from ragseek.rag.store import Store
+    from ragseek.rag.store import open_store
 
-    if not (store / "store.sqlite").exists():
-        raise typer.BadParameter(f"{store} is not a store: run `ragseek ingest PATH --store {store}` first")
     # no chunks, or no vectors for the chosen embedder: a LookupError that says what to run
-    hits = Searcher(Store(store), search_cfg, bm25, ann).search(query)
+    hits = Searcher(open_store(store), search_cfg, bm25, ann).search(query)
     if json_:
         _print_json([dataclasses.asdict(h) for h in hits])
         return
@@ -189,7 +184,7 @@ def search(
 
 def ask(
     question: str = typer.Argument(..., help="the question"),
-    store: Path = STORE,
+    store: str = STORE,
     llm: str = typer.Option("local", "--llm", help=LLM_HELP),
     base_url: str = typer.Option(None, "--base-url", help=BASE_URL_HELP),
     json_: bool = typer.Option(
@@ -208,11 +203,9 @@ def ask(
     from ragseek.llm.base import load_llm
     from ragseek.rag.pipeline import ask as run_ask
     from ragseek.rag.search import Searcher
-    from ragseek.rag.store import Store
+    from ragseek.rag.store import open_store
 
-    if not (store / "store.sqlite").exists():
-        raise typer.BadParameter(f"{store} is not a store: run `ragseek ingest PATH --store {store}` first")
-    searcher = Searcher(Store(store), search_cfg, bm25, ann)
+    searcher = Searcher(open_store(store), search_cfg, bm25, ann)
     searcher.check()  # an empty store or missing vectors fail here, before the LLM loads
     model = load_llm(llm, base_url)
     on_text = None if json_ else lambda piece: (sys.stdout.write(piece), sys.stdout.flush())
@@ -238,7 +231,7 @@ def beir(
     corpus: Path = CORPUS,
     queries: Path = QUERIES,
     qrels: Path = QRELS,
-    store: Path = BEIR_STORE,
+    store: str = BEIR_STORE,
     json_out: Path = JSON_OUT,
     llm: str = typer.Option("local", "--llm", help=LLM_HELP + " (for --query / --rerank)"),
     base_url: str = typer.Option(None, "--base-url", help=BASE_URL_HELP),
@@ -315,11 +308,11 @@ def qa(
     data: Path = typer.Option(
         ..., "--data", help="SQuAD v1.1 .json file (questions, gold answers, paragraphs)"
     ),
-    store: Path = typer.Option(
+    store: str = typer.Option(
         None,
         "--store",
-        help="store to retrieve from (default: one document per paragraph of --data, id title/i, built with "
-        "the splitter flags and --embedder, cached)",
+        help=f"the store to retrieve from: {STORE_HELP} (default: one document per paragraph of --data, id "
+        "title/i, built with the splitter flags and --embedder, cached)",
     ),
     oracle: bool = typer.Option(
         False, "--oracle", help="the gold paragraph is the only source (no retrieval, no gate): reading alone"
@@ -355,7 +348,7 @@ def qa(
     from ragseek.llm.base import load_llm
     from ragseek.rag.evaluate import drop_gold, load_squad, run_qa, squad_store
     from ragseek.rag.search import Searcher
-    from ragseek.rag.store import Store, StoreConfig
+    from ragseek.rag.store import Store, StoreConfig, open_store
 
     if n is not None and n < 1:
         raise ValueError(f"--n {n}: give a number of questions >= 1, or leave it out for all")
@@ -363,10 +356,8 @@ def qa(
         raise ValueError(
             "--drop-gold-frac removes paragraphs from the store it builds from --data: leave out --store"
         )
-    if store is not None and not (store / "store.sqlite").exists():
-        raise ValueError(
-            f"{store} is not a store: run `ragseek ingest PATH --store {store}`, or leave out --store"
-        )
+    if store is not None:
+        open_store(store).close()
     items = load_squad(data)[:n]
     drop = drop_gold(items, drop_gold_frac)
     if store is None:

@@ -82,22 +82,35 @@ def parse_url(url: str) -> tuple[str, str, str]:
     parts = urllib.parse.urlsplit(str(url))
     query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
     schemas = [v for k, v in query if k == "schema"]
-    shown = (
-        parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@"))
-        if parts.password
-        else parts
-    )
-    location = urllib.parse.urlunsplit(shown)
+    user, at, host = parts.netloc.rpartition("@")
+    shown = f"{user.split(':')[0]}:***{at}{host}" if parts.password else parts.netloc
+    location = _join(parts.scheme, shown, parts.path, parts.query)
     if parts.scheme not in ("postgresql", "postgres") or not str(url).startswith(f"{parts.scheme}://"):
         raise ValueError(f"{location}: not a PostgreSQL URL: write {URL}")
+    try:
+        _ = parts.port  # urllib checks the port here
+    except ValueError as e:
+        raise ValueError(f"{location}: not a valid PostgreSQL URL ({e}): write {URL}") from e
     if len(schemas) > 1 or (schemas and not schemas[0]):
         raise ValueError(f"{location}: give one schema=NAME (a schema name, not empty)")
     rest = urllib.parse.urlencode([(k, v) for k, v in query if k != "schema"])
     return (
-        urllib.parse.urlunsplit(parts._replace(query=rest)),
+        _join(parts.scheme, parts.netloc, parts.path, rest),
         schemas[0] if schemas else DEFAULT_SCHEMA,
         location,
     )
+
+
+def with_schema(url: str, schema: str) -> str:
+    """`url` with its `schema` query parameter set to `schema` (one store per schema of a database)."""
+    parts = urllib.parse.urlsplit(url)
+    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if k != "schema"]
+    return _join(parts.scheme, parts.netloc, parts.path, urllib.parse.urlencode([*query, ("schema", schema)]))
+
+
+def _join(scheme: str, netloc: str, path: str, query: str) -> str:
+    # not urlunsplit: it writes postgresql:///db (no host: the default socket) as postgresql:/db
+    return f"{scheme}://{netloc}{path}" + (f"?{query}" if query else "")
 
 
 class PgStore(Store):
@@ -105,10 +118,11 @@ class PgStore(Store):
 
     ranks_vectors = True
 
-    def __init__(self, url: str, check: bool | None = None) -> None:
-        """Connect, create the schema and its tables if absent. `check` is the SQLite store's page check: PostgreSQL
-        checks its own pages, so it is ignored. A bad URL, a server that cannot be reached or a database without
-        pgvector is a ValueError that says what to do."""
+    def __init__(self, url: str, check: bool | None = None, create: bool = True) -> None:
+        """Connect, and create the schema and its tables if absent (unless `create` is False: then a LookupError
+        says what to ingest). `check` is the SQLite store's page check: PostgreSQL checks its own pages, so it is
+        ignored. A bad URL, a server that cannot be reached or a database without pgvector is a ValueError that
+        says what to do."""
         conninfo, self.schema, self.location = parse_url(url)
         try:
             import pgvector.psycopg  # noqa: F401
@@ -135,7 +149,7 @@ class PgStore(Store):
             ) from e
         self.database = self.conn.info.dbname
         try:
-            self._setup()
+            self._setup(create)
         except BaseException:
             self.conn.close()
             raise
@@ -143,9 +157,9 @@ class PgStore(Store):
         self.root.mkdir(parents=True, exist_ok=True)
         self._chunks = None
 
-    def _setup(self) -> None:
+    def _setup(self, create: bool) -> None:
         """The vector extension, the schema and its tables, under an advisory lock (two processes opening a new
-        store at once would otherwise race on CREATE TABLE)."""
+        store at once would otherwise race on CREATE TABLE); unless `create`, a LookupError where there is no store."""
         import psycopg
         from pgvector.psycopg import register_vector
         from psycopg import sql
@@ -168,6 +182,11 @@ class PgStore(Store):
                 sql.Identifier(self.schema), sql.Identifier(extension)
             )
         )
+        if not create and not self._created():
+            raise LookupError(
+                f"{self.location} is not a store: run `ragseek ingest PATH --store '{self.location}'` first "
+                f"(schema {self.schema!r} of database {self.database} holds no store tables)"
+            )
         try:
             # no DDL on a store that exists: CREATE INDEX IF NOT EXISTS would still lock its table against writers
             if not self._created():
@@ -258,10 +277,7 @@ class PgStore(Store):
             # one writer per document at a time; the lock ends with the transaction
             lock = json.dumps([self.schema, *key])
             self._exec("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (lock,))
-            row = self.sql(
-                "SELECT content_hash, splitter FROM documents WHERE source = ? AND doc_id = ?", key
-            )
-            if row and row[0] == (doc.content_hash, splitter):
+            if self._stored(doc, splitter):
                 return False
             # cascades to its chunks
             self._exec("DELETE FROM documents WHERE source = ? AND doc_id = ?", key)
@@ -309,34 +325,20 @@ class PgStore(Store):
         self, embedder_name: str, q: np.ndarray, k: int, metric: str, ann: ANNConfig | None = None
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """The k nearest chunks to each query by pgvector: exact (a scan of every chunk's vector), or through the
-        HNSW index of `ann` (built now if absent). Ties are ordered by chunk id."""
-        from psycopg import sql
-
-        op, _, score = METRICS[metric]
-        q = np.atleast_2d(np.asarray(q, dtype=np.float32))
-        if ann is None:
-            query = (
-                f"SELECT c.id, e.vector {op} %s AS d FROM chunks c JOIN embeddings e "
-                "ON e.embedder = %s AND e.content_hash = c.content_hash ORDER BY d, c.id LIMIT %s"
-            )
-            ranked = [self.conn.execute(query, (v, embedder_name, k)).fetchall() for v in q]
-        else:
-            dim = self._hnsw(embedder_name, metric, ann)
-            # the embedder is a literal, not a parameter: the planner matches it to the partial index's WHERE
-            query = sql.SQL(
-                f"WITH nn AS (SELECT e.content_hash, e.vector::vector({dim}) {op} %s AS d FROM embeddings e "
-                "WHERE e.embedder = {name} AND EXISTS (SELECT 1 FROM chunks c WHERE c.content_hash = e.content_hash) "
-                f"ORDER BY d LIMIT %s) SELECT c.id, nn.d FROM nn JOIN chunks c USING (content_hash) "
-                "ORDER BY nn.d, c.id LIMIT %s"
-            ).format(name=sql.Literal(embedder_name))
-            ranked = []
-            with self.conn.transaction():
+        HNSW index of `ann` (built now if absent) with `hnsw.ef_search` = ann.ef_search. Ties by chunk id."""
+        score = METRICS[metric][2]
+        query = self.knn_sql(embedder_name, metric, ann)
+        with self.conn.transaction():
+            if ann is not None:
+                # at least k (pgvector returns at most ef_search rows); iterative: skip vectors of chunks gone
+                ef_search = min(max(ann.ef_search, k), MAX_EF_SEARCH)
                 self.conn.execute(
-                    "SELECT set_config('hnsw.ef_search', %s, true), set_config('hnsw.iterative_scan', "
-                    "'relaxed_order', true)",
-                    (str(min(max(ann.ef_search, k), MAX_EF_SEARCH)),),
+                    "SELECT set_config('hnsw.ef_search', %s, true), "
+                    "set_config('hnsw.iterative_scan', 'relaxed_order', true)",
+                    (str(ef_search),),
                 )
-                ranked = [self.conn.execute(query, (v, k, k)).fetchall() for v in q]
+            vectors = np.atleast_2d(np.asarray(q, dtype=np.float32))
+            ranked = [self.conn.execute(query, {"q": v, "k": k}).fetchall() for v in vectors]
         ids = self.chunks().ids
         return [
             (
@@ -345,6 +347,29 @@ class PgStore(Store):
             )
             for rows in ranked
         ]
+
+    def knn_sql(self, embedder_name: str, metric: str, ann: ANNConfig | None = None):
+        """The query `knn` runs, with parameters q (a vector) and k: rows (chunk id, distance), nearest first.
+        Exact: `vector <=> q` over the join of chunks and their vectors, which no index serves. HNSW: the
+        nearest k of the embedder's vectors by `vector::vector(d) <=> q`, the expression of its index (built here
+        if absent), then their chunks (a chunk text stored twice is two chunks)."""
+        from psycopg import sql
+
+        op = METRICS[metric][0]
+        # the embedder is a literal, not a parameter: the planner matches it to the partial index's WHERE
+        name = sql.Literal(embedder_name)
+        if ann is None:
+            return sql.SQL(
+                f"SELECT c.id, e.vector {op} %(q)s AS d FROM chunks c JOIN embeddings e "
+                "ON e.content_hash = c.content_hash WHERE e.embedder = {name} ORDER BY d, c.id LIMIT %(k)s"
+            ).format(name=name)
+        dim = self._hnsw(embedder_name, metric, ann)
+        return sql.SQL(
+            f"WITH nn AS (SELECT e.content_hash, e.vector::vector({dim}) {op} %(q)s AS d FROM embeddings e "
+            "WHERE e.embedder = {name} AND EXISTS (SELECT 1 FROM chunks c WHERE c.content_hash = e.content_hash) "
+            "ORDER BY d LIMIT %(k)s) "
+            "SELECT c.id, nn.d FROM nn JOIN chunks c USING (content_hash) ORDER BY nn.d, c.id LIMIT %(k)s"
+        ).format(name=name)
 
     def _hnsw(self, embedder_name: str, metric: str, ann: ANNConfig) -> int:
         """Create (once) the HNSW index of `embedder_name`'s vectors for `metric`; returns their dimension."""

@@ -234,15 +234,20 @@ class Store:
         """Store `doc` and its chunks in one transaction; None when it is already stored unchanged, else #chunks.
         The document is (doc.source, doc.doc_id): another file's row with the same `_id` is another document."""
         spl = json.dumps(asdict(splitter), sort_keys=True)
-        row = self.sql(
-            "SELECT content_hash, splitter FROM documents WHERE source = ? AND doc_id = ?",
-            (doc.source, doc.doc_id),
-        )
-        if row and row[0] == (doc.content_hash, spl):
+        if self._stored(doc, spl):
             return None
         chunks = split(doc.doc_id, doc.text, splitter)
         offsets = None if doc.offsets is None else np.ascontiguousarray(doc.offsets, dtype=np.int32)
         return len(chunks) if self._replace_document(doc, spl, chunks, offsets) else None
+
+    def _stored(self, doc: Document, splitter: str) -> bool:
+        """Whether this very version of `doc` (content hash and splitter) is stored. `_replace_document` asks again
+        inside its transaction: another process may have stored it meanwhile, and is not to be replaced."""
+        row = self.sql(
+            "SELECT content_hash, splitter FROM documents WHERE source = ? AND doc_id = ?",
+            (doc.source, doc.doc_id),
+        )
+        return bool(row) and row[0] == (doc.content_hash, splitter)
 
     def _chunk_rows(self, doc: Document, chunks: list) -> Iterator[tuple]:
         """The chunks table's rows of `doc` (less the id), for `_replace_document`."""
@@ -684,6 +689,8 @@ class SQLiteStore(Store):
         key = (doc.source, doc.doc_id)
         size = None if offsets is None else offsets.nbytes
         with self._write():
+            if self._stored(doc, splitter):
+                return False
             # cascades to its chunks
             self.db.execute("DELETE FROM documents WHERE source = ? AND doc_id = ?", key)
             self._drop_relative_twin(doc)
@@ -733,9 +740,17 @@ def store_class(spec: str | Path | None) -> type[Store]:
     raise ValueError(f"{spec}: not a store: give a folder (SQLite), or a PostgreSQL URL {URL}")
 
 
-def is_url(spec: str | Path) -> bool:
-    """Whether `spec` names a store by URL (a database server) rather than a folder."""
-    return store_class(spec) is not SQLiteStore
+def open_store(spec: str | Path) -> Store:
+    """The store already at `spec` (a folder or a postgresql:// URL), for the commands that read one: nothing is
+    created, and where nothing was ingested yet (a folder without store.sqlite, a schema without the store's
+    tables) a LookupError names the `ragseek ingest` to run."""
+    if store_class(spec) is SQLiteStore:
+        if not (Path(spec) / "store.sqlite").exists():
+            raise LookupError(
+                f"{spec} is not a store: run `ragseek ingest PATH --store {spec}` first (it has no store.sqlite)"
+            )
+        return SQLiteStore(spec)
+    return Store(spec, create=False)
 
 
 def _exists(path: Path) -> bool | str:

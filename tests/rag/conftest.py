@@ -4,20 +4,12 @@ store backend (SQLite folder, PostgreSQL schema)."""
 import os
 import shutil
 import tempfile
-import urllib.parse
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
-
-def with_schema(url: str, schema: str) -> str:
-    """`url` with its `schema` query parameter set to `schema`."""
-    parts = urllib.parse.urlsplit(url)
-    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query) if k != "schema"]
-    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode([*query, ("schema", schema)])))
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +47,8 @@ def store_at(request, tmp_path, monkeypatch) -> Iterator[Callable[[str], str | P
     url = request.getfixturevalue("pg_url")
     monkeypatch.setenv("RAGSEEK_CACHE", str(tmp_path / "cache"))
     prefix, schemas = f"t{uuid.uuid4().hex[:12]}", []
+
+    from ragseek.rag.pgstore import with_schema
 
     def at(name: str) -> str:
         schemas.append(f"{prefix}_{name}")

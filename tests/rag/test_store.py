@@ -158,7 +158,8 @@ def test_killed_ingest_then_rerun_equals_uninterrupted(tmp_path, store_at, table
 
 def test_two_ingests_at_once_store_each_row_once(tmp_path, store_at):
     """Two processes ingesting the same files into one store at the same time: no document or chunk twice, none
-    lost, the same rows as one ingest alone (PostgreSQL: a per-document advisory lock; SQLite: one writer)."""
+    lost, the same rows as one ingest alone: each rereads a document's hash inside its write transaction (PostgreSQL:
+    under a per-document advisory lock; SQLite: BEGIN IMMEDIATE, one writer at a time)."""
     docs = tmp_path / "docs"
     write_corpus(docs, 40)
     assert run_child(docs, store_at("clean")).wait(timeout=120) == 0
