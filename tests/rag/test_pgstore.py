@@ -41,9 +41,9 @@ def both(tmp_path, url) -> tuple[Store, Store]:
     return stores
 
 
-def test_store_picks_its_implementation_and_the_url_hides_the_password(tmp_path, pg_url):
+def test_store_picks_its_implementation_and_the_url_hides_the_password(tmp_path, url):
     assert type(Store(tmp_path / "s")) is SQLiteStore and type(Store(str(tmp_path / "t"))) is SQLiteStore
-    assert isinstance(Store(with_schema(pg_url, "pick")), PgStore)
+    assert isinstance(Store(url), PgStore)
     conninfo, schema, shown = parse_url(
         "postgresql://me:s3cret@db.example:5433/papers?schema=rag&sslmode=require"
     )
