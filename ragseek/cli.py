@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import typer
 
+from ragseek import progress, runtime
 from ragseek.config import with_configs
-from ragseek.errors import CommandGroup
+from ragseek.errors import JSON_ASKED, CommandGroup
 from ragseek.model.sampling import SamplingConfig
 
 # rich_markup_mode=None: help texts are plain, so "[n]" and "[1]" print as written instead of vanishing as markup;
@@ -23,14 +24,26 @@ app.add_typer(eval_app, name="eval")
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     debug: bool = typer.Option(
         False,
         "--debug",
         envvar="RAGSEEK_DEBUG",
         help="show the traceback of an error instead of its one line (or set RAGSEEK_DEBUG=1)",
     ),
+    threads: int = typer.Option(
+        None,
+        "--threads",
+        envvar="RAGSEEK_THREADS",
+        help="CPU threads torch computes with (default: one per core; idle threads sleep, so a CPU shared with "
+        "other busy programs slows ragseek down instead of stalling it)",
+    ),
 ) -> None:
     """The options every command takes (before its name: `ragseek --debug ask ...`)."""
+    # before any command imports torch: the OpenMP runtime reads its settings when it loads (ragseek/runtime.py)
+    runtime.use_threads(threads)
+    runtime.quiet_libraries()
+    progress.enable(progress.wanted(json_out=ctx.meta.get(JSON_ASKED, False)))
 
 
 def generate(
@@ -51,6 +64,7 @@ def generate(
     """Generate text with ragseek's own Transformer (streams to the terminal)."""
     import json
     import sys
+    from pathlib import Path
 
     from ragseek.defaults import smollm2_gguf
     from ragseek.model import Transformer, load_tokenizer, stream
@@ -58,10 +72,11 @@ def generate(
     from ragseek.model.quant import quantize_weights
 
     path = model or str(smollm2_gguf())
-    net = Transformer.from_pretrained(path)
-    if quantize:
-        quantize_weights(net, quantize)
-    tok = load_tokenizer(path)
+    with progress.task(f"loading {Path(path).name}"):
+        net = Transformer.from_pretrained(path)
+        if quantize:
+            quantize_weights(net, quantize)
+        tok = load_tokenizer(path)
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}
     ]
@@ -74,7 +89,7 @@ def generate(
             )
         )
         return
-    for piece in stream(net, tok, text, sampling):
+    for piece in progress.until_first(stream(net, tok, text, sampling), "reading the prompt"):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -80,11 +80,17 @@ def debugging(ctx: typer.Context) -> bool:
     return bool(ctx.find_root().params.get("debug"))
 
 
+# ctx.meta key: the command's arguments hold --json (its output is for a program: no progress lines)
+JSON_ASKED = "ragseek.json"
+
+
 class CommandGroup(typer.core.TyperGroup):
     """The `ragseek` group: an error a user can act on, raised by any command below it, is printed as one line
-    `error: MESSAGE` on stderr with exit code 2; with --debug it propagates with its traceback."""
+    `error: MESSAGE` on stderr with exit code 2; with --debug it propagates with its traceback. The group's own
+    options (ragseek/cli.py `main`) see whether the command's arguments ask for --json through ctx.meta."""
 
     def invoke(self, ctx: typer.Context):
+        ctx.meta[JSON_ASKED] = any(a == "--json" or a.startswith("--json=") for a in ctx.args)
         try:
             return super().invoke(ctx)
         except Exception as e:

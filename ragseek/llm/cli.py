@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import os
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import typer
 
+from ragseek import progress
 from ragseek.config import config_field, require, with_configs
-from ragseek.llm.base import SPECS
+from ragseek.llm.base import LLM, SPECS
 
 if typing.TYPE_CHECKING:
     from ragseek.rag.pipeline import AskConfig, StepsConfig
     from ragseek.rag.search import ANNConfig, BM25Config, SearchConfig
 
 LLM_HELP = f"the LLM: {SPECS}"
+# prompts the reranker scores per call while a progress line counts them (the backends batch within a call)
+SCORED_PER_LINE_STEP = 4
 BASE_URL_HELP = (
     "base URL of the OpenAI-compatible endpoint for --llm openai:MODEL (default: $OPENAI_BASE_URL)"
 )
@@ -52,6 +57,51 @@ class ServeConfig:
         require(self.queue_size >= 0, "queue_size", self.queue_size, "give 0 (no waiting) or more")
 
 
+class ShownLLM:
+    """An LLM whose calls show progress lines (ragseek/progress.py), for the commands: `complete` under `writing`
+    (HyDE, a rewrite, chunk contexts; the local backend adds its decode line), `stream` until its first piece (the
+    prompt's prefill, the wait before an answer streams), `logprobs` (the reranker) counted prompt by prompt."""
+
+    def __init__(self, llm: LLM, writing: str = "write"):
+        self.llm, self.name, self.writing = llm, llm.name, writing
+
+    def complete(self, prompts, max_tokens=256, temperature=0.0, stop=None) -> list[str]:
+        with progress.task(f"{self.writing} ({self.name}, {len(prompts)} prompts)"):
+            return self.llm.complete(prompts, max_tokens, temperature, stop)
+
+    def stream(self, prompt, max_tokens=256, temperature=0.0, stop=None) -> Iterator[str]:
+        pieces = self.llm.stream(prompt, max_tokens, temperature, stop)
+        return progress.until_first(pieces, f"answer ({self.name}): reading the prompt")
+
+    def logprobs(self, prompts, continuations) -> list[float]:
+        # the same prompt scored against several continuations (the reranker's yes / no) stays in one call: the
+        # backends run it once
+        keys = [json.dumps(p) for p in prompts]
+        unique = list(dict.fromkeys(keys))
+        out: list[float] = [0.0] * len(prompts)
+        with progress.task(f"score ({self.name})", total=len(unique), unit="prompts") as line:
+            for s in range(0, len(unique), SCORED_PER_LINE_STEP):
+                part = set(unique[s : s + SCORED_PER_LINE_STEP])
+                rows = [i for i, k in enumerate(keys) if k in part]
+                scores = self.llm.logprobs([prompts[i] for i in rows], [continuations[i] for i in rows])
+                for i, v in zip(rows, scores, strict=True):
+                    out[i] = v
+                line.advance(len(part))
+        return out
+
+    def token_logprobs(self, texts, top=0):
+        with progress.task(f"score ({self.name}, {len(texts)} texts)"):
+            return self.llm.token_logprobs(texts, top)
+
+
+def load_shown_llm(spec: str, base_url: str | None = None, writing: str = "write") -> ShownLLM:
+    """`load_llm(spec, base_url)` under a progress line, its calls shown (`ShownLLM`)."""
+    from ragseek.llm.base import load_llm
+
+    with progress.task(f"loading the LLM ({spec})"):
+        return ShownLLM(load_llm(spec, base_url), writing)
+
+
 def serve(
     llm: str = typer.Option("local", help=LLM_HELP),
     base_url: str = typer.Option(None, help=BASE_URL_HELP),
@@ -78,6 +128,8 @@ def serve(
     from ragseek.llm.page import Library
     from ragseek.llm.server import create_app
 
+    # a server's requests are no phases of one command: uvicorn's log lines say what runs
+    progress.enable(False)
     cfg = dataclasses.replace(cfg, api_key=cfg.api_key or os.environ.get("RAGSEEK_API_KEY") or None)
     auth = "a Bearer key required" if cfg.api_key else "no key (--api-key or $RAGSEEK_API_KEY to require one)"
     typer.echo(

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from ragseek import progress
 from ragseek.model.sampling import SamplingConfig
 from ragseek.model.transformer import Transformer
 
@@ -119,7 +120,11 @@ def generate_ids(
     logps: list[list[float]] = [[] for _ in range(B)]
     reason: list[FinishReason | None] = [None] * B
     if cfg.max_new_tokens:
-        for nxt, lp in decode_steps(model, prompts, cfg, eos_ids):
+        # a line counting steps: a token for each row still decoding
+        line = ("decode", "tok") if B == 1 else (f"decode {B} rows", "steps")
+        for nxt, lp in progress.counted(
+            decode_steps(model, prompts, cfg, eos_ids), *line, cfg.max_new_tokens
+        ):
             for i in range(B):
                 if reason[i] is not None:
                     continue

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import typer
 
+from ragseek import progress
 from ragseek.config import with_configs
-from ragseek.llm.cli import BASE_URL_HELP, LLM_HELP
+from ragseek.llm.cli import BASE_URL_HELP, LLM_HELP, load_shown_llm
 from ragseek.rag.embedders import WordVectorConfig
+from ragseek.rag.search import Searcher
 from ragseek.rag.splitters import SplitterConfig
 
 if typing.TYPE_CHECKING:
@@ -53,25 +55,16 @@ ASK_DEFAULTS = {"k": 3}
 JSON_OUT = typer.Option(None, "--json", help="also write the metrics as JSON to this file ('-': stdout)")
 
 
-def _progress():
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+class ShownSearcher(Searcher):
+    """A Searcher whose embedder loading and retrieval show progress lines (ragseek/progress.py)."""
 
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=Console(stderr=True), transient=True,
-    )  # fmt: skip
+    def embedder(self):
+        with progress.task(f"loading the embedder ({self.cfg.embedder})"):
+            return super().embedder()
 
-
-def _on_progress(progress):
-    tasks: dict[str, int] = {}
-
-    def update(stage: str, done: int, total: int) -> None:
-        if stage not in tasks:
-            tasks[stage] = progress.add_task(stage, total=total)
-        progress.update(tasks[stage], completed=done, total=total)
-
-    return update
+    def rank(self, queries, depth, vectors=None):
+        with progress.task(f"retrieve ({self.cfg.retriever})"):
+            return super().rank(queries, depth, vectors)
 
 
 def _print_json(obj) -> None:
@@ -95,7 +88,6 @@ def ingest(
 ) -> None:
     """Add documents to a store: clean, split, embed. Unchanged files are skipped; a bad file or path is listed as
     failed with the reason, and never stops the rest."""
-    from ragseek.llm.base import load_llm
     from ragseek.rag.contextual import contextualize, embed_contexts
     from ragseek.rag.documents import display, path_problem
     from ragseek.rag.store import Store
@@ -105,15 +97,15 @@ def ingest(
     if len(problems) == len(paths):
         raise ValueError(f"{'; '.join(problems)}; nothing was ingested")
     st = Store(store)
-    model = load_llm(llm, base_url) if contextual else None
-    with _progress() as progress:
-        report = st.ingest(paths, splitter, store_cfg, word, on_progress=_on_progress(progress))
+    model = load_shown_llm(llm, base_url, "contexts") if contextual else None
+    with progress.stages() as on_progress:
+        report = st.ingest(paths, splitter, store_cfg, word, on_progress=on_progress)
         if model is not None:
-            contexts = contextualize(st, model, on_progress=_on_progress(progress))
+            contexts = contextualize(st, model, on_progress=on_progress)
             if store_cfg.embedder != "none":
                 embedder = st.embedder(store_cfg.embedder, store_cfg.batch_size, word)
                 contexts["embedded"] = embed_contexts(
-                    st, embedder, model.name, store_cfg.batch_size, _on_progress(progress)
+                    st, embedder, model.name, store_cfg.batch_size, on_progress
                 )
     out = report.as_json()
     if model is not None:
@@ -169,11 +161,10 @@ def search(
     ann: ANNConfig = None,
 ) -> None:
     """Ranked chunks for a query, with document, char offsets and score."""
-    from ragseek.rag.search import Searcher
     from ragseek.rag.store import open_store
 
     # no chunks, or no vectors for the chosen embedder: a LookupError that says what to run
-    hits = Searcher(open_store(store), search_cfg, bm25, ann).search(query)
+    hits = ShownSearcher(open_store(store), search_cfg, bm25, ann).search(query)
     if json_:
         _print_json([dataclasses.asdict(h) for h in hits])
         return
@@ -200,14 +191,12 @@ def ask(
     ann: ANNConfig = None,
 ) -> None:
     """Answer a question from a store with citations: query → retrieve → rerank → prompt → generate → [n] spans."""
-    from ragseek.llm.base import load_llm
     from ragseek.rag.pipeline import ask as run_ask
-    from ragseek.rag.search import Searcher
     from ragseek.rag.store import open_store
 
-    searcher = Searcher(open_store(store), search_cfg, bm25, ann)
+    searcher = ShownSearcher(open_store(store), search_cfg, bm25, ann)
     searcher.check()  # an empty store or missing vectors fail here, before the LLM loads
-    model = load_llm(llm, base_url)
+    model = load_shown_llm(llm, base_url, f"query: {steps.query}")
     on_text = None if json_ else lambda piece: (sys.stdout.write(piece), sys.stdout.flush())
     result = run_ask(question, searcher, model, ask_cfg, steps, on_text)
     if show_prompt:
@@ -246,12 +235,10 @@ def beir(
 
     With --query rewrite|multi|hyde or --rerank llm the LLM steps run around the retriever, as in `ragseek ask`."""
     from ragseek.defaults import cache_dir
-    from ragseek.llm.base import load_llm
     from ragseek.rag.contextual import contextualize, embed_contexts
     from ragseek.rag.documents import load_beir_rows
     from ragseek.rag.evaluate import load_qrels, load_queries, run_beir
     from ragseek.rag.pipeline import StepsConfig, ranking
-    from ragseek.rag.search import Searcher
     from ragseek.rag.store import Store
 
     # before any store is built: a qrels file in another format is one error line
@@ -264,17 +251,19 @@ def beir(
     embedder = None
     if search_cfg.retriever != "bm25":
         embedder = st.embedder(search_cfg.embedder, word_cfg=word)
-        with _progress() as progress:
-            st.embed(embedder, on_progress=_on_progress(progress))
+        with progress.stages() as on_progress:
+            st.embed(embedder, on_progress=on_progress)
     if search_cfg.contextual:  # the missing contexts (and their vectors) first
-        with _progress() as progress:
-            contextualize(st, load_llm(search_cfg.contextual, base_url), on_progress=_on_progress(progress))
+        with progress.stages() as on_progress:
+            contextualize(
+                st, load_shown_llm(search_cfg.contextual, base_url, "contexts"), on_progress=on_progress
+            )
             if embedder is not None:
-                embed_contexts(st, embedder, search_cfg.contextual, on_progress=_on_progress(progress))
+                embed_contexts(st, embedder, search_cfg.contextual, on_progress=on_progress)
     searcher = Searcher(st, search_cfg, bm25, ann, embedder)
     rank = None
     if steps != StepsConfig():
-        rank = ranking(searcher, load_llm(llm, base_url), steps)
+        rank = ranking(searcher, load_shown_llm(llm, base_url, f"query: {steps.query}"), steps)
     result = run_beir(searcher, questions, judged, rank=rank)
     if result.not_in_corpus:
         typer.echo(
@@ -345,9 +334,7 @@ def qa(
     """Answer SQuAD questions with the same pipeline as `ragseek ask` (the LLM loaded once); print EM, F1 (SQuAD
     v1.1 normalisation), citation accuracy (the first cited chunk holds a gold answer), don't-know rate,
     precision and recall, and seconds per question (p50, p95)."""
-    from ragseek.llm.base import load_llm
     from ragseek.rag.evaluate import drop_gold, load_squad, run_qa, squad_store
-    from ragseek.rag.search import Searcher
     from ragseek.rag.store import Store, StoreConfig, open_store
 
     if n is not None and n < 1:
@@ -361,15 +348,15 @@ def qa(
     items = load_squad(data)[:n]
     drop = drop_gold(items, drop_gold_frac)
     if store is None:
-        with _progress() as progress:
+        with progress.stages() as on_progress:
             store = squad_store(
-                data, None, splitter, StoreConfig(embedder=search_cfg.embedder), drop, _on_progress(progress)
+                data, None, splitter, StoreConfig(embedder=search_cfg.embedder), drop, on_progress
             )
-    searcher = Searcher(Store(store), search_cfg, bm25, ann)
+    searcher = ShownSearcher(Store(store), search_cfg, bm25, ann)
     searcher.check()  # an empty store or missing vectors fail here, before the LLM loads
-    model = load_llm(llm, base_url)
-    with _progress() as progress:
-        result = run_qa(items, searcher, model, ask_cfg, steps, oracle, _on_progress(progress))
+    model = load_shown_llm(llm, base_url, f"query: {steps.query}")
+    with progress.stages() as on_progress:
+        result = run_qa(items, searcher, model, ask_cfg, steps, oracle, on_progress)
     if predictions is not None:
         with open(predictions, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in result.predictions)

@@ -34,6 +34,7 @@ from ragseek.model.config import ModelConfig
 from ragseek.model.moe import max_violation
 from ragseek.model.tokenizer import Tokenizer, load_tokenizer
 from ragseek.model.transformer import Transformer
+from ragseek.runtime import use_threads
 from ragseek.train.corpus import (
     TokenSplit,
     load_split,
@@ -85,7 +86,9 @@ class PretrainConfig:
         "bias", "MoE balancing: bias (aux-loss-free, speed model.bias_update_speed), aux, none"
     )
     val_windows: int = _f(32, "validation windows of seq_len tokens, evenly spaced over val.bin")
-    num_threads: int = _f(0, "torch CPU threads (0 = torch's default); 1 is much faster on a busy shared CPU")
+    num_threads: int = _f(
+        0, "torch CPU threads (0: the command's, `ragseek --threads N`, default one per core); --threads wins"
+    )
     loop: LoopConfig = loop_field()
 
     def __post_init__(self) -> None:
@@ -200,7 +203,7 @@ def train(cfg: PretrainConfig, model: Transformer | None = None) -> dict[str, An
     """Pretrain (a fresh model, or `model` as given, e.g. with a deliberately skewed router); return a summary."""
     loop = cfg.loop
     if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+        use_threads(default=cfg.num_threads)
     tokenizer, split = prepare_data(cfg)
     train_tokens, val_tokens = open_tokens(split, "train"), open_tokens(split, "val")
     set_seed(loop.seed)

@@ -13,8 +13,10 @@ eval_every and for the benchmarks, not a step of any one recipe.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from ragseek import progress
 from ragseek.model import SamplingConfig, Tokenizer, Transformer
 from ragseek.model.decoding import generate_ids
 from ragseek.train.data import load_prompts
@@ -43,11 +45,15 @@ def evaluate_math(
     model.eval()
     greedy = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     completions, tokens = [], 0
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        for g in generate_ids(model, [r["prompt_ids"] for r in chunk], greedy, {tokenizer.eos_id}, tokenizer):
-            completions.append(g.text)
-            tokens += len(g.tokens)
+    with progress.task("questions", total=len(rows), unit="q") as line:
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            for g in generate_ids(
+                model, [r["prompt_ids"] for r in chunk], greedy, {tokenizer.eos_id}, tokenizer
+            ):
+                completions.append(g.text)
+                tokens += len(g.tokens)
+            line.advance(len(chunk))
     model.train(was_training)
     correct = sum(numbers_match(c, r["answer"]) for c, r in zip(completions, rows, strict=True))
     return {
@@ -69,6 +75,7 @@ def evaluate_file(
     """Load the model and the first n rows of `data`, and run `evaluate_math`."""
     from ragseek.train.run import load_model
 
-    model, tokenizer = load_model(model_path)
+    with progress.task(f"loading {Path(model_path).name if model_path else 'SmolLM2-135M-Instruct'}"):
+        model, tokenizer = load_model(model_path)
     rows = load_prompts(data, tokenizer, max_prompt_len)
     return evaluate_math(model, tokenizer, rows[:n] if n else rows, max_new_tokens, batch_size)
