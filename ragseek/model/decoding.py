@@ -33,8 +33,11 @@ class Generation:
     finish_reason: FinishReason
 
 
-def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,)."""
+def sample_next(
+    logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | Sequence[torch.Generator] | None
+) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,); `generator` one for the batch, or one per row (row i's draw is then
+    its own generator's next uniform, whatever the other rows are)."""
     if cfg.temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / cfg.temperature
@@ -50,7 +53,10 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
     # first token whose cumulative mass exceeds u · total. u <= 1 - 2^-24 and the sums are fp64, so u · total <
     # total and a token of zero mass is never drawn.
     cdf = logits.softmax(-1).double().cumsum(-1)
-    u = torch.rand(cdf.shape[0], 1, generator=generator).double()
+    if isinstance(generator, Sequence):
+        u = torch.cat([torch.rand(1, 1, generator=g) for g in generator]).double()
+    else:
+        u = torch.rand(cdf.shape[0], 1, generator=generator).double()
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
 
 
@@ -60,11 +66,14 @@ def decode_steps(
     prompts: Sequence[Sequence[int]],
     cfg: SamplingConfig,
     eos_ids: set[int],
+    seeds: Sequence[int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (next token ids (B,), their logprobs (B,)) per step for left-padded prompts; the caller stops it.
 
     Identical prompts are prefilled once and their cache is repeated (GRPO's G samples of one prompt). A row that
     samples an EOS id leaves the batch: at later steps it gets the pad id (the first EOS id) with logprob 0.
+    `seeds` (one per row, instead of cfg.seed): each row samples from its own generator, so what it samples does
+    not depend on the rows batched with it (GRPO's groups split over ranks sample what one process samples).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -85,6 +94,7 @@ def decode_steps(
     dtype = next(model.parameters()).dtype
     cache = model.make_cache(len(distinct), total, dtype=dtype)
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+    row_generators = [torch.Generator().manual_seed(s) for s in seeds] if seeds is not None else None
     h, _, _ = model.hidden_states(ids, cache, 0, mask[:, :P])
     logits = model.lm_head(model.norm(h[prompt_of, -1]))  # the head on the last prompt position only
     cache.select_rows(prompt_of)
@@ -93,7 +103,9 @@ def decode_steps(
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
     for pos in range(P, total):
         logprobs = logits.float().log_softmax(-1)
-        nxt = sample_next(logits, cfg, generator)
+        nxt = sample_next(
+            logits, cfg, generator if row_generators is None else [row_generators[i] for i in rows.tolist()]
+        )
         tokens = torch.full((B,), pad, dtype=torch.long).index_copy_(0, rows, nxt)
         yield tokens, torch.zeros(B).index_copy_(0, rows, logprobs.gather(-1, nxt[:, None]).squeeze(-1))
         going = ~torch.isin(nxt, eos)
@@ -113,8 +125,10 @@ def generate_ids(
     cfg: SamplingConfig,
     eos_ids: set[int],
     tokenizer: Tokenizer | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> list[Generation]:
-    """Generate for token-id prompts. Rows end at an EOS id, a stop string (needs the tokenizer) or max_new_tokens."""
+    """Generate for token-id prompts. Rows end at an EOS id, a stop string (needs the tokenizer) or max_new_tokens.
+    `seeds`: one generator per row (`decode_steps`)."""
     B = len(prompts)
     tokens: list[list[int]] = [[] for _ in range(B)]
     logps: list[list[float]] = [[] for _ in range(B)]
@@ -123,7 +137,7 @@ def generate_ids(
         # a line counting steps: a token for each row still decoding
         line = ("decode", "tok") if B == 1 else (f"decode {B} rows", "steps")
         for nxt, lp in progress.counted(
-            decode_steps(model, prompts, cfg, eos_ids), *line, cfg.max_new_tokens
+            decode_steps(model, prompts, cfg, eos_ids, seeds), *line, cfg.max_new_tokens
         ):
             for i in range(B):
                 if reason[i] is not None:

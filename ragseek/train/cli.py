@@ -4,6 +4,7 @@
 
     ragseek train sft --config configs/sft.yaml --set loop.max_steps=50 --set batch_size=4 --out runs/sft1
     ragseek train sft --config configs/sft.yaml --out runs/sft1 --resume          # after a crash or kill -9
+    torchrun --nproc-per-node 4 -m ragseek.train.sft --config configs/sft.yaml    # 4 processes (run_module)
 
 Every field of the recipe's config dataclass (its help text is the documentation) can be set in the YAML file or
 with --set key=value (loop.key=value for the loop's); --out and --resume are shortcuts for loop.out_dir and
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -68,6 +70,14 @@ def _command(module: str, help: str) -> Any:
 
     command.__doc__ = help
     return command
+
+
+def run_module(module: str) -> None:
+    """`python -m ragseek.train.NAME ...` (so `torchrun --nproc-per-node N -m ragseek.train.NAME ...` on each rank)
+    is `ragseek train NAME ...`: the same flags, the same one-line errors."""
+    from ragseek.cli import app
+
+    app(["train", module.rpartition(".")[2], *sys.argv[1:]], prog_name="ragseek")
 
 
 def register(app: typer.Typer) -> None:

@@ -26,6 +26,7 @@ import torch
 
 if TYPE_CHECKING:
     from ragseek.model.tokenizer import Tokenizer
+    from ragseek.train.distributed import World
 
 ROLES = ("system", "user", "assistant")
 
@@ -288,15 +289,22 @@ class EpochSampler:
     Epoch e visits randperm(n) drawn from a generator seeded with seed + e, so (epoch, index, seed) alone
     restores the stream after a kill: no generator state is saved. A tail shorter than batch_size is skipped,
     so every batch splits evenly into micro-batches.
+
+    Under torchrun (`world`), batch_size is the global batch: every rank walks the same order and position, and
+    `next_batch` returns this rank's contiguous 1/W of each global batch (`World.share`), as DistributedSampler
+    shards an epoch. The position is global, so a checkpoint resumes at any world size.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True):
+    def __init__(
+        self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True, world: World | None = None
+    ):
         if not 0 < batch_size <= n:
             raise ValueError(
                 f"batch_size={batch_size} with {n} examples: need 0 < batch_size <= number of examples"
             )
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
         self.epoch, self.index = 0, 0
+        self.share = world.share(batch_size) if world is not None else slice(None)
 
     def order(self, epoch: int) -> list[int]:
         if not self.shuffle:
@@ -304,11 +312,12 @@ class EpochSampler:
         return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
 
     def next_batch(self) -> list[int]:
+        """The next global batch's indices (this rank's share of them under torchrun)."""
         if self.index + self.batch_size > self.n:
             self.epoch, self.index = self.epoch + 1, 0
         batch = self.order(self.epoch)[self.index : self.index + self.batch_size]
         self.index += self.batch_size
-        return batch
+        return batch[self.share]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed}

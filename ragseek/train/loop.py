@@ -35,17 +35,29 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ragseek.config import config_field as _f
 from ragseek.errors import FileError, reading, user_message
+from ragseek.train.distributed import (
+    World,
+    full,
+    full_optimizer_state,
+    full_state,
+    load_full_optimizer_state,
+    load_full_state,
+)
+
+if TYPE_CHECKING:
+    from ragseek.train.distributed import Parallel
 
 Precision = Literal["fp32", "bf16"]
+Parallelism = Literal["ddp", "fsdp"]
 LossFn = Callable[[Any], tuple[torch.Tensor, Mapping[str, Any]]]
 
 AUTOCAST_DTYPES: dict[Precision, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
@@ -77,10 +89,21 @@ class LoopConfig:
     resume: bool = _f(
         False, "continue from the latest checkpoint in out_dir/checkpoints (after a crash or kill -9)"
     )
+    parallel: Parallelism = _f(
+        "ddp",
+        "under torchrun: ddp (each rank holds the model, gradients all-reduced) or fsdp (FSDP2, fully_shard per "
+        "transformer block: weights, gradients and AdamW state sharded); one process ignores it",
+    )
+    dist_timeout: float = _f(
+        1800.0,
+        "under torchrun: seconds a rank waits for the others (to meet, at each collective) before it fails",
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in AUTOCAST_DTYPES:
             raise ValueError(f"dtype={self.dtype!r}: choose one of {sorted(AUTOCAST_DTYPES)}")
+        if self.parallel not in get_args(Parallelism):
+            raise ValueError(f"parallel={self.parallel!r}: choose one of {list(get_args(Parallelism))}")
         if self.grad_accum < 1 or self.max_steps < 1:
             raise ValueError(f"grad_accum={self.grad_accum}, max_steps={self.max_steps}: both must be >= 1")
         self.betas = tuple(self.betas)  # YAML and JSON give lists
@@ -154,19 +177,26 @@ def micro_batches(batch: Mapping[str, torch.Tensor], k: int) -> list[dict[str, t
 
 
 def accumulate_gradients(
-    micro: Iterable[Any], loss_fn: LossFn, dtype: Precision = "fp32", device_type: str = "cpu"
+    micro: Iterable[Any],
+    loss_fn: LossFn,
+    dtype: Precision = "fp32",
+    device_type: str = "cpu",
+    parallel: Parallel | None = None,
 ) -> dict[str, float]:
     """Backward of (1/k) sum_i L_i over k micro-batches into `.grad`.
 
     With equal-sized micro-batches and a loss that is a mean over examples (the lecture's sequence mean), this
     is exactly the gradient of the big batch's loss. Returns the mean of each scalar metric (and of "loss").
+    With `parallel` (torchrun), each loss runs through it (DDP) and the gradients are averaged over the ranks.
     """
     micro = list(micro)
     totals: dict[str, float] = {}
-    for batch in micro:
-        with autocast(dtype, device_type):
-            loss, metrics = loss_fn(batch)
-        (loss / len(micro)).backward()
+    for i, batch in enumerate(micro):
+        last = i == len(micro) - 1
+        with parallel.sync(last) if parallel is not None else contextlib.nullcontext():
+            with autocast(dtype, device_type):
+                loss, metrics = parallel.forward(loss_fn, batch) if parallel is not None else loss_fn(batch)
+            (loss / len(micro)).backward()
         for name, value in {**metrics, "loss": loss}.items():
             if torch.is_tensor(value) and value.numel() == 1:
                 value = value.item()
@@ -176,15 +206,22 @@ def accumulate_gradients(
 
 
 def train_step(
-    optimizer: torch.optim.Optimizer, micro: Iterable[Any], loss_fn: LossFn, cfg: LoopConfig, step: int
+    optimizer: torch.optim.Optimizer,
+    micro: Iterable[Any],
+    loss_fn: LossFn,
+    cfg: LoopConfig,
+    step: int,
+    parallel: Parallel | None = None,
 ) -> dict[str, float]:
-    """Set lr_at(step), accumulate gradients over the micro-batches, clip, step, zero the gradients."""
+    """Set lr_at(step), accumulate gradients over the micro-batches, clip, step, zero the gradients. `parallel`:
+    the model on torchrun's ranks (`World.parallelize`); the metrics are this rank's (`Run.log` averages them)."""
     lr = lr_at(step, cfg)
     set_lr(optimizer, lr)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    metrics = accumulate_gradients(micro, loss_fn, cfg.dtype, params[0].device.type)
+    metrics = accumulate_gradients(micro, loss_fn, cfg.dtype, params[0].device.type, parallel)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    # FSDP: the norm of sharded gradients is a DTensor; full() gathers it
+    grad_norm = full(torch.nn.utils.clip_grad_norm_(params, max_norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {**metrics, "lr": lr, "grad_norm": float(grad_norm)}
@@ -197,11 +234,13 @@ def train_epochs(
     cfg: LoopConfig,
     step: int,
     epochs: int,
+    parallel: Parallel | None = None,
 ) -> dict[str, float]:
     """`epochs` optimizer steps over one batch (GRPO's μ, PPO's ppo_epochs), each a `train_step` over its
     cfg.grad_accum micro-batches at the lr of `step`; the mean of their metrics."""
     updates = [
-        train_step(optimizer, micro_batches(batch, cfg.grad_accum), loss_fn, cfg, step) for _ in range(epochs)
+        train_step(optimizer, micro_batches(batch, cfg.grad_accum), loss_fn, cfg, step, parallel)
+        for _ in range(epochs)
     ]
     return mean_metrics(updates)
 
@@ -254,12 +293,15 @@ class Checkpointer:
     It is written into a temporary folder, every file fsync'ed, then renamed into place: a kill at any moment
     leaves either the complete previous checkpoints or the new one too, never a partial one.
     To checkpoint several models (policy + value), wrap them in one nn.ModuleDict.
+    Under torchrun (`world`) every rank calls save and load: the tensors are full (an FSDP-sharded model's are
+    gathered on save and cut to each rank's shard on load), so any world size resumes; rank 0 alone writes.
     """
 
-    def __init__(self, out_dir: str | Path, every: int, keep_last: int = 2):
+    def __init__(self, out_dir: str | Path, every: int, keep_last: int = 2, world: World | None = None):
         self.root = Path(out_dir) / "checkpoints"
         self.every = every
         self.keep_last = max(1, keep_last)
+        self.world = world or World()
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
@@ -285,12 +327,18 @@ class Checkpointer:
         extra: Mapping[str, Any] | None = None,
     ) -> Path:
         final = self.root / f"step_{step:06d}"
+        # every rank: a sharded model's weights and moments are gathered
+        weights, aliases = full_state(model)
+        moments = full_optimizer_state(optimizer)
+        if not self.world.main:
+            return final
         tmp = self.root / f".tmp_step_{step:06d}_{os.getpid()}"
         for partial in self.root.glob(".tmp_step_*"):  # left by a kill during an earlier save
             shutil.rmtree(partial)
         tmp.mkdir(parents=True)
-        save_model(model, str(tmp / "model.safetensors"))
-        opt_tensors, opt_layout = _optimizer_to_files(optimizer.state_dict())
+        # tied tensors once, the others named in the metadata (safetensors' save_model)
+        save_file(weights, str(tmp / "model.safetensors"), metadata=aliases or None)
+        opt_tensors, opt_layout = _optimizer_to_files(moments)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(opt_layout))
         rng_tensors, rng_json = _rng_state()
@@ -359,11 +407,12 @@ class Checkpointer:
         layout = _read_json(path / "optimizer.json") if optimizer is not None else {}
         # a file that is no safetensors is damage; weights of another model (a RuntimeError) are not
         with reading(path / "model.safetensors", "a readable safetensors file", DAMAGED):
-            load_model(model, str(path / "model.safetensors"))
+            weights = load_file(str(path / "model.safetensors"))
+        load_full_state(model, weights)
         if optimizer is not None:
             with reading(path / "optimizer.safetensors", "a readable safetensors file", DAMAGED):
                 moments = load_file(str(path / "optimizer.safetensors"))
-            optimizer.load_state_dict(_optimizer_from_files(moments, layout))
+            load_full_optimizer_state(optimizer, _optimizer_from_files(moments, layout))
         with reading(path / "rng.safetensors", "a readable safetensors file", DAMAGED):
             rng = load_file(str(path / "rng.safetensors"))
         _set_rng_state(rng, state["rng"])

@@ -41,6 +41,7 @@ from ragseek.model import SamplingConfig, Tokenizer
 from ragseek.model.decoding import generate_ids
 from ragseek.model.transformer import Transformer
 from ragseek.train.data import pad_right
+from ragseek.train.distributed import full
 from ragseek.train.loop import AUTOCAST_DTYPES, Precision
 from ragseek.train.losses import token_logps
 from ragseek.train.rewards import RewardFn
@@ -200,16 +201,23 @@ def sample_groups(
     rows: Sequence[dict[str, Any]],
     group_size: int,
     sampling: SamplingConfig,
+    first: int = 0,
 ) -> Rollout:
     """G completions per prompt row (`load_prompts`: its "prompt_ids", repeated G times, consecutive): one batched,
     left-padded generation with the KV cache (`generate_ids`: each prompt is prefilled once), returned as
-    right-padded prompt + completion rows ready for a training forward."""
+    right-padded prompt + completion rows ready for a training forward.
+
+    Sequence k of the step (k = first + its index here; `first`, this rank's first sequence under torchrun, whose
+    share of the step's groups starts there) samples from its own generator seeded sampling.seed · 2^20 + k: what
+    it samples depends on its prompt, the weights and k, never on the other rows, so the step's B·G completions are
+    the same on one process and split over any number of ranks."""
     started = time.perf_counter()
     rows = [row for row in rows for _ in range(group_size)]
     repeated = [list(row["prompt_ids"]) for row in rows]
+    seeds = None if sampling.seed is None else [(sampling.seed << 20) + first + k for k in range(len(rows))]
     was_training = model.training
     model.eval()
-    generations = generate_ids(model, repeated, sampling, {tokenizer.eos_id}, tokenizer)
+    generations = generate_ids(model, repeated, sampling, {tokenizer.eos_id}, tokenizer, seeds)
     model.train(was_training)
     sequences = [p + g.tokens for p, g in zip(repeated, generations, strict=True)]
     masks = [[0] * len(p) + [1] * len(g.tokens) for p, g in zip(repeated, generations, strict=True)]
@@ -231,19 +239,25 @@ class RolloutModel:
     weights are refreshed from it before every rollout (`__call__`, 0.04 s for 135M), the role a bf16 vLLM engine
     plays in TRL and verl. Decoding a small batch is bound by reading the weights, and bf16 halves them: rollouts run
     1.7x faster on this CPU (avx512_bf16). The samples then come from a policy one bf16 rounding away from the
-    trained one (as with vLLM); the loss's logps always come from the trained policy under the loop's autocast."""
+    trained one (as with vLLM); the loss's logps always come from the trained policy under the loop's autocast.
 
-    def __init__(self, policy: Transformer, dtype: Precision):
+    `sharded`: the policy is about to be sharded by FSDP (`World.parallelize`), so even in fp32 rollouts sample
+    from a whole copy, made here from the unsharded policy; under torchrun every rank refreshes its copy from the
+    gathered weights before every rollout, and samples its own groups."""
+
+    def __init__(self, policy: Transformer, dtype: Precision, sharded: bool = False):
         self.policy = policy
         amp = AUTOCAST_DTYPES[dtype]
-        self.copy = None if amp is None else frozen(copy.deepcopy(policy)).to(amp)
+        keep = amp is not None or sharded
+        self.copy = frozen(copy.deepcopy(policy)).to(amp or torch.float32) if keep else None
 
     def __call__(self) -> Transformer:
         if self.copy is None:
             return self.policy
         with torch.no_grad():
             for dst, src in zip(self.copy.parameters(), self.policy.parameters(), strict=True):
-                dst.copy_(src)
+                # a sharded parameter is gathered (every rank calls this)
+                dst.copy_(full(src))
         return self.copy
 
 

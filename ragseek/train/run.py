@@ -5,7 +5,9 @@ checkpoints, the final model), and the `main` that `ragseek train NAME` calls.
 
     class SFTConfig(RecipeConfig): ...; loop: LoopConfig = loop_field(lr=2e-5, out_dir="runs/sft")
     cfg = load_config(SFTConfig, "configs/sft.yaml", ["loop.max_steps=20", "batch_size=4"])
-    run = start_run(cfg, cfg.loop, model, optimizer, sampler)   # resume, config.json, metrics log, progress
+    world = World.join(cfg.loop)                                # torchrun's ranks, or this one process
+    trained = world.parallelize(model, cfg.loop)                # DDP / FSDP2 (distributed.py)
+    run = start_run(cfg, cfg.loop, trained, optimizer, sampler) # resume, config.json, metrics log, progress
     for step in range(run.start, cfg.loop.max_steps): ...; run.end_step(step + 1, metrics, tokens)
     return run.finish(plot_keys, model, tokenizer)              # metrics.png and <out_dir>/final
     main = recipe_main(SFTConfig, train)                        # what `ragseek train sft` calls
@@ -37,6 +39,7 @@ from ragseek.model.lora import (
     save_adapter,
 )
 from ragseek.train.data import EpochSampler, collate_preference
+from ragseek.train.distributed import Parallel, World
 from ragseek.train.loop import Checkpointer, LoopConfig, MetricsLog, Progress, plot_metrics, save_config
 
 MODEL_HELP = "HF folder or .gguf file (empty: the embedded SmolLM2-135M-Instruct)"
@@ -116,16 +119,17 @@ def preference_micro_batches(
 
 @dataclass
 class Run:
-    """One recipe run's bookkeeping: resumed position, metrics JSONL, progress line, checkpoints."""
+    """One recipe run's bookkeeping: resumed position, metrics JSONL, progress line, checkpoints. Under torchrun
+    every rank keeps one; metrics are reduced over the ranks and rank 0 alone writes and prints."""
 
     cfg: Any
     loop: LoopConfig
-    model: nn.Module
+    parallel: Parallel
     optimizer: torch.optim.Optimizer
     sampler: EpochSampler | None  # None: the recipe draws its data from the RNG alone (pretrain's windows)
     start: int
     ckpt: Checkpointer
-    metrics: MetricsLog
+    metrics: MetricsLog | None  # None on the ranks other than 0
     progress: Progress
     rows: list[dict] = field(default_factory=list)
 
@@ -133,15 +137,30 @@ class Run:
     def out(self) -> Path:
         return Path(self.loop.out_dir)
 
-    def log(self, step: int, metrics: Mapping[str, Any], tokens: int) -> None:
-        """Count `tokens` (the step's non-pad tokens, logged as seq_tokens); every loop.log_every steps write a
-        JSONL row and print the progress line."""
-        self.progress.update(tokens)
-        metrics = {**metrics, "seq_tokens": tokens}
+    @property
+    def model(self) -> nn.Module:
+        return self.parallel.model
+
+    @property
+    def world(self) -> World:
+        return self.parallel.world
+
+    def log(self, step: int, metrics: Mapping[str, Any], tokens: int) -> dict[str, Any]:
+        """Count `tokens` (the step's non-pad tokens, logged as seq_tokens: summed over the ranks, the metrics
+        averaged); every loop.log_every steps write a JSONL row and print the progress line. The step's metrics as
+        logged."""
+        metrics = self.world.reduce({**metrics, "seq_tokens": tokens}, summed=("seq_tokens",))
+        self.progress.update(metrics["seq_tokens"])
         if step % self.loop.log_every == 0:
+            self.write(step, metrics)
+        return metrics
+
+    def write(self, step: int, metrics: Mapping[str, Any], hidden: Sequence[str] = ()) -> None:
+        """Keep a row of this run's metrics; rank 0 writes it and prints the progress line without `hidden` keys."""
+        self.rows.append({"step": step, **metrics})
+        if self.metrics is not None:
             self.metrics.log(step, metrics)
-            self.rows.append({"step": step, **metrics})
-            print(self.progress.line(step, metrics), flush=True)
+            print(self.progress.line(step, {k: v for k, v in metrics.items() if k not in hidden}), flush=True)
 
     def checkpoint(self, step: int) -> Path | None:
         """Save a checkpoint when `step` is due (every loop.ckpt_every steps); its folder, else None."""
@@ -155,42 +174,51 @@ class Run:
         self.log(step, metrics, tokens)
         self.checkpoint(step)
 
-    def close(self, plot_keys: Sequence[str]) -> None:
+    def close(self, plot_keys: Sequence[str], name: str = "metrics.png") -> None:
+        if self.metrics is None:
+            return
         self.metrics.close()
         if self.rows or self.start:
-            plot_metrics(self.metrics.path, self.out / "metrics.png", plot_keys)
+            plot_metrics(self.metrics.path, self.out / name, plot_keys)
 
     def finish(self, plot_keys: Sequence[str], model: nn.Module, tokenizer: Tokenizer) -> list[dict]:
         """Close the log and plot `plot_keys`, save `model` with its tokenizer to <out_dir>/final (`save_final`);
         the metrics rows of this run."""
         self.close(plot_keys)
-        save_final(model, tokenizer, self.out / "final", getattr(self.cfg, "model", ""))
+        # every rank: a sharded model is gathered for rank 0
+        plain = self.parallel.full_module(model)
+        if plain is not None and self.world.main:
+            save_final(plain, tokenizer, self.out / "final", getattr(self.cfg, "model", ""))
         return self.rows
 
 
 def start_run(
     cfg: Any,
     loop: LoopConfig,
-    model: nn.Module,
+    parallel: Parallel,
     optimizer: torch.optim.Optimizer,
     sampler: EpochSampler | None = None,
 ) -> Run:
-    """Restore the latest checkpoint when loop.resume (weights, AdamW, RNG, data position), save the resolved config
-    `cfg` (whose loop block is `loop`), open the metrics log (truncated to the resumed step)."""
-    out = Path(loop.out_dir)
-    ckpt = Checkpointer(out, loop.ckpt_every, loop.keep_last)
+    """Restore the latest checkpoint when loop.resume (weights, AdamW, RNG, data position: every rank), save the
+    resolved config `cfg` (whose loop block is `loop`), open the metrics log (truncated to the resumed step); the
+    last two on rank 0 alone."""
+    out, world = Path(loop.out_dir), parallel.world
+    ckpt = Checkpointer(out, loop.ckpt_every, loop.keep_last, world)
     start = 0
     if loop.resume:
-        resumed = ckpt.load(model, optimizer)
+        resumed = ckpt.load(parallel.model, optimizer)
         if sampler is not None:
             sampler.load_state_dict(resumed.data)
         start = resumed.step
-        for problem in resumed.skipped:
+        for problem in resumed.skipped if world.main else ():
             print(f"warning: skipped a damaged checkpoint: {problem}", file=sys.stderr, flush=True)
-        print(f"resumed from {resumed.path} at step {start}", flush=True)
-    save_config(cfg, out / "config.json")
-    log = MetricsLog(out / "metrics.jsonl", resume_step=start if loop.resume else None)
-    return Run(cfg, loop, model, optimizer, sampler, start, ckpt, log, Progress(loop.max_steps, start))
+        if world.main:
+            print(f"resumed from {resumed.path} at step {start}", flush=True)
+    log = None
+    if world.main:
+        save_config(cfg, out / "config.json")
+        log = MetricsLog(out / "metrics.jsonl", resume_step=start if loop.resume else None)
+    return Run(cfg, loop, parallel, optimizer, sampler, start, ckpt, log, Progress(loop.max_steps, start))
 
 
 def save_final(model: nn.Module, tokenizer: Tokenizer, folder: Path, base: str = "") -> Path:

@@ -220,6 +220,7 @@ DAMAGE = {
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_resume_skips_a_damaged_newest_checkpoint_and_says_so(tmp_path, capsys, damage):
     from ragseek.errors import FileError
+    from ragseek.train.distributed import World
     from ragseek.train.run import start_run
 
     cfg = LoopConfig(lr=1e-2, max_steps=10, out_dir=str(tmp_path), resume=True)
@@ -244,7 +245,8 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_says_so(tmp_path, capsys, 
     assert all(other_opt.state[p]["step"] == 2 for p in other.parameters())
 
     # a run says so: which checkpoint it skipped and why, then where it resumed
-    start_run(cfg, cfg, tiny_model(seed=3), build_optimizer(tiny_model(seed=3), cfg))
+    model = tiny_model(seed=3)
+    start_run(cfg, cfg, World().parallelize(model, cfg), build_optimizer(model, cfg))
     out = capsys.readouterr()
     assert f"warning: skipped a damaged checkpoint: {problem}" in out.err
     assert f"resumed from {older} at step 2" in out.out

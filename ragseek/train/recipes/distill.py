@@ -28,6 +28,7 @@ from torch import Tensor
 from ragseek.config import config_field as _f
 from ragseek.model import Tokenizer, Transformer
 from ragseek.train.data import EpochSampler, collate_sft, load_sft, read_jsonl, write_jsonl
+from ragseek.train.distributed import World
 from ragseek.train.loop import LoopConfig, build_optimizer, micro_batches, set_seed, train_step
 from ragseek.train.losses import SFTReduction, distill_loss, sft_loss
 from ragseek.train.run import MODEL_HELP, RecipeConfig, frozen, load_model, loop_field, recipe_main, start_run
@@ -110,10 +111,11 @@ def generate_sft_data(
     return tmp.replace(out_path)
 
 
-def teacher_sft_data(cfg: DistillConfig) -> Path:
-    """The teacher's SFT set for kind=data, generated once (kept when resuming)."""
+def teacher_sft_data(cfg: DistillConfig, write: bool = True) -> Path:
+    """The teacher's SFT set for kind=data, generated once (kept when resuming); `write=False` (torchrun's ranks
+    other than 0) only names the file rank 0 writes."""
     generated = Path(cfg.generated or Path(cfg.loop.out_dir) / "teacher_sft.jsonl")
-    if not (cfg.loop.resume and generated.exists()):
+    if write and not (cfg.loop.resume and generated.exists()):
         generated.parent.mkdir(parents=True, exist_ok=True)
         llm = teacher_llm(cfg.teacher, cfg.teacher_base_url)
         generate_sft_data(llm, cfg.data, generated, cfg.max_new_tokens, cfg.gen_temperature)
@@ -158,19 +160,24 @@ def load_teacher(cfg: DistillConfig) -> tuple[Transformer, Tokenizer]:
 def train(cfg: DistillConfig) -> list[dict]:
     """Distil as configured: the SFT loss on the teacher's answers (kind=data) or distill_loss against the frozen
     teacher's logits on the SFT rows of `data` (kind=logit); returns this run's metrics rows."""
-    data = teacher_sft_data(cfg) if cfg.kind == "data" else cfg.data
+    world = World.join(cfg.loop)
+    # rank 0 asks the teacher (once); the other ranks then read its answers
+    with world.main_first():
+        data = teacher_sft_data(cfg, world.main) if cfg.kind == "data" else cfg.data
     set_seed(cfg.loop.seed)
     teacher = None
     if cfg.kind == "logit":
         teacher, teacher_tok = load_teacher(cfg)
+        teacher = world.place(teacher)
     student, tokenizer = load_model(cfg.student)
     if teacher is not None:
         check_same_vocabulary(teacher, student, teacher_tok, tokenizer)
     student.train()
     examples = load_sft(data, tokenizer, cfg.max_len, cfg.pack and cfg.kind == "data")
-    sampler = EpochSampler(len(examples), cfg.batch_size, seed=cfg.loop.seed)
+    sampler = EpochSampler(len(examples), cfg.batch_size, seed=cfg.loop.seed, world=world)
+    trained = world.parallelize(student, cfg.loop)
     optimizer = build_optimizer(student, cfg.loop)
-    run = start_run(cfg, cfg.loop, student, optimizer, sampler)
+    run = start_run(cfg, cfg.loop, trained, optimizer, sampler)
 
     def loss_fn(batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         ids, attention, targets = batch["input_ids"], batch["attention_mask"], batch["loss_mask"][:, 1:]
@@ -183,7 +190,8 @@ def train(cfg: DistillConfig) -> list[dict]:
 
     for step in range(run.start, cfg.loop.max_steps):
         batch = collate_sft([examples[i] for i in sampler.next_batch()], tokenizer.pad_id)
-        metrics = train_step(optimizer, micro_batches(batch, cfg.loop.grad_accum), loss_fn, cfg.loop, step)
+        micro = micro_batches(batch, cfg.loop.grad_accum)
+        metrics = train_step(optimizer, micro, loss_fn, cfg.loop, step, trained)
         run.end_step(step + 1, metrics, int(batch["attention_mask"].sum()))
     return run.finish(PLOT_KEYS[cfg.kind], student, tokenizer)
 

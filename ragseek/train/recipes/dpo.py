@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ragseek.config import config_field as _f
 from ragseek.train.data import EpochSampler, collate_preference, load_preference
+from ragseek.train.distributed import World
 from ragseek.train.loop import LoopConfig, build_optimizer, set_seed, train_step
 from ragseek.train.losses import dpo_loss
 from ragseek.train.rollout import response_logps
@@ -123,18 +124,22 @@ def dpo_loss_fn(
 
 def train(cfg: DPOConfig) -> list[dict]:
     """Train with DPO as configured; returns this run's metrics rows (also in `<out_dir>/metrics.jsonl`)."""
+    world = World.join(cfg.loop)
     set_seed(cfg.loop.seed)
     model, tokenizer = load_model(cfg.model)
-    # the reference: the starting policy (before any resume) or ref_model, frozen
+    # the reference: the starting policy (before any resume) or ref_model, frozen (a whole copy on every rank)
     reference = frozen(load_model(cfg.ref_model)[0] if cfg.ref_model else copy.deepcopy(model))
     model.train()
     pairs = load_preference(cfg.data, tokenizer, cfg.max_len)
     refs = None
     if cfg.precompute_ref:
         refs, reference = reference_logps(reference, pairs, tokenizer.pad_id, cfg.batch_size), None
-    sampler = EpochSampler(len(pairs), cfg.batch_size, seed=cfg.loop.seed)
+    else:
+        reference = world.place(reference)
+    sampler = EpochSampler(len(pairs), cfg.batch_size, seed=cfg.loop.seed, world=world)
+    trained = world.parallelize(model, cfg.loop)
     optimizer = build_optimizer(model, cfg.loop)
-    run = start_run(cfg, cfg.loop, model, optimizer, sampler)
+    run = start_run(cfg, cfg.loop, trained, optimizer, sampler)
     loss_fn = dpo_loss_fn(model, reference, cfg)
     for step in range(run.start, cfg.loop.max_steps):
         indices = sampler.next_batch()
@@ -145,7 +150,7 @@ def train(cfg: DPOConfig) -> list[dict]:
                 with_ref_logps(mb, [refs[i] for i in indices[j * k : (j + 1) * k]])
                 for j, mb in enumerate(micro)
             ]
-        metrics = train_step(optimizer, micro, loss_fn, cfg.loop, step)
+        metrics = train_step(optimizer, micro, loss_fn, cfg.loop, step, trained)
         run.end_step(step + 1, metrics, sum(int(mb["attention_mask"].sum()) for mb in micro))
     return run.finish(PLOT_KEYS, model, tokenizer)
 

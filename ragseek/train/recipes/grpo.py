@@ -1,7 +1,7 @@
 """GRPO with rule-based rewards (DeepSeekMath, arXiv:2402.03300; the lecture's v2 of the addition story).
 
     ragseek train grpo --config configs/grpo.yaml [--set loop.max_steps=50 --set group_size=4]
-    ragseek train grpo --config configs/grpo.yaml
+    torchrun --nproc-per-node 4 -m ragseek.train.grpo --config configs/grpo.yaml   # groups split over 4 ranks
 
 One step, top to bottom (`train`):
     rollout    B prompts × G completions, batched generation with the KV cache, each prompt prefilled once
@@ -17,6 +17,11 @@ One step, top to bottom (`train`):
 Every step logs reward mean/std, accuracy, KL, clip fraction, entropy, response length, tok/s and the share of time
 spent generating; checkpoints (weights, AdamW, RNG, data position) make `--resume` continue a killed
 run with the same next losses. The final policy is saved (with its tokenizer) to `<out_dir>/final`.
+
+Under torchrun each rank samples the groups of its share of the B prompts (a group never straddles two ranks), each
+completion from its own generator (`sample_groups`), so the step's completions are those of one process; the
+rewards are all-gathered, so advantages (whatever scale_rewards) and the logged statistics are the whole batch's;
+every rank refreshes its rollout copy before sampling. The loss curve is the one-process curve (`distributed.py`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from torch import Tensor
 from ragseek.config import config_field as _f
 from ragseek.model.lora import LoRAConfig
 from ragseek.train.data import EpochSampler, load_prompts
+from ragseek.train.distributed import World
 from ragseek.train.loop import LoopConfig, autocast, build_optimizer, set_seed, train_epochs
 from ragseek.train.losses import (
     ADVANTAGE_STD,
@@ -119,21 +125,25 @@ class GRPOConfig(RolloutConfig, RecipeConfig):
 
 def train(cfg: GRPOConfig) -> list[dict]:
     """Run GRPO as configured; returns the metrics rows of this run (also in `<out_dir>/metrics.jsonl`)."""
+    world = World.join(cfg.loop)
     set_seed(cfg.loop.seed)
     model, tokenizer = load_model(cfg.model, cfg.lora)
     model.train()
     # β = 0: no reference is kept at all; otherwise a frozen copy of the starting policy (made before any resume).
-    reference = frozen(copy.deepcopy(model)) if cfg.beta else None
+    reference = world.place(frozen(copy.deepcopy(model))) if cfg.beta else None
     reward_fns = [resolve_reward(r) for r in cfg.rewards]
     weights = cfg.reward_weights or [1.0] * len(reward_fns)
     rows = load_prompts(cfg.data, tokenizer, cfg.max_prompt_len)
     eval_rows = (
         load_prompts(cfg.eval_data, tokenizer, cfg.max_prompt_len)[: cfg.eval_n] if cfg.eval_data else []
     )
-    sampler = EpochSampler(len(rows), cfg.prompts_per_step, seed=cfg.loop.seed)
+    # prompts_per_step is global: each rank samples the groups of its share of the prompts, whole
+    sampler = EpochSampler(len(rows), cfg.prompts_per_step, seed=cfg.loop.seed, world=world)
+    sharded = world.size > 1 and cfg.loop.parallel == "fsdp"
+    rollout_model = RolloutModel(model, cfg.loop.dtype, sharded)
+    trained = world.parallelize(model, cfg.loop)
     optimizer = build_optimizer(model, cfg.loop)
-    run = start_run(cfg, cfg.loop, model, optimizer, sampler)
-    rollout_model = RolloutModel(model, cfg.loop.dtype)
+    run = start_run(cfg, cfg.loop, trained, optimizer, sampler)
     G = cfg.group_size
 
     def loss_fn(mb: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
@@ -152,18 +162,22 @@ def train(cfg: GRPOConfig) -> list[dict]:
 
     for step in range(run.start, cfg.loop.max_steps):
         sampling = cfg.sampling(cfg.loop.seed, step)
-        rollout = sample_groups(
-            rollout_model(), tokenizer, [rows[i] for i in sampler.next_batch()], G, sampling
-        )
+        prompts = [rows[i] for i in sampler.next_batch()]
+        # this rank's groups are sequences [first, first + len(prompts)·G) of the step's B·G
+        first = world.rank * len(prompts) * G
+        rollout = sample_groups(rollout_model(), tokenizer, prompts, G, sampling, first)
         rewards, each = score(reward_fns, weights, rollout)
-        batch = {**rollout.tensors(), "advantages": grpo_advantages(rewards, G, cfg.scale_rewards)}
+        # every rank's rewards: the advantages (whole groups, or the batch's std) and the logged statistics
+        rewards, each = world.gather(rewards), [world.gather(r) for r in each]
+        advantages = grpo_advantages(rewards, G, cfg.scale_rewards)[world.share(len(rewards))]
+        batch = world.to_device({**rollout.tensors(), "advantages": advantages})
         with torch.no_grad(), autocast(cfg.loop.dtype):
             # μ > 1: the rollout policy's logps, fixed for the μ updates
             if cfg.mu > 1:
                 batch["old_logps"] = logps_of(model, batch, cfg.temperature)
             if reference is not None:
                 batch["ref_logps"] = logps_of(reference, batch, cfg.temperature)
-        metrics = train_epochs(optimizer, batch, loss_fn, cfg.loop, step, cfg.mu)
+        metrics = train_epochs(optimizer, batch, loss_fn, cfg.loop, step, cfg.mu, trained)
         metrics.update(
             reward_mean=rewards.mean().item(),
             reward_std=rewards.std().item(),
@@ -172,8 +186,11 @@ def train(cfg: GRPOConfig) -> list[dict]:
             **rollout.metrics(),
         )
         if eval_rows and cfg.loop.eval_every and (step + 1) % cfg.loop.eval_every == 0:
-            result = evaluate_math(model, tokenizer, eval_rows, cfg.max_new_tokens)
-            metrics["eval_accuracy"] = result["accuracy"]
+            # sharded: greedy decoding from the whole copy (bf16 with loop.dtype=bf16), on every rank
+            evaluated = rollout_model() if sharded else model
+            metrics["eval_accuracy"] = evaluate_math(evaluated, tokenizer, eval_rows, cfg.max_new_tokens)[
+                "accuracy"
+            ]
         run.end_step(step + 1, metrics, int(batch["attention_mask"].sum()))
     return run.finish(PLOT_KEYS, model, tokenizer)
 

@@ -1,7 +1,7 @@
 """RLHF with PPO + GAE (the lecture's step 3; Ouyang et al. 2022, arXiv:2203.02155; Schulman et al. 2017).
 
     ragseek train ppo --config configs/ppo.yaml [--set loop.max_steps=50]
-    ragseek train ppo --config configs/ppo.yaml
+    torchrun --nproc-per-node 4 -m ragseek.train.ppo --config configs/ppo.yaml    # prompts split over 4 ranks
 
 One step, top to bottom (`train`):
     rollout   B prompts, samples_per_prompt completions each (`rollout.sample_groups`)
@@ -17,11 +17,17 @@ hidden state. Separate, the value loss cannot pull the policy's features (a shar
 the two losses from fighting), the critic may start from the reward model, and at 135M parameters a second copy
 costs ~0.5 GB on CPU; the price is a second forward and backward per update. The frozen reference is the starting
 policy. Checkpoints hold policy and critic together (one `nn.ModuleDict`).
+
+Under torchrun each rank samples its share of the prompts (a prompt's samples stay on one rank), its reference and
+reward model are whole frozen copies, advantages are whitened with the mean and std of every rank's tokens, and
+the scores are all-gathered for the log. Both losses are sequence means, so the run is the one-process run up to
+rounding (`distributed.py`).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +35,7 @@ from torch import Tensor, nn
 
 from ragseek.config import config_field as _f
 from ragseek.train.data import EpochSampler, load_prompts
+from ragseek.train.distributed import World
 from ragseek.train.loop import LoopConfig, autocast, build_optimizer, set_seed, train_epochs
 from ragseek.train.losses import gae, kl_penalized_rewards, ppo_policy_loss, value_loss
 from ragseek.train.rewards import numbers_match, resolve_reward
@@ -69,30 +76,36 @@ class PPOConfig(RolloutConfig, RecipeConfig):
             )
 
 
-def _whiten(x: Tensor, mask: Tensor) -> Tensor:
+def _whiten(x: Tensor, mask: Tensor, world: World) -> Tensor:
+    """(x − mean) / (std + 1e-8) on the response tokens, mean and (unbiased) std over every rank's tokens."""
     m = mask.bool()
-    mean, std = x[m].mean(), x[m].std()
+    n, total, squares = world.sum(torch.stack([m.sum(), x[m].sum(), x[m].square().sum()]).double()).tolist()
+    mean = total / n
+    std = max((squares - n * mean**2) / (n - 1), 0.0) ** 0.5
     return torch.where(m, (x - mean) / (std + 1e-8), torch.zeros_like(x))
 
 
 def train(cfg: PPOConfig) -> list[dict]:
     """Run PPO as configured; returns the metrics rows of this run (also in `<out_dir>/metrics.jsonl`)."""
+    world = World.join(cfg.loop)
     set_seed(cfg.loop.seed)
     policy, tokenizer = load_model(cfg.model)
-    reference = frozen(copy.deepcopy(policy))
+    reference = world.place(frozen(copy.deepcopy(policy)))
     reward_fns = [] if cfg.reward_model else [resolve_reward(r) for r in cfg.rewards]
     # with a reward model the critic starts as a copy of it (InstructGPT)
     if cfg.reward_model:
-        reward_model = frozen(load_reward_model(cfg.reward_model))
+        reward_model = world.place(frozen(load_reward_model(cfg.reward_model)))
         critic = Critic(copy.deepcopy(reward_model.trunk), copy.deepcopy(reward_model.value_head))
     else:
         reward_model, critic = None, Critic(copy.deepcopy(policy))
     models = nn.ModuleDict({"policy": policy, "critic": critic}).train()
     rows = load_prompts(cfg.data, tokenizer, cfg.max_prompt_len)
-    sampler = EpochSampler(len(rows), cfg.prompts_per_step, seed=cfg.loop.seed)
+    # prompts_per_step is global: each rank samples its share of the prompts
+    sampler = EpochSampler(len(rows), cfg.prompts_per_step, seed=cfg.loop.seed, world=world)
+    rollout_model = RolloutModel(policy, cfg.loop.dtype, world.size > 1 and cfg.loop.parallel == "fsdp")
+    trained = world.parallelize(models, cfg.loop)
     optimizer = build_optimizer(models, cfg.loop)
-    run = start_run(cfg, cfg.loop, models, optimizer, sampler)
-    rollout_model = RolloutModel(policy, cfg.loop.dtype)
+    run = start_run(cfg, cfg.loop, trained, optimizer, sampler)
 
     def loss_fn(mb: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         mask = mb["response_mask"][:, 1:]
@@ -105,24 +118,27 @@ def train(cfg: PPOConfig) -> list[dict]:
     for step in range(run.start, cfg.loop.max_steps):
         sampling = cfg.sampling(cfg.loop.seed, step)
         prompts = [rows[i] for i in sampler.next_batch()]
-        rollout = sample_groups(rollout_model(), tokenizer, prompts, cfg.samples_per_prompt, sampling)
-        batch = rollout.tensors()
+        first = world.rank * len(prompts) * cfg.samples_per_prompt
+        rollout = sample_groups(rollout_model(), tokenizer, prompts, cfg.samples_per_prompt, sampling, first)
+        batch = world.to_device(rollout.tensors())
         mask = batch["response_mask"][:, 1:]
         with torch.no_grad(), autocast(cfg.loop.dtype):
             if reward_model is not None:
                 scores, each = reward_model(batch["input_ids"], batch["attention_mask"]).float(), []
             else:
                 scores, each = score(reward_fns, [1.0] * len(reward_fns), rollout)
-                scores = scores.float()
+                scores = scores.float().to(world.device)
             old_logps = logps_of(policy, batch, cfg.temperature)
             ref_logps = logps_of(reference, batch, cfg.temperature)
             old_values = critic(batch["input_ids"], batch["attention_mask"])
             rewards = kl_penalized_rewards(scores, old_logps, ref_logps, mask, cfg.beta)
             advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
             if cfg.whiten_advantages:
-                advantages = _whiten(advantages, mask)
+                advantages = _whiten(advantages, mask, world)
         batch.update(old_logps=old_logps, old_values=old_values, advantages=advantages, returns=returns)
-        metrics = train_epochs(optimizer, batch, loss_fn, cfg.loop, step, cfg.ppo_epochs)
+        metrics = train_epochs(optimizer, batch, loss_fn, cfg.loop, step, cfg.ppo_epochs, trained)
+        # every rank's scores: the logged statistics are the whole batch's
+        scores = world.gather(scores)
         metrics.update(
             score_mean=scores.mean().item(),
             score_std=scores.std().item(),
@@ -130,12 +146,17 @@ def train(cfg: PPOConfig) -> list[dict]:
             kl=((old_logps - ref_logps) * mask).sum(-1).mean().item(),
             **rollout.metrics(),
         )
-        answers = rollout.column("answer")
         if each:
-            metrics["accuracy"] = accuracy(each)
-        # a reward model's policy, checked by rule
-        elif all(a is not None for a in answers):
-            metrics["accuracy"] = sum(map(numbers_match, rollout.completions, answers)) / len(answers)
+            metrics["accuracy"] = accuracy([world.gather(r) for r in each])
+        else:
+            # a reward model's policy, checked by rule where every row has an answer (nan: one has none)
+            hits = [
+                float(numbers_match(c, a)) if a is not None else math.nan
+                for c, a in zip(rollout.completions, rollout.column("answer"), strict=True)
+            ]
+            hits = world.gather(torch.tensor(hits, dtype=torch.float64))
+            if not hits.isnan().any():
+                metrics["accuracy"] = hits.mean().item()
         run.end_step(step + 1, metrics, int(batch["attention_mask"].sum()))
     return run.finish(PLOT_KEYS, policy, tokenizer)
 

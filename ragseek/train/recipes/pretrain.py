@@ -43,14 +43,8 @@ from ragseek.train.corpus import (
     tokenize_to_memmap,
     train_bpe,
 )
-from ragseek.train.loop import (
-    LoopConfig,
-    build_optimizer,
-    micro_batches,
-    plot_metrics,
-    set_seed,
-    train_step,
-)
+from ragseek.train.distributed import World
+from ragseek.train.loop import LoopConfig, build_optimizer, micro_batches, set_seed, train_step
 from ragseek.train.run import loop_field, nested_loop, recipe_main, start_run
 
 Balance = Literal["bias", "aux", "none"]
@@ -157,14 +151,17 @@ def pretrain_loss(model: Transformer, tokens: torch.Tensor, balance: Balance) ->
     return loss, parts
 
 
-def balance_step(model: Transformer, balance: Balance) -> dict[str, Any]:
-    """Per-layer expert load of the step just taken and its MaxVio; then the bias update (bias) or a load reset."""
+def balance_step(model: Transformer, balance: Balance, world: World | None = None) -> dict[str, Any]:
+    """Per-layer expert load of the step just taken and its MaxVio; then the bias update (bias) or a load reset.
+    Under torchrun the load is summed over the ranks first, so every rank moves its biases alike, as one process
+    would on the whole batch."""
     if not model.moe_layers:
         return {}
-    loads = [m.load.clone() for m in model.moe_layers]
-    for m in model.moe_layers:
+    world = world or World()
+    loads = [world.sum(m.load.clone()) for m in model.moe_layers]
+    for m, load in zip(model.moe_layers, loads, strict=True):
         if balance == "bias":
-            m.update_bias()  # uses and then resets the load accumulated over this step's micro-batches
+            m.update_bias(load)  # the load of this step's micro-batches; then it is reset
         else:
             m.reset_load()
     maxvio = [max_violation(c) for c in loads]
@@ -202,23 +199,30 @@ def evaluate(model: Transformer, windows: torch.Tensor, batch_size: int) -> dict
 def train(cfg: PretrainConfig, model: Transformer | None = None) -> dict[str, Any]:
     """Pretrain (a fresh model, or `model` as given, e.g. with a deliberately skewed router); return a summary."""
     loop = cfg.loop
+    world = World.join(loop)
     if cfg.num_threads:
         use_threads(default=cfg.num_threads)
-    tokenizer, split = prepare_data(cfg)
+    # rank 0 trains the tokenizer and writes the token files; the others then read them
+    with world.main_first():
+        tokenizer, split = prepare_data(cfg)
     train_tokens, val_tokens = open_tokens(split, "train"), open_tokens(split, "val")
     set_seed(loop.seed)
     if model is None:
         model = build_model(cfg, tokenizer.vocab_size, tokenizer.eos_id)
     model.train()
+    # counted before FSDP shards them (an expert's slice of a sharded weight is a collective)
+    params, active = model.num_params(), model.num_params(active=True)
+    trained = world.parallelize(model, loop)
     optimizer = build_optimizer(model, loop)
     # no sampler: the windows come from torch's RNG, which the checkpoints restore
-    run = start_run(cfg, loop, model, optimizer)
+    run = start_run(cfg, loop, trained, optimizer)
     val = val_windows(val_tokens, cfg.val_windows, cfg.seq_len)
-    print(
-        f"pretrain: {model.num_params():,} params ({model.num_params(active=True):,} active), "
-        f"{split.meta['train_tokens']:,} train / {split.meta['val_tokens']:,} val tokens, vocab {tokenizer.vocab_size}",
-        flush=True,
-    )
+    if world.main:
+        print(
+            f"pretrain: {params:,} params ({active:,} active), {split.meta['train_tokens']:,} train / "
+            f"{split.meta['val_tokens']:,} val tokens, vocab {tokenizer.vocab_size}",
+            flush=True,
+        )
 
     def loss_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         return pretrain_loss(model, batch["tokens"], cfg.balance)
@@ -226,29 +230,31 @@ def train(cfg: PretrainConfig, model: Transformer | None = None) -> dict[str, An
     row: dict[str, Any] = {}
     for step in range(run.start, loop.max_steps):
         t0 = time.perf_counter()
-        tokens = random_windows(train_tokens, cfg.batch_size, cfg.seq_len)
-        row = train_step(optimizer, micro_batches({"tokens": tokens}, loop.grad_accum), loss_fn, loop, step)
-        row.update(balance_step(model, cfg.balance))
+        # the global batch, drawn alike on every rank; this rank trains on its share
+        tokens = random_windows(train_tokens, cfg.batch_size, cfg.seq_len)[world.share(cfg.batch_size)]
+        micro = micro_batches({"tokens": tokens}, loop.grad_accum)
+        row = train_step(optimizer, micro, loss_fn, loop, step, trained)
+        row.update(balance_step(model, cfg.balance, world))
         row["tok_s"] = tokens.numel() / (time.perf_counter() - t0)
-        run.progress.update(tokens.numel())
         done = step + 1
         if loop.eval_every and (done % loop.eval_every == 0 or done == loop.max_steps):
             row.update(evaluate(model, val, cfg.batch_size))
+        row = world.reduce(row, summed=("tok_s",))
+        run.progress.update(tokens.numel() * world.size)
         if done % loop.log_every == 0 or "val_loss" in row:
-            run.metrics.log(done, row)
-            shown = {k: v for k, v in row.items() if k not in ("maxvio_layers", "expert_load")}
-            print(run.progress.line(done, shown), flush=True)
+            run.write(done, row, hidden=("maxvio_layers", "expert_load"))
         saved = run.checkpoint(done)
-        if saved is not None:
+        if saved is not None and world.main:
             print(f"checkpoint {saved}", flush=True)
-    run.metrics.close()
-    keys = ["loss", "loss_main", "loss_mtp", "val_loss", "maxvio", "lr"]
-    plot_metrics(run.metrics.path, run.out / "loss.png", keys)
-    model.save_pretrained(run.out / "model")
-    tokenizer.save(run.out / "model")
+    run.close(["loss", "loss_main", "loss_mtp", "val_loss", "maxvio", "lr"], "loss.png")
+    # every rank: a sharded model is gathered for rank 0
+    plain = trained.full_module()
+    if world.main:
+        plain.save_pretrained(run.out / "model")
+        tokenizer.save(run.out / "model")
     return {
-        "params": model.num_params(),
-        "active_params": model.num_params(active=True),
+        "params": params,
+        "active_params": active,
         "train_tokens_seen": loop.max_steps * cfg.batch_size * cfg.seq_len,
         **{k: v for k, v in row.items() if k not in ("expert_load",)},
     }

@@ -22,6 +22,7 @@ from torch import Tensor
 from ragseek.config import config_field as _f
 from ragseek.model import Tokenizer
 from ragseek.train.data import EpochSampler, collate_preference, load_preference
+from ragseek.train.distributed import World
 from ragseek.train.loop import LoopConfig, build_optimizer, set_seed, train_step
 from ragseek.train.losses import bradley_terry_loss
 from ragseek.train.run import (
@@ -65,13 +66,17 @@ def pair_rewards(model: RewardModel, batch: dict[str, Tensor]) -> tuple[Tensor, 
 
 
 @torch.no_grad()
-def evaluate(model: RewardModel, pairs: list[dict], pad_id: int, batch_size: int) -> dict[str, float]:
-    """Held-out accuracy P(r(chosen) > r(rejected)), mean margin and Bradley-Terry loss over all pairs."""
+def evaluate(
+    model: RewardModel, pairs: list[dict], pad_id: int, batch_size: int, world: World | None = None
+) -> dict[str, float]:
+    """Held-out accuracy P(r(chosen) > r(rejected)), mean margin and Bradley-Terry loss over all pairs (under
+    torchrun, every rank scores them all)."""
+    world = world or World()
     was_training = model.training
     model.eval()
     chosen, rejected = [], []
     for i in range(0, len(pairs), batch_size):
-        c, r = pair_rewards(model, collate_preference(pairs[i : i + batch_size], pad_id))
+        c, r = pair_rewards(model, world.to_device(collate_preference(pairs[i : i + batch_size], pad_id)))
         chosen.append(c)
         rejected.append(r)
     model.train(was_training)
@@ -95,13 +100,15 @@ def split_pairs(cfg: RewardModelConfig, tokenizer: Tokenizer) -> tuple[list[dict
 
 def train(cfg: RewardModelConfig) -> list[dict]:
     """Train the reward model as configured; returns this run's metrics rows (also in `<out_dir>/metrics.jsonl`)."""
+    world = World.join(cfg.loop)
     set_seed(cfg.loop.seed)
     trunk, tokenizer = load_model(cfg.model)
     model = RewardModel(trunk).train()
     train_pairs, eval_pairs = split_pairs(cfg, tokenizer)
-    sampler = EpochSampler(len(train_pairs), cfg.batch_size, seed=cfg.loop.seed)
+    sampler = EpochSampler(len(train_pairs), cfg.batch_size, seed=cfg.loop.seed, world=world)
+    trained = world.parallelize(model, cfg.loop)
     optimizer = build_optimizer(model, cfg.loop)
-    run = start_run(cfg, cfg.loop, model, optimizer, sampler)
+    run = start_run(cfg, cfg.loop, trained, optimizer, sampler)
 
     def loss_fn(batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         return bradley_terry_loss(*pair_rewards(model, batch))
@@ -110,10 +117,10 @@ def train(cfg: RewardModelConfig) -> list[dict]:
         micro = preference_micro_batches(
             [train_pairs[i] for i in sampler.next_batch()], cfg.loop, tokenizer.pad_id
         )
-        metrics = train_step(optimizer, micro, loss_fn, cfg.loop, step)
+        metrics = train_step(optimizer, micro, loss_fn, cfg.loop, step, trained)
         done = step + 1
         if done == cfg.loop.max_steps or (cfg.loop.eval_every and done % cfg.loop.eval_every == 0):
-            metrics.update(evaluate(model, eval_pairs, tokenizer.pad_id, cfg.eval_batch_size))
+            metrics.update(evaluate(model, eval_pairs, tokenizer.pad_id, cfg.eval_batch_size, world))
         run.end_step(done, metrics, sum(int(mb["attention_mask"].sum()) for mb in micro))
     return run.finish(PLOT_KEYS, model, tokenizer)
 

@@ -1,6 +1,7 @@
 """Supervised fine-tuning: the lecture's L(θ) = −E_{(x,y)~D} [ (1/|y|) Σ_t log π_θ(y_t | x, y_<t) ].
 
     ragseek train sft --config configs/sft.yaml [--set loop.max_steps=50 --set batch_size=8] [--out DIR] [--resume]
+    torchrun --nproc-per-node 4 -m ragseek.train.sft --config configs/sft.yaml [--set loop.parallel=fsdp]
 
 Data: JSONL {"prompt", "response"} or {"messages": [...]}, rendered with the model's chat template; only the assistant
 tokens (and their end-of-turn token) are trained (`data.tokenize_chat`). One step: a batch from the resumable
@@ -18,6 +19,7 @@ from torch import Tensor
 from ragseek.config import config_field as _f
 from ragseek.model.lora import LoRAConfig
 from ragseek.train.data import EpochSampler, collate_sft, load_sft
+from ragseek.train.distributed import World
 from ragseek.train.loop import LoopConfig, build_optimizer, micro_batches, set_seed, train_step
 from ragseek.train.losses import SFTReduction, sft_loss
 from ragseek.train.run import (
@@ -52,13 +54,16 @@ class SFTConfig(RecipeConfig):
 
 def train(cfg: SFTConfig) -> list[dict]:
     """Fine-tune as configured; returns this run's metrics rows (also in `<out_dir>/metrics.jsonl`)."""
+    world = World.join(cfg.loop)
     set_seed(cfg.loop.seed)
     model, tokenizer = load_model(cfg.model, cfg.lora)
     model.train()
     examples = load_sft(cfg.data, tokenizer, cfg.max_len, cfg.pack)
-    sampler = EpochSampler(len(examples), cfg.batch_size, seed=cfg.loop.seed)
+    # batch_size is global: under torchrun each rank gets its share of every batch
+    sampler = EpochSampler(len(examples), cfg.batch_size, seed=cfg.loop.seed, world=world)
+    trained = world.parallelize(model, cfg.loop)
     optimizer = build_optimizer(model, cfg.loop)
-    run = start_run(cfg, cfg.loop, model, optimizer, sampler)
+    run = start_run(cfg, cfg.loop, trained, optimizer, sampler)
 
     def loss_fn(batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         ids, mask = batch["input_ids"], batch["loss_mask"][:, 1:]
@@ -71,7 +76,8 @@ def train(cfg: SFTConfig) -> list[dict]:
 
     for step in range(run.start, cfg.loop.max_steps):
         batch = collate_sft([examples[i] for i in sampler.next_batch()], tokenizer.pad_id)
-        metrics = train_step(optimizer, micro_batches(batch, cfg.loop.grad_accum), loss_fn, cfg.loop, step)
+        micro = micro_batches(batch, cfg.loop.grad_accum)
+        metrics = train_step(optimizer, micro, loss_fn, cfg.loop, step, trained)
         run.end_step(step + 1, metrics, int(batch["attention_mask"].sum()))
     return run.finish(PLOT_KEYS, model, tokenizer)
 
