@@ -195,7 +195,7 @@ def status(task: Any) -> str:
     unit = task.fields.get("unit", "")
     parts = [f"{task.completed:,.0f}/{task.total:,.0f}" + (f" {unit}" if unit else "")]
     if task.speed:
-        parts.append(f"{task.speed:,.1f} {unit or 'it'}/s")
+        parts.append(f"{task.speed:,.1f} {unit}/s" if unit else f"{task.speed:,.1f}/s")
     if task.time_remaining is not None:
         parts.append(f"ETA {_seconds(task.time_remaining)}")
     return "  ".join([*parts, elapsed])

@@ -80,6 +80,8 @@ def test_a_line_ends_with_rate_and_eta_or_with_the_elapsed_time():
         total=64, completed=16, speed=8.0, time_remaining=6, elapsed=2.4, fields={"unit": "tok"}
     )
     assert progress.status(counted) == "16/64 tok  8.0 tok/s  ETA 6s  2s elapsed"
+    stage = SimpleNamespace(total=9, completed=3, speed=1.5, time_remaining=4, elapsed=2, fields={"unit": ""})
+    assert progress.status(stage) == "3/9  1.5/s  ETA 4s  2s elapsed"
     uncounted = SimpleNamespace(
         total=None, completed=0, speed=None, time_remaining=None, elapsed=75, fields={}
     )
