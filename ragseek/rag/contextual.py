@@ -87,6 +87,10 @@ def contextualize(
     for row, h in enumerate(table.hashes):
         unique.setdefault(h, row)
     todo = [(h, row) for h, row in unique.items() if h not in have]
+    stage = f"contexts ({llm.name})"
+    # from the start: the first batch may take minutes on a CPU
+    if on_progress and todo:
+        on_progress(stage, 0, len(todo))
     for s in range(0, len(todo), batch_size):
         part = todo[s : s + batch_size]
         keys = {(table.sources[row], table.doc_ids[row]) for _, row in part}
@@ -103,7 +107,7 @@ def contextualize(
             llm.name, [(h, " ".join(c.split())) for (h, _), c in zip(part, contexts, strict=True)]
         )
         if on_progress:
-            on_progress(f"contexts ({llm.name})", s + len(part), len(todo))
+            on_progress(stage, s + len(part), len(todo))
     return {"generated": len(todo), "cached": len(unique) - len(todo), "seconds": time.perf_counter() - t0}
 
 

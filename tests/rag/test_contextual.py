@@ -104,7 +104,8 @@ def test_cached_rerun_costs_no_call_and_a_changed_chunk_only_its_own(tmp_path):
     llm, progress = FirstLine(), []
     counts = contextualize(store, llm, batch_size=4, on_progress=lambda *a: progress.append(a))
     assert (counts["generated"], counts["cached"], len(llm.prompts)) == (n, 0, n)
-    assert progress[-1] == ("contexts (firstline)", n, n) and len(progress) == -(-n // 4)
+    assert progress[0] == ("contexts (firstline)", 0, n) and progress[-1] == ("contexts (firstline)", n, n)
+    assert len(progress) == 1 + -(-n // 4)
     assert llm.prompts[0] == [
         {"role": "user", "content": context_prompt(doc(0).text, store.chunks().texts[0])}
     ]
