@@ -47,6 +47,15 @@ PARALLEL = ("ddp", "fsdp")
 # besides the loss, what must match: the whole batch's statistics (GRPO's and PPO's rewards are all-gathered; a
 # token mean such as GRPO's kl is each rank's, averaged, so it is close to the one-process value, not equal)
 ALSO = {"grpo": ("reward_mean", "reward_std"), "ppo": ("score_mean", "score_std"), "rm": ("eval_accuracy",)}
+# runs beside the fp32 ones: LoRA (frozen weights in FSDP's groups), bf16 (DDP: autocast as in one process; FSDP:
+# MixedPrecisionPolicy gathers bf16 weights)
+VARIANTS = {"": [], "lora": ["lora.r=4", "lora.alpha=8", "lora.dropout=0"], "bf16": ["loop.dtype=bf16"]}
+EXTRA_RUNS = [
+    ("sft", "fsdp", "lora"),
+    ("sft", "ddp", "bf16"),
+    ("sft", "fsdp", "bf16"),
+    ("grpo", "fsdp", "bf16"),
+]
 PAIRS = [(12, 19), (33, 41), (50, 25), (71, 18), (5, 6), (7, 8), (9, 10), (11, 3)]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -125,35 +134,41 @@ def configs(tmp_path_factory, make_tiny_llm) -> dict[str, str]:
     return {name: write_yaml(root / f"{name}.yaml", data) for name, data in settings.items()}
 
 
+def one_process_flags(config: str, variant: str = "") -> list[str]:
+    """--set items of a one-process reference: the variant's, and the ranks' micro-batches (grad_accum x 2): the
+    same global batch and gradient, and fp32 rounding as close as it gets."""
+    accum = yaml.safe_load(Path(config).read_text())["loop"].get("grad_accum", 1)
+    return [*VARIANTS[variant], f"loop.grad_accum={2 * accum}"]
+
+
 @pytest.fixture(scope="module")
 def one_process(configs, tmp_path_factory):
-    """recipe -> its metrics rows run in this process (computed once, on first use), on the ranks' micro-batches
-    (grad_accum x 2): the same global batch and gradient, and fp32 rounding as close as it gets."""
+    """(recipe, variant) -> its metrics rows run in this process (computed once, on first use)."""
     root, done = tmp_path_factory.mktemp("one"), {}
 
-    def rows(recipe: str) -> list[dict]:
-        if recipe not in done:
-            accum = yaml.safe_load(Path(configs[recipe]).read_text())["loop"].get("grad_accum", 1)
-            RECIPES[recipe].main(configs[recipe], [f"loop.grad_accum={2 * accum}"], str(root / recipe))
-            done[recipe] = read_metrics(root / recipe / "metrics.jsonl")
-        return done[recipe]
+    def rows(recipe: str, variant: str = "") -> list[dict]:
+        out = root / f"{recipe}{variant}"
+        if out not in done:
+            RECIPES[recipe].main(configs[recipe], one_process_flags(configs[recipe], variant), str(out))
+            done[out] = read_metrics(out / "metrics.jsonl")
+        return done[out]
 
     return rows
 
 
 @pytest.fixture(scope="module")
 def two_ranks(configs, tmp_path_factory) -> Path:
-    """Every recipe under DDP and under FSDP2 in one 2-rank torchrun launch: <root>/<recipe>_<parallel>."""
+    """Every recipe under DDP and under FSDP2, and the EXTRA_RUNS, in one 2-rank torchrun launch:
+    <root>/<recipe>_<parallel>[_<variant>]."""
     root = tmp_path_factory.mktemp("two")
     runs = [
         {
             "recipe": recipe,
             "config": configs[recipe],
-            "set": [f"loop.parallel={p}"],
-            "out": str(root / f"{recipe}_{p}"),
+            "set": [f"loop.parallel={p}", *VARIANTS[variant]],
+            "out": str(root / "_".join(filter(None, (recipe, p, variant)))),
         }
-        for recipe in RECIPES
-        for p in PARALLEL
+        for recipe, p, variant in [(r, p, "") for r in RECIPES for p in PARALLEL] + EXTRA_RUNS
     ]
     (root / "runs.json").write_text(json.dumps(runs))
     proc = torchrun(str(HERE / "_dist_recipes.py"), str(root / "runs.json"), stdout=subprocess.PIPE,
@@ -185,6 +200,33 @@ def test_two_ranks_give_the_one_process_loss_curve(recipe, parallel, two_ranks, 
     assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
 
 
+def test_lora_under_fsdp_gives_the_one_process_curve_and_an_adapter(two_ranks, one_process):
+    """LoRA: FSDP shards frozen base weights with the trained A, B in the same groups; the final is the adapter."""
+    out = two_ranks / "sft_fsdp_lora"
+    assert_same_curve(read_metrics(out / "metrics.jsonl"), one_process("sft", "lora"))
+    assert sorted(p.name for p in (out / "final").glob("adapter_*")) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+
+
+@pytest.mark.parametrize(("recipe", "parallel"), [("sft", "ddp"), ("sft", "fsdp"), ("grpo", "fsdp")])
+def test_bf16_on_two_ranks(recipe, parallel, two_ranks, one_process):
+    """loop.dtype=bf16. DDP autocasts as one process does: the same first loss (later ones part by bf16's
+    rounding, amplified: 1e-2 after 6 steps here). FSDP gathers bf16 weights (MixedPrecisionPolicy, half the
+    traffic), so norms and embeddings run on bf16 weights that one process keeps in fp32: its first loss is one
+    process's within 1%. Both train and save."""
+    rows = read_metrics(two_ranks / f"{recipe}_{parallel}_bf16" / "metrics.jsonl")
+    want = one_process(recipe, "bf16")
+    assert [r["step"] for r in rows] == [r["step"] for r in want]
+    if parallel == "ddp":
+        assert rows[0]["loss"] == pytest.approx(want[0]["loss"], abs=1e-5)
+    assert rows[0]["loss"] == pytest.approx(want[0]["loss"], rel=1e-2, abs=1e-2)
+    if recipe == "sft":
+        assert rows[-1]["loss"] < rows[0]["loss"] - 1
+    assert (two_ranks / f"{recipe}_{parallel}_bf16" / "final" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize(("recipe", "parallel"), [("sft", "fsdp"), ("grpo", "ddp"), ("ppo", "fsdp")])
 def test_a_two_rank_checkpoint_resumes_on_one_process(
     recipe, parallel, two_ranks, one_process, configs, tmp_path
@@ -195,8 +237,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_process(
     shutil.copytree(two_ranks / f"{recipe}_{parallel}", out)
     *_, before, last = sorted((out / "checkpoints").iterdir())
     shutil.rmtree(last)
-    accum = yaml.safe_load(Path(configs[recipe]).read_text())["loop"].get("grad_accum", 1)
-    resumed = RECIPES[recipe].main(configs[recipe], [f"loop.grad_accum={2 * accum}"], str(out), True)
+    resumed = RECIPES[recipe].main(configs[recipe], one_process_flags(configs[recipe]), str(out), True)
     start = int(before.name.removeprefix("step_"))
     assert_same_curve(resumed, one_process(recipe)[start:], ("loss", *ALSO.get(recipe, ())))
     assert_same_curve(read_metrics(out / "metrics.jsonl"), one_process(recipe))
