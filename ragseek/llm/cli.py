@@ -66,7 +66,7 @@ class ShownLLM:
         self.llm, self.name, self.writing = llm, llm.name, writing
 
     def complete(self, prompts, max_tokens=256, temperature=0.0, stop=None) -> list[str]:
-        with progress.task(f"{self.writing} ({self.name}, {len(prompts)} prompts)"):
+        with progress.task(f"{self.writing} ({self.name}, {len(prompts)} prompt{'s' * (len(prompts) != 1)})"):
             return self.llm.complete(prompts, max_tokens, temperature, stop)
 
     def stream(self, prompt, max_tokens=256, temperature=0.0, stop=None) -> Iterator[str]:
