@@ -210,12 +210,12 @@ class Parallel:
         if self.kind == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
-            # find_unused_parameters: a recipe may leave weights out of its loss (MTP heads in SFT)
+            # a recipe may leave weights out of its loss (MTP heads in SFT); torch warns once when it leaves none
             self.ddp = DistributedDataParallel(
                 _LossModule(model),
                 device_ids=[world.device.index] if world.device.type == "cuda" else None,
                 find_unused_parameters=True,
-                broadcast_buffers=False,
+                forward_sync_buffers=False,
             )
         elif self.kind == "fsdp":
             # the module without its weights (meta tensors): what `full_module` fills for the final save

@@ -18,6 +18,7 @@ The optimiser, schedule, checkpoint files and metrics log themselves are `loop.p
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -132,6 +133,8 @@ class Run:
     metrics: MetricsLog | None  # None on the ranks other than 0
     progress: Progress
     rows: list[dict] = field(default_factory=list)
+    # when the previous step ended (or the run started): each row's dt
+    last: float = field(default_factory=time.perf_counter)
 
     @property
     def out(self) -> Path:
@@ -147,9 +150,12 @@ class Run:
 
     def log(self, step: int, metrics: Mapping[str, Any], tokens: int) -> dict[str, Any]:
         """Count `tokens` (the step's non-pad tokens, logged as seq_tokens: summed over the ranks, the metrics
-        averaged); every loop.log_every steps write a JSONL row and print the progress line. The step's metrics as
-        logged."""
-        metrics = self.world.reduce({**metrics, "seq_tokens": tokens}, summed=("seq_tokens",))
+        averaged) and the step's wall time (dt, seconds since the previous step ended); every loop.log_every steps
+        write a JSONL row and print the progress line. The step's metrics as logged."""
+        now = time.perf_counter()
+        metrics = {**metrics, "seq_tokens": tokens, "dt": now - self.last}
+        self.last = now
+        metrics = self.world.reduce(metrics, summed=("seq_tokens",))
         self.progress.update(metrics["seq_tokens"])
         if step % self.loop.log_every == 0:
             self.write(step, metrics)
