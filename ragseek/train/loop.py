@@ -21,6 +21,9 @@ number of steps done (step + 1), so a checkpoint "step 20" resumes with step ind
 
 Checkpoints hold no pickle: weights and optimizer tensors in safetensors, everything else in JSON.
 tests/train/_toy_train.py is this loop, complete, on a tiny Transformer.
+
+Under torchrun a recipe passes its `Parallel` (distributed.py: DDP or FSDP2 around the model) to `train_step`, and
+its `World` to the Checkpointer: every rank saves and loads full tensors (a sharded model's gathered), rank 0 writes.
 """
 
 from __future__ import annotations

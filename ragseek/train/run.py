@@ -5,14 +5,15 @@ checkpoints, the final model), and the `main` that `ragseek train NAME` calls.
 
     class SFTConfig(RecipeConfig): ...; loop: LoopConfig = loop_field(lr=2e-5, out_dir="runs/sft")
     cfg = load_config(SFTConfig, "configs/sft.yaml", ["loop.max_steps=20", "batch_size=4"])
-    world = World.join(cfg.loop)                                # torchrun's ranks, or this one process
-    trained = world.parallelize(model, cfg.loop)                # DDP / FSDP2 (distributed.py)
-    run = start_run(cfg, cfg.loop, trained, optimizer, sampler) # resume, config.json, metrics log, progress
+    world = World.join(cfg.loop)                                  # torchrun's ranks, or this one process
+    trained = world.parallelize(model, cfg.loop)                  # DDP / FSDP2 (distributed.py)
+    run = start_run(cfg, cfg.loop, trained, optimizer, sampler)   # resume, config.json, metrics log, progress
     for step in range(run.start, cfg.loop.max_steps): ...; run.end_step(step + 1, metrics, tokens)
-    return run.finish(plot_keys, model, tokenizer)              # metrics.png and <out_dir>/final
-    main = recipe_main(SFTConfig, train)                        # what `ragseek train sft` calls
+    return run.finish(plot_keys, model, tokenizer)                # metrics.png and <out_dir>/final
+    main = recipe_main(SFTConfig, train)                          # what `ragseek train sft` calls
 
-The optimiser, schedule, checkpoint files and metrics log themselves are `loop.py`'s.
+The optimiser, schedule, checkpoint files and metrics log themselves are `loop.py`'s; ranks, DDP / FSDP2 and the
+full-state checkpoints under torchrun are `distributed.py`'s.
 """
 
 from __future__ import annotations
