@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results"
-TOKENS, SECONDS, WARMUP, REPEATS = 64, 15.0, 4, 3
+TOKENS, SECONDS, WARMUP, REPEATS, PREFILL = 64, 15.0, 4, 3, 512
 QUESTION = "Explain in two sentences why the sky is blue, then name the scientist who first explained it."
 SPIN = "while True: pass"
 # name -> (what it is, runner, threads (None: the runner's default), extra environment)
@@ -56,13 +56,14 @@ def measure(runner: str, threads: int | None, tokens: int, seconds: float, forev
     from ragseek.defaults import smollm2_gguf
 
     gguf = smollm2_gguf()
-    decode = _llama(gguf, threads) if runner == "llama" else _torch(gguf)
+    decode, prefill = _llama(gguf, threads) if runner == "llama" else _torch(gguf)
     decode(WARMUP, 60.0)
     while forever:
         decode(tokens, seconds)
     t0, c0 = time.perf_counter(), time.process_time()
     times = decode(tokens, seconds)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    prefill_s = min(prefill(PREFILL) for _ in range(2))
     info = {
         "os_threads": len(os.listdir("/proc/self/task")),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
@@ -76,6 +77,7 @@ def measure(runner: str, threads: int | None, tokens: int, seconds: float, forev
         "tok_s": n / (times[-1] - times[0]) if n > 0 else 0.0,
         "tokens": len(times),
         "cpu": cpu / wall,
+        "prefill_tok_s": PREFILL / prefill_s,
         **info,
     }
 
@@ -97,7 +99,13 @@ def _torch(gguf: Path):
                 break
         return times
 
-    return decode
+    def prefill(n: int) -> float:
+        long = (ids * (n // len(ids) + 1))[:n]
+        t0 = time.perf_counter()
+        next(decode_steps(model, [long], SamplingConfig(max_new_tokens=1, temperature=0.0), set()))
+        return time.perf_counter() - t0
+
+    return decode, prefill
 
 
 def _llama(gguf: Path, threads: int | None):
@@ -116,7 +124,14 @@ def _llama(gguf: Path, threads: int | None):
                 break
         return times
 
-    return decode
+    def prefill(n: int) -> float:
+        long = (ids * (n // len(ids) + 1))[:n]
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(long)
+        return time.perf_counter() - t0
+
+    return decode, prefill
 
 
 def have_llama() -> bool:
@@ -155,12 +170,17 @@ def run_cell(name: str, condition: str, tokens: int, seconds: float) -> dict:
 def markdown(result: dict) -> str:
     cells = {(c["row"], c["condition"]): c for c in result["cells"]}
     conditions = [c for c in CONDITIONS if any(k[1] == c for k in cells)]
-    lines = ["| threads | " + " | ".join(f"{c}: tok/s (cpu)" for c in conditions) + " |"]
-    lines.append("|" + "---|" * (len(conditions) + 1))
-    for name in dict.fromkeys(c["row"] for c in result["cells"]):
-        row = [cells.get((name, c)) for c in conditions]
-        text = [f"{c['tok_s']:.1f} ({c['cpu']:.2f})" if c else "—" for c in row]
-        lines.append(f"| {ROWS[name][0]} | " + " | ".join(text) + " |")
+    names = list(dict.fromkeys(c["row"] for c in result["cells"]))
+
+    def table(what: str, cell) -> list[str]:
+        lines = [f"| {what} | " + " | ".join(conditions) + " |", "|" + "---|" * (len(conditions) + 1)]
+        for name in names:
+            row = [cell(cells[name, c]) if (name, c) in cells else "—" for c in conditions]
+            lines.append(f"| {ROWS[name][0]} | " + " | ".join(row) + " |")
+        return lines
+
+    decode = table("decode tok/s (cpu)", lambda c: f"{c['tok_s']:.1f} ({c['cpu']:.2f})")
+    prefill = table(f"prefill tok/s ({PREFILL} tokens)", lambda c: f"{c['prefill_tok_s']:,.0f}")
     loads = [r["load_1m"] for c in result["cells"] for r in c["runs"]]
     llama = (
         ""
@@ -170,12 +190,18 @@ def markdown(result: dict) -> str:
     return (
         "## Threads on a shared CPU (decode tok/s, idle and beside a busy process)\n\n"
         "`.venv/bin/python bench/bench_threads.py` — SmolLM2-135M-Instruct (the embedded GGUF; ragseek in fp32, "
-        f"llama.cpp at its Q4_1 weights), greedy decoding after a 40-token prompt, {result['tokens']} tokens or "
-        f"{result['seconds']:.0f} s, a fresh process per run, the median of {result['repeats']} rounds; "
-        f"{result['cores']} cores ({result['cpu']}). busy: one `python -c '{SPIN}'` beside it. cpu: the process's "
-        "CPU seconds per wall second. The 1-minute load average before each run was "
-        f"{min(loads):.1f}–{max(loads):.1f} (median {statistics.median(loads):.1f}): other jobs shared the machine "
-        'in both columns, so "idle" means no competitor of ours.\n\n' + "\n".join(lines) + llama + "\n"
+        f"llama.cpp at its Q4_1 weights): greedy decoding after a 40-token prompt, {result['tokens']} tokens or "
+        f"{result['seconds']:.0f} s, then a {PREFILL}-token prefill (best of 2); a fresh process per run, the median "
+        f"of {result['repeats']} rounds; {result['cores']} cores ({result['cpu']}). busy: one "
+        f"`python -c '{SPIN}'` beside it; busy: ragseek: a second SmolLM2 decode with torch's defaults beside it. "
+        "cpu: the decoding process's CPU seconds per wall second. The 1-minute load average before each run was "
+        f"{min(loads):.1f}–{max(loads):.1f} (median {statistics.median(loads):.1f}): other developers' jobs came and "
+        "went in every column, so idle means no competitor of ours.\n\n"
+        + "\n".join(decode)
+        + "\n\n"
+        + "\n".join(prefill)
+        + llama
+        + "\n"
     )
 
 
@@ -184,7 +210,7 @@ def main() -> None:
     p.add_argument("--worker")
     p.add_argument("--forever", action="store_true")
     p.add_argument("--rows", default=",".join(ROWS))
-    p.add_argument("--conditions", default="idle,busy")
+    p.add_argument("--conditions", default=",".join(CONDITIONS))
     p.add_argument("--repeats", type=int, default=REPEATS)
     p.add_argument("--tokens", type=int, default=TOKENS)
     p.add_argument("--seconds", type=float, default=SECONDS)
@@ -215,6 +241,7 @@ def main() -> None:
             "condition": c,
             "tok_s": statistics.median(r["tok_s"] for r in done),
             "cpu": statistics.median(r["cpu"] for r in done),
+            "prefill_tok_s": statistics.median(r["prefill_tok_s"] for r in done),
             "runs": done,
         }
         for (n, c), done in runs.items()

@@ -36,7 +36,7 @@ def main(
         "--threads",
         envvar="RAGSEEK_THREADS",
         help="CPU threads torch computes with (default: one per core; idle threads sleep, so a CPU shared with "
-        "other busy programs slows ragseek down instead of stalling it)",
+        "other busy programs slows ragseek down instead of stalling it; docs/threads.md)",
     ),
 ) -> None:
     """The options every command takes (before its name: `ragseek --debug ask ...`)."""

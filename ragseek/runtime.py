@@ -9,14 +9,15 @@ before it sleeps. On an idle machine that is the fastest way to wait. Beside ano
 runnable threads than cores: at most barriers one of torch's threads is off its core, and its partners spin on the
 cores it and the other process need. A decode step of SmolLM2 is hundreds of small regions, so the step takes
 scheduler slices instead of milliseconds. Sleeping at once (OMP_WAIT_POLICY=PASSIVE) hands the core back: the
-straggler runs, the barrier opens. Measured by bench/bench_threads.py (bench/results/threads.md): with the 2 cores
-shared by a dozen runnable processes, SmolLM2 decoded 2.8 tok/s with torch's defaults (2 threads, spinning), 1.9
-spinning only, 11.6 with one thread and 17.2 with 2 passive threads.
+straggler runs, the barrier opens. Measured by bench/bench_threads.py (docs/threads.md): SmolLM2 on 2 cores
+beside one busy process decoded 7.3 tok/s with torch's defaults (spinning; 19.2 idle) and 18.8 with 2 threads that
+sleep at once (18.0 idle), whose 512-token prefill kept 311 tok/s (176 spinning; 522 idle, 322 with one thread).
 
 So the command line, before torch loads, sets OMP_WAIT_POLICY=PASSIVE (unless the user set it) and the thread
 count: `--threads N`, else $RAGSEEK_THREADS, else a config's num_threads, else $OMP_NUM_THREADS (torchrun sets it
-per rank), else one per core torch may run on. The wait policy is read once, when torch loads libgomp: a process that imported torch before
-`use_threads` keeps its policy and only gets the count. This module imports neither torch nor numpy.
+per rank), else one per core torch may run on. The wait policy is read once, when torch loads libgomp: a process
+that imported torch before `use_threads` keeps its policy and only gets the count. This module imports neither
+torch nor numpy.
 """
 
 from __future__ import annotations
