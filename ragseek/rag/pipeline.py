@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
 
 from ragseek.config import config_field as _f
+from ragseek.config import require
 from ragseek.llm.base import LLM
 from ragseek.rag.query import QueryMode, retrieve, transform
 from ragseek.rag.rerank import rerank
@@ -90,6 +91,19 @@ class AskConfig:
     )
     max_tokens: int = _f(64, "most answer tokens")
     temperature: float = _f(0.0, "answer sampling temperature (0 = greedy)")
+
+    def __post_init__(self) -> None:
+        n = len(self.unanswerable_weights)
+        require(
+            n == 3,
+            "unanswerable_weights",
+            self.unanswerable_weights,
+            f"give 3 numbers (bias, cosine, words), not {n}",
+        )
+        for name in ("max_unanswerable", "trust_dont_know"):
+            require(
+                0 <= getattr(self, name) <= 1, name, getattr(self, name), "a probability: between 0 and 1"
+            )
 
 
 @dataclass
@@ -228,16 +242,21 @@ def content_words(text: str) -> set[str]:
     return {w.removesuffix("s")[:5] for w in WORD.findall(text.casefold()) if w not in STOPWORDS}
 
 
+def sentences(texts: Iterable[str]) -> list[str]:
+    """The sentences of `texts`, in order (`SENTENCE`: up to . ! ? or a line end), stripped."""
+    return [m.group().strip() for t in texts for m in SENTENCE.finditer(t)]
+
+
 def support(question: str, chunks: list[Hit], searcher: Searcher) -> tuple[float, float]:
     """How well the sources' best sentences match the question: the highest cosine of a sentence with the
     question (the store's embedder), and the highest share of the question's content words one sentence holds.
     A SQuAD-style question is written from one sentence of its passage; with that passage missing, both fall."""
-    sentences = [m.group().strip() for h in chunks for m in SENTENCE.finditer(h.text)]
-    if not sentences:
+    said = sentences(h.text for h in chunks)
+    if not said:
         return 0.0, 0.0
-    cos = similarity(searcher.encode([question]), searcher.encode(sentences), "cosine")[0]
+    cos = similarity(searcher.encode([question]), searcher.encode(said), "cosine")[0]
     asked = content_words(question)
-    held = max(len(asked & content_words(s)) for s in sentences) / len(asked) if asked else 1.0
+    held = max(len(asked & content_words(s)) for s in said) / len(asked) if asked else 1.0
     return float(cos.max()), held
 
 

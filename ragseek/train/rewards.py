@@ -178,7 +178,8 @@ def _reader_columns(kw: dict[str, Any], n: int) -> tuple[list[list[str]], list[i
 def reader_f1_reward(prompts: Sequence[Any], completions: Sequence[Completion], **kw: Any) -> list[float]:
     """SQuAD token F1 of the answer (its [n] removed) against the gold answers, where the prompt holds the gold
     paragraph; where it does not, 1.0 for the don't-know answer and 0.0 for anything else (no answer is right)."""
-    from ragseek.rag.evaluate import is_dont_know, strip_citations, token_f1
+    from ragseek.rag.evaluate import strip_citations, token_f1
+    from ragseek.rag.pipeline import is_dont_know
 
     answers, gold = _reader_columns(kw, len(completions))
     out = []
@@ -205,7 +206,7 @@ def reader_dont_know_reward(
     prompts: Sequence[Any], completions: Sequence[Completion], **kw: Any
 ) -> list[float]:
     """1.0 when the answer says it does not know exactly when the prompt lacks the gold paragraph."""
-    from ragseek.rag.evaluate import is_dont_know
+    from ragseek.rag.pipeline import is_dont_know
 
     _, gold = _reader_columns(kw, len(completions))
     return [

@@ -323,6 +323,15 @@ def test_unanswerable_is_a_logistic_of_the_support():
     assert unanswerable((0.5, 0.25), [1.0, -2.0, -3.0]) == pytest.approx(0.3208213, abs=1e-7)
 
 
+def test_gate_settings_out_of_range_are_refused_naming_the_flag():
+    with pytest.raises(ValueError, match="--unanswerable-weights .*give 3 numbers"):
+        AskConfig(unanswerable_weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="--max-unanswerable 1.5: a probability"):
+        AskConfig(max_unanswerable=1.5)
+    with pytest.raises(ValueError, match="--trust-dont-know -0.1: a probability"):
+        AskConfig(trust_dont_know=-0.1)
+
+
 def test_support_gate_answers_dont_know_without_the_model(store, llm):
     counting = Counting(llm)
     searcher = Searcher(store, SearchConfig(retriever="hybrid", embedder="word2vec", k=3))

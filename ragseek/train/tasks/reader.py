@@ -33,10 +33,10 @@ import numpy as np
 from ragseek.rag.evaluate import QAItem, load_squad, normalize_answer, squad_store
 from ragseek.rag.pipeline import (
     DONT_KNOW,
-    SENTENCE,
     AskConfig,
     StepsConfig,
     build_prompt,
+    sentences,
     sources,
     support,
     unanswerable,
@@ -126,7 +126,7 @@ def reader_rows(
     # the support features embed the sources' sentences: every sentence of the store at once, in large batches
     texts = searcher.store.chunks().texts
     searcher.encode_cache = len(texts) * 64
-    searcher.encode([m.group().strip() for t in texts for m in SENTENCE.finditer(t)])
+    searcher.encode(sentences(texts))
     rows = []
     for i, it in enumerate(items, 1):
         drop, shuffled = rng.random() < dont_know, rng.random() < shuffle
