@@ -104,6 +104,8 @@ def test_a_stream_line_closes_before_its_first_piece(monkeypatch):
             report("embeddings", 1, 3)
         assert progress._display.open == 0
     finally:
+        monkeypatch.delenv("RAGSEEK_PROGRESS")  # else it overrides the False and the lines stay on for later tests
         progress.enable(False)
+    assert progress._display is None
     # the answer streams with no line drawn over it
     assert seen == [("a", 0), ("b", 0)]

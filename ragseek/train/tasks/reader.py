@@ -124,9 +124,9 @@ def reader_rows(
     gate are left out (`ask` answers those without the model), and so are those `reader_row` has no target for."""
     rng = random.Random(seed)
     # the support features embed the sources' sentences: every sentence of the store at once, in large batches
-    texts = searcher.store.chunks().texts
-    searcher.encode_cache = len(texts) * 64
-    searcher.encode(sentences(texts))
+    said = sentences(searcher.store.chunks().texts)
+    searcher.encode_cache = len(said) + 1024  # every sentence, and the questions on top
+    searcher.encode(said)
     rows = []
     for i, it in enumerate(items, 1):
         drop, shuffled = rng.random() < dont_know, rng.random() < shuffle
