@@ -171,9 +171,8 @@ def with_configs(fn, classes: Mapping[str, type], **defaults):
                 values = {}
                 for f in dataclasses.fields(cls):
                     flag = kwargs.pop(f.name)
-                    given = (
-                        getattr(ctx.get_parameter_source(f.name), "name", "") == "COMMANDLINE"
-                    )  # typer's click or click's
+                    # the source's name, whether it is typer's click or click's own enum
+                    given = getattr(ctx.get_parameter_source(f.name), "name", "") == "COMMANDLINE"
                     values[f.name] = settings[f.name] if f.name in settings and not given else flag
                 kwargs[name] = cls(**typed(cls, values))
         # a broken config file is no usage error: the group prints its one line (ragseek/errors.py)

@@ -302,9 +302,8 @@ def test_support_is_the_best_sentence_by_cosine_and_by_the_question_words_it_hol
     embed = searcher.embedder().encode
     q = embed([question])[0]
     vectors = embed(sentences)
-    assert (
-        np.linalg.norm(vectors, axis=1).min() > 0 and np.linalg.norm(q) > 0
-    )  # every sentence has a known word
+    # every sentence has a known word
+    assert np.linalg.norm(vectors, axis=1).min() > 0 and np.linalg.norm(q) > 0
     by_hand = [v @ q / (np.linalg.norm(v) * np.linalg.norm(q)) for v in vectors]
     assert cos == pytest.approx(max(by_hand), abs=1e-6)
 
@@ -383,9 +382,8 @@ def test_a_dont_know_against_well_supported_sources_is_asked_again_without_that_
         [],
     )
     result = ask("Who?", searcher, llm, supported, on_text=shown.append)
-    assert (
-        result.answer == "Edison [1]" and "".join(shown) == "Edison [1]"
-    )  # the held don't-know never showed
+    # the held don't-know never showed
+    assert result.answer == "Edison [1]" and "".join(shown) == "Edison [1]"
     assert DONT_KNOW in llm.prompts[0] and DONT_KNOW not in llm.prompts[1] and result.prompt == llm.prompts[1]
     assert build_prompt("Who?", result.chunks, dont_know=False) == llm.prompts[1]
     # weak support (P = sigmoid(9)): the reader's don't-know stands, shown once, asked once

@@ -370,9 +370,8 @@ def test_a_store_keyed_by_doc_id_alone_is_migrated_keeping_everything(tmp_path, 
     """A store written before documents were keyed by (source, doc_id): its rows, chunk ids and embeddings are
     kept; a .jsonl it stored under a relative path, ingested again, replaces its rows instead of doubling them."""
     (tmp_path / "run").mkdir()
-    monkeypatch.chdir(
-        tmp_path / "run"
-    )  # as the docs run `eval beir --corpus ../shared/data/scifact/corpus.jsonl`
+    # as the docs run `eval beir --corpus ../shared/data/scifact/corpus.jsonl`
+    monkeypatch.chdir(tmp_path / "run")
     write_corpus(tmp_path / "docs", 2)
     rows(tmp_path / "data" / "corpus.jsonl", ["d1", "d2"], "Aspirin")
     new = Store(tmp_path / "new")
