@@ -6,6 +6,7 @@
     hf.py              `hf:PATH`: a transformers causal-LM folder
     openai_backend.py  `openai:MODEL`: any OpenAI-compatible endpoint
     server.py          the OpenAI-compatible HTTP server over any backend
+    page.py            the page `ragseek serve --store` serves at / and its JSON routes (ask, documents)
     cli.py             `ragseek serve`
 """
 

@@ -1,4 +1,4 @@
-"""RAG, the lecture's whole pipeline: documents -> chunks -> embeddings -> a SQLite store, then at question time
+"""RAG, the lecture's whole pipeline: documents -> chunks -> embeddings -> a store, then at question time
 query -> retrieve -> rerank -> answer with citations; evaluated on BEIR (retrieval) and SQuAD (answers).
 
 Preprocessing
@@ -7,6 +7,7 @@ Preprocessing
     embedders.py   MiniLM (sentence-transformers), word2vec and GloVe trained on the corpus
     contextual.py  contextual retrieval: an LLM-written context per chunk, embedded and BM25-indexed with it
     store.py       the SQLite system of record: transactional, idempotent ingest, cached embeddings
+    pgstore.py     the same store on PostgreSQL + pgvector (`--store postgresql://...`)
 Processing
     search.py      similarity, kNN, HNSW, BM25, RRF / convex fusion, SVM retrieval, MMR; `Searcher` over a store
     query.py       query transformation: naive, rewrite, multi-query (RAG-Fusion), HyDE
