@@ -66,3 +66,26 @@ def test_a_command_reads_flags_then_set_then_config(tmp_path):
     assert rows("--eval") == 500
     bad = CliRunner().invoke(app, ["data", "addition", "--out", str(tmp_path / "x"), "--set", "m=3"])
     assert bad.exit_code != 0 and "unknown keys ['m']" in bad.output
+
+
+def test_data_addition_writes_preference_pairs(tmp_path):
+    """configs/rm.yaml's data: a right response against a wrong one, in either style; think has no slips."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from ragseek.train.tasks.addition import is_correct, train_problems
+
+    problems = train_problems(6, seed=3)
+    for style in ("answer", "worked"):
+        out = tmp_path / f"{style}.jsonl"
+        args = ["--kind", "pairs", "--style", style, "--n", "6", "--seed", "3", "--out", str(out)]
+        result = CliRunner().invoke(app, ["data", "addition", *args])
+        assert result.exit_code == 0, result.output
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["prompt"] for r in rows] == [p.question for p in problems]
+        assert all(is_correct(r["chosen"], p) for r, p in zip(rows, problems, strict=True))
+        assert not any(is_correct(r["rejected"], p) for r, p in zip(rows, problems, strict=True))
+    think = ["data", "addition", "--kind", "pairs", "--style", "think", "--out", str(tmp_path / "t.jsonl")]
+    result = CliRunner().invoke(app, think)
+    assert result.exit_code == 2 and "preference pairs are answer or worked" in result.output

@@ -14,6 +14,7 @@ loop.resume (`ragseek.config.load_config`, the loader every command uses). The r
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import sys
@@ -104,10 +105,14 @@ class ReaderDataConfig:
 
 @dataclass
 class AdditionDataConfig:
-    kind: str = config_field("grpo", 'grpo ({"question", "answer"}) or sft ({"prompt", "response"})')
+    kind: str = config_field(
+        "grpo",
+        'grpo ({"question", "answer"}), sft ({"prompt", "response"}) or pairs ({"prompt", "chosen", "rejected"}: '
+        "the right response against a plausible slip, for rm and dpo)",
+    )
     style: str = config_field("answer", "answer, worked or think (the response / prompt style)")
     n: int = config_field(2000, "training problems (ignored with --eval)")
-    seed: int = config_field(1, "draws the training problems")
+    seed: int = config_field(1, "draws the training problems (and the slips of pairs)")
     eval: bool = config_field(False, "the 500 held-out problems instead")
 
 
@@ -144,10 +149,14 @@ def register_data(app: typer.Typer) -> None:
         """The lecture's addition story: 2-digit problems, the held-out 500 never in a training set."""
         from ragseek.train.tasks import addition as task
 
-        writers = {"grpo": task.write_grpo_jsonl, "sft": task.write_sft_jsonl}
+        writers = {
+            "grpo": task.write_grpo_jsonl,
+            "sft": task.write_sft_jsonl,
+            "pairs": functools.partial(task.write_pairs_jsonl, seed=cfg.seed),
+        }
         if cfg.kind not in writers or cfg.style not in ("answer", "worked", "think"):
             raise ValueError(
-                f"--kind {cfg.kind} --style {cfg.style}: kind is grpo|sft, style answer|worked|think"
+                f"--kind {cfg.kind} --style {cfg.style}: kind is grpo|sft|pairs, style answer|worked|think"
             )
         problems = task.eval_problems() if cfg.eval else task.train_problems(cfg.n, seed=cfg.seed)
         print(writers[cfg.kind](out, problems, style=cfg.style))

@@ -176,6 +176,18 @@ def write_dpo_jsonl(
     return write_jsonl(path, rows)
 
 
+def write_pairs_jsonl(
+    path: str | Path, problems: Sequence[Problem], style: Style = "answer", seed: int = 0
+) -> Path:
+    """Preference rows for `ragseek train rm` / `dpo`: the correct response against a plausible slip drawn with
+    `seed`, `wrong_answer`'s number ("answer") or a `worked_slip` ("worked")."""
+    rng = random.Random(seed)
+    slips = {"answer": lambda p: str(wrong_answer(p, rng)), "worked": lambda p: worked_slip(p, rng)}
+    if style not in slips:
+        raise ValueError(f"--style {style}: preference pairs are answer or worked")
+    return write_dpo_jsonl(path, problems, [slips[style](p) for p in problems], style)
+
+
 def write_grpo_jsonl(path: str | Path, problems: Iterable[Problem], style: Style = "answer") -> Path:
     """GRPO / `ragseek eval math` rows {"question", "answer"}: no reasoning given, only the answer to check."""
     return write_jsonl(path, ({"question": prompt(p, style), "answer": str(p.answer)} for p in problems))
