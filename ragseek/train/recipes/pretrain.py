@@ -67,18 +67,18 @@ class PretrainConfig:
     data: list[str] = _f(
         [], ".txt / .jsonl files or folders ([] = SciFact corpus + GSM8K train in ../shared)"
     )
-    data_dir: str = _f("", "where the tokenizer and token files go, reused when present ('' = out_dir/data)")
     tokenizer: str = _f(
         "bpe", "bpe (train a byte-level BPE on the corpus) or a tokenizer folder / .gguf file"
     )
     vocab_size: int = _f(4096, "BPE vocabulary size (tokenizer=bpe)")
+    data_dir: str = _f("", "where the tokenizer and token files go, reused when present ('' = out_dir/data)")
     max_docs: int = _f(0, "use only the first this many documents (0 = all)")
     val_fraction: float = _f(0.05, "last fraction of the documents held out for validation")
-    seq_len: int = _f(256, "tokens per training window")
-    batch_size: int = _f(8, "windows per optimizer step (split into loop.grad_accum micro-batches)")
     balance: Balance = _f(
         "bias", "MoE balancing: bias (aux-loss-free, speed model.bias_update_speed), aux, none"
     )
+    seq_len: int = _f(256, "tokens per training window")
+    batch_size: int = _f(8, "windows per optimizer step (split into loop.grad_accum micro-batches)")
     val_windows: int = _f(32, "validation windows of seq_len tokens, evenly spaced over val.bin")
     num_threads: int = _f(
         0, "torch CPU threads (0: the command's, `ragseek --threads N`, default one per core); --threads wins"
