@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ragseek.model.config import ModelConfig
-from ragseek.model.layers import RMSNorm, apply_rotary
+from ragseek.model.layers import RMSNorm, apply_rotary, fuse_linears
 
 Quantize = Literal["int8"] | None
 
@@ -98,11 +98,12 @@ class Cache:
 
 
 def grouped_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
     """softmax(q k^T · scale + mask) v, where Hq query heads share G key/value groups (Hq = G · rep).
 
-    q (B, Hq, T, D), k (B, G, S, D), v (B, G, S, Dv), mask (B, T, S) bool (True = may attend).
+    q (B, Hq, T, D), k (B, G, S, D), v (B, G, S, Dv), mask (B, T, S) bool (True = may attend), or None when every
+    query sees every key (one new token, no padding).
     The rep query heads of a group are folded into the query length, so K/V are never copied per head
     (MQA and the MLA latent have G = 1: one K/V read serves every head).
     """
@@ -110,7 +111,9 @@ def grouped_attention(
     G = k.shape[1]
     rep = Hq // G
     q = q.reshape(B, G, rep * T, D)  # head h = g·rep + r  ->  row r·T + t of group g
-    m = mask[:, None, None].expand(B, 1, rep, T, mask.shape[-1]).reshape(B, 1, rep * T, mask.shape[-1])
+    m = None
+    if mask is not None:
+        m = mask[:, None, None].expand(B, 1, rep, T, mask.shape[-1]).reshape(B, 1, rep * T, mask.shape[-1])
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale)  # (B, G, rep·T, Dv)
     return out.reshape(B, Hq, T, v.shape[-1])
 
@@ -128,6 +131,14 @@ class GQAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.qkv_proj: nn.Linear | None = None  # set by `fuse`
+
+    def fuse(self) -> None:
+        """Inference only: q, k and v as one linear, so each token reads (and int8 quantises) x once."""
+        if self.qkv_proj is not None:
+            return
+        self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def cache_shapes(self) -> dict[str, tuple[int, int]]:
         return {"k": (self.n_kv_heads, self.head_dim), "v": (self.n_kv_heads, self.head_dim)}
@@ -141,10 +152,16 @@ class GQAttention(nn.Module):
         start_pos: int = 0,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, *rope, self.interleave), apply_rotary(k, *rope, self.interleave)
+        H, G, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x).view(B, T, H + 2 * G, hd)
+            qk, v = qkv[:, :, : H + G], qkv[:, :, H + G :]
+        else:
+            qk = torch.cat([self.q_proj(x).view(B, T, H, hd), self.k_proj(x).view(B, T, G, hd)], dim=2)
+            v = self.v_proj(x).view(B, T, G, hd)
+        # q and k rotated in one call: (B, H + G, T, hd) -> (B, H, T, hd), (B, G, T, hd)
+        q, k = apply_rotary(qk.transpose(1, 2), *rope, self.interleave).split([H, G], dim=1)
+        v = v.transpose(1, 2)
         if cache is not None:
             kv = cache.update(start_pos, k=k, v=v)
             k, v = kv["k"], kv["v"]

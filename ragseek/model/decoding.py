@@ -95,6 +95,7 @@ def decode_steps(
     cache = model.make_cache(len(distinct), total, dtype=dtype)
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     row_generators = [torch.Generator().manual_seed(s) for s in seeds] if seeds is not None else None
+    padded = bool((mask[:, :P] == 0).any())  # without padding, decoding steps need no mask at all
     h, _, _ = model.hidden_states(ids, cache, 0, mask[:, :P])
     logits = model.lm_head(model.norm(h[prompt_of, -1]))  # the head on the last prompt position only
     cache.select_rows(prompt_of)
@@ -116,7 +117,7 @@ def decode_steps(
             rows, nxt, mask = rows[kept], nxt[kept], mask[kept]
             cache.select_rows(kept)
         if pos + 1 < total:
-            logits = model(nxt[:, None], cache, pos, mask[:, : pos + 1])[:, -1]
+            logits = model(nxt[:, None], cache, pos, mask[:, : pos + 1] if padded else None)[:, -1]
 
 
 def generate_ids(

@@ -96,14 +96,19 @@ class Transformer(nn.Module):
 
     def _positions_and_mask(
         self, B: int, T: int, start_pos: int, attention_mask: torch.Tensor | None, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-row rotary positions (B, T) and the attention mask (B, T, S) with S = start_pos + T.
+
+        The mask is None for one new token without attention_mask (it sees every cached key): attention then
+        builds no mask at all, the common decoding step.
 
         attention_mask (B, S) is 1 on real tokens, 0 on (left) padding, as in transformers: positions count real
         tokens only, so a left-padded row starts at 0; padded keys are never attended to.
         """
         S = start_pos + T
         q_idx = torch.arange(start_pos, S, device=device)
+        if attention_mask is None and T == 1:
+            return q_idx.expand(B, T), None
         causal = torch.arange(S, device=device)[None, :] <= q_idx[:, None]  # (T, S)
         if attention_mask is None:
             return q_idx.expand(B, T), causal.expand(B, T, S)
@@ -128,7 +133,7 @@ class Transformer(nn.Module):
         cache: Cache | None = None,
         start_pos: int = 0,
         attention_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
         """Last block's output h (B, T, d) before the final norm, with the rope tables and mask used."""
         B, T = tokens.shape
         positions, mask = self._positions_and_mask(B, T, start_pos, attention_mask, tokens.device)

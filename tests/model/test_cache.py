@@ -139,6 +139,29 @@ def test_left_padding_matches_unpadded_rows():
         assert (step[0, -1] - model(torch.cat([short, nxt[:1]], 1))[0, -1]).abs().max().item() < 1e-5
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch.ao quantized tensors: deprecation notice
+@pytest.mark.parametrize("quantize", [False, True], ids=["fp32", "int8"])
+def test_fused_projections_give_the_same_outputs(quantize):
+    """q/k/v and gate/up fused into one linear each (done by quantize_weights): the same logits, bit for bit,
+    for int8 too (per-output-channel weight scales; the activation is quantised once per input either way)."""
+    import copy
+
+    from ragseek.model.quant import _swap_linears, fuse_projections, quantize_weights
+
+    model = tiny("gqa")
+    fused = copy.deepcopy(model)
+    if quantize:
+        _swap_linears(model)
+        quantize_weights(fused)
+    else:
+        fuse_projections(fused)
+    assert fused.layers[0].self_attn.qkv_proj is not None and fused.layers[0].mlp.gate_up_proj is not None
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(6))
+    a, _ = decode_stepwise(model, tokens, model.make_cache(2, 32))
+    b, _ = decode_stepwise(fused, tokens, fused.make_cache(2, 32))
+    assert torch.equal(a, b) if quantize else (a - b).abs().max().item() < 1e-5
+
+
 def test_config_json_round_trip_and_errors(tmp_path):
     cfg = tiny("mla", mla_impl="absorbed", mtp_depth=1).cfg
     cfg.save(tmp_path / "c.json")
