@@ -1,15 +1,18 @@
-"""Weight-only int8 for CPU inference: every nn.Linear becomes fbgemm's dynamically quantised Linear.
+"""Weight-only int8 for CPU inference: every nn.Linear becomes fbgemm's dynamically quantised linear (`Int8Linear`).
 
 Decoding at batch 1 reads every weight once per token, so on a CPU it is bound by memory bandwidth: int8 weights
 (one scale per output channel; activations quantised on the fly) read 4x fewer bytes than fp32.
 Inference only; stacked MoE expert weights stay in their dtype. q/k/v and gate/up are first fused into one linear
 each (`fuse_projections`): the same outputs, as each output channel keeps its own scale and the activation is
 quantised once per input either way, for fewer and larger calls per token.
+`Int8Linear` calls torch.ao's op directly, and under torch.compile as one opaque op (decoding.compile_decoding).
 """
 
 from __future__ import annotations
 
+import itertools
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -45,12 +48,49 @@ def fuse_projections(model: Transformer) -> Transformer:
 
 
 def _swap_linears(module: nn.Module) -> None:
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-    from torch.ao.quantization import per_channel_dynamic_qconfig
-
     for name, child in module.named_children():
         if type(child) is nn.Linear:
-            child.qconfig = per_channel_dynamic_qconfig
-            setattr(module, name, DynamicLinear.from_float(child))
+            setattr(module, name, Int8Linear(child))
         else:
             _swap_linears(child)
+
+
+# fbgemm's packed weights are a TorchScript object, which torch.compile cannot pass to an op: the compiled graph
+# calls `ragseek::int8_linear` with a key into this table instead.
+_PACKED: dict[int, torch.ScriptObject] = {}
+_KEYS = itertools.count()
+
+
+@torch.library.custom_op("ragseek::int8_linear", mutates_args=())
+def _int8_linear(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic(x, _PACKED[key], reduce_range=True)
+
+
+@_int8_linear.register_fake
+def _(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+class Int8Linear(nn.Module):
+    """torch.ao's dynamically quantised Linear (fbgemm: int8 weights with one scale per output channel, each
+    input quantised per call), without its per-call Python; under torch.compile one op, not a graph break."""
+
+    def __init__(self, linear: nn.Linear):
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+        from torch.ao.quantization import per_channel_dynamic_qconfig
+
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        linear.qconfig = per_channel_dynamic_qconfig
+        self.packed = DynamicLinear.from_float(linear)._packed_params._packed_params
+        self.key = next(_KEYS)
+        _PACKED[self.key] = self.packed
+        weakref.finalize(self, _PACKED.pop, self.key, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return torch.ops.ragseek.int8_linear(x, self.key, self.out_features)
+        return torch.ops.quantized.linear_dynamic(x, self.packed, reduce_range=True)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"

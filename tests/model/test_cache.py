@@ -162,6 +162,20 @@ def test_fused_projections_give_the_same_outputs(quantize):
     assert torch.equal(a, b) if quantize else (a - b).abs().max().item() < 1e-5
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch.ao quantized tensors: deprecation notice
+def test_int8_linear_is_torch_ao_dynamic_linear():
+    from torch import nn
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    from ragseek.model.quant import Int8Linear
+
+    torch.manual_seed(0)
+    linear, x = nn.Linear(48, 40), torch.randn(3, 5, 48)
+    linear.qconfig = per_channel_dynamic_qconfig
+    assert torch.equal(Int8Linear(linear)(x), DynamicLinear.from_float(linear)(x))
+
+
 def test_config_json_round_trip_and_errors(tmp_path):
     cfg = tiny("mla", mla_impl="absorbed", mtp_depth=1).cfg
     cfg.save(tmp_path / "c.json")

@@ -89,3 +89,30 @@ def test_stop_strings_and_streaming(model, tok):
 def test_too_long_is_a_clear_error(model):
     with pytest.raises(ValueError, match="max_seq_len"):
         generate_ids(model, [[1] * 100], SamplingConfig(max_new_tokens=100), eos_ids=set())
+
+
+def test_compile_decoding_is_never_required(model, monkeypatch, capsys):
+    """torch.compile of the decoding step is opt-in: without a C++ compiler it is not turned on, and a step that
+    fails to compile warns once and decodes eagerly, with the same tokens."""
+    import copy
+
+    from torch._dynamo.exc import TorchDynamoException
+
+    from ragseek.model import decoding
+
+    prompts = [[5, 17, 300, 42], [9, 8]]
+    cfg = SamplingConfig(max_new_tokens=6)
+    eager = [g.tokens for g in generate_ids(model, prompts, cfg, eos_ids=set())]
+
+    m = copy.deepcopy(model)
+    monkeypatch.setattr(decoding.shutil, "which", lambda _: None)
+    assert not decoding.compile_decoding(m) and not hasattr(m, "decode_step")
+    monkeypatch.undo()
+
+    def broken(*_):
+        raise TorchDynamoException("no compiler")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **_: broken)
+    if decoding.compile_decoding(m):  # a machine without a C++ compiler has nothing to fall back from
+        assert [g.tokens for g in generate_ids(m, prompts, cfg, eos_ids=set())] == eager
+        assert capsys.readouterr().err.count("torch.compile failed") == 1
