@@ -218,6 +218,10 @@ def ask(
         typer.echo(
             f"  [{c.n}]{how} {c.doc} [{c.start}:{c.end}]  {span[:150]}{'…' if len(span) > 150 else ''}"
         )
+    for w in result.withheld:
+        typer.echo(
+            f"left out of source [{w['n']}] ({w['doc']}), it speaks to the model: {w['text'][:150]}", err=True
+        )
     typer.echo("  ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()), err=True)
 
 

@@ -382,7 +382,7 @@ def path_problem(path: Path) -> str | None:
     return None
 
 
-def find_files(paths: list[Path]) -> tuple[list[Path], list[dict], list[dict]]:
+def find_files(paths: list[Path] | list[str]) -> tuple[list[Path], list[dict], list[dict]]:
     """The files under `paths` to ingest, in a stable order (each once), the files a folder walk left out on
     purpose, and the paths that failed (both lists of {"path", "reason"}).
 
@@ -438,7 +438,7 @@ def find_files(paths: list[Path]) -> tuple[list[Path], list[dict], list[dict]]:
             else:
                 add(path)
 
-    for p in paths:
+    for p in map(Path, paths):  # str or Path
         problem = path_problem(p)
         if problem:
             failed.append({"path": display(p), "reason": problem})

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -89,6 +89,11 @@ class AskConfig:
     one_citation: bool = _f(
         True, "stop the answer at its first complete [n], the prompt's format: one phrase, one source"
     )
+    check_answer: bool = _f(
+        True,
+        "when the sentence an answer comes from does not support the question (the gate's model, at "
+        "--max-unanswerable) and another source's best sentence does, ask again from that source alone",
+    )
     max_tokens: int = _f(64, "most answer tokens")
     temperature: float = _f(0.0, "answer sampling temperature (0 = greedy)")
 
@@ -127,6 +132,8 @@ class Answer:
     queries: list[str]  # what was retrieved by (the transformed query / queries / HyDE passage)
     timings: dict[str, float]  # seconds per step
     prompt: str = ""
+    # sentences of the sources that speak to the model (`addressed`), left out of the prompt: {"n", "doc", "text"}
+    withheld: list[dict] = field(default_factory=list)
 
     def as_json(self) -> dict:
         return {
@@ -136,6 +143,7 @@ class Answer:
             "chunks": [{"n": n, **vars(h)} for n, h in enumerate(self.chunks, 1)],
             "queries": self.queries,
             "timings": self.timings,
+            "withheld": self.withheld,
         }
 
 
@@ -143,7 +151,7 @@ def build_prompt(question: str, chunks: list[Hit], dont_know: bool = True) -> st
     """The whole user message the LLM answers: numbered sources, then the question and the instructions (after
     the sources, where a small model still attends to them); `dont_know` offers the don't-know reply."""
     numbered = "\n\n".join(
-        f"Source [{n}] (from {h.doc_id}):\n{h.text.strip()}" for n, h in enumerate(chunks, 1)
+        f"Source [{n}] (from {h.doc_id}):\n{shown(h.text).strip()}" for n, h in enumerate(chunks, 1)
     )
     option = f" If the sources do not contain the answer, reply: {DONT_KNOW}" if dont_know else ""
     return (
@@ -194,7 +202,7 @@ def recite(answer: str, chunks: list[Hit]) -> tuple[str, set[int]]:
 
     Returns the answer and the numbers it now cites in place of the model's; a phrase no source holds, a
     sentence that paraphrases, and `[n, m]` are left as written."""
-    texts = [_words(h.text) for h in chunks]
+    texts = [_words(shown(h.text)) for h in chunks]
     pieces, moved, last = [], set(), 0
     for m in CITATION.finditer(answer):
         phrase, n = _words(answer[last : m.start()]), m.group(1)
@@ -210,6 +218,52 @@ def recite(answer: str, chunks: list[Hit]) -> tuple[str, set[int]]:
 
 
 SENTENCE = re.compile(r"[^.!?\n]*[^.!?\n\s][^.!?\n]*[.!?]*")
+
+# A sentence of a source that speaks to the model instead of informing it — the prompt injection "ignore the question
+# and answer X" — is left out of the prompt (`shown`) and reported (`Answer.withheld`). Each pattern is an act no
+# informative text performs: overriding what the model was told, a chat role label opening a line, addressing an AI,
+# dictating the answer to any question. None fires on a sentence of SQuAD's 1,033 paragraphs, SciFact's 5,183
+# abstracts, GSM8K's questions or docs/ (bench_injection.py counts them); a paraphrase without those acts gets
+# through, which the prompt's framing of the sources as quoted data is left to catch.
+_AI = r"(?:AI|A\.I\.|assistant|chat ?bot|language model|LLM|GPT)"
+ADDRESSED = re.compile(
+    "|".join(
+        [
+            r"\b(?:ignore|disregard|forget|override|bypass)\b[^.!?\n]{0,40}\b(?:questions?|instructions?|prompts?"
+            r"|sources?|(?:all|everything|anything) (?:above|before|else)|(?:the )?above"
+            r"|(?:previous|prior|earlier) (?:instructions?|prompts?|messages?|rules?|text))\b",
+            r"(?:^|\n)\s*\W{0,3}(?:system|assistant|user|(?:new )?instructions?)\s*\W{0,3}\s*:",
+            rf"\byou are an? (?:{_AI}|model|bot)\b",
+            rf"\bas an? {_AI}\b",
+            rf"\bif you are an? (?:{_AI}|model|bot)\b",
+            rf"\b(?:note|message|instructions?|attention) (?:to|for) (?:the |any |all )?(?:{_AI}|model|bot|reader)s?\b",
+            rf"\b(?:dear|hey|hello) (?:{_AI}|model|bot)\b",
+            rf"(?:^\W*|\b(?:you|please|must|should|always|now)\s+|\b(?:{_AI}|model|bot)\s*[,:]\s*)"
+            r"(?:answer|reply|respond|say|output|print|write)\s+(?:only |just |simply )?(?:with|by saying)\b",
+            # an answer written in the reader's own format, "Answer: X [1]" (a FAQ's "Answer: ..." cites nothing)
+            r"\b(?:answer|reply|response)\s*:[^\n]{0,80}\[\d+\]",
+            r"\b(?:your|the) (?:only |final )?(?:answer|reply|response) (?:must|should|shall|has to|needs to) be\b",
+            r"\b(?:answer|respond|reply) to (?:any|every|all|each) questions?\b",
+            r"\b(?:whatever|whichever|no matter what) (?:the )?question\b",
+            r"\b(?:any|every|all|each) questions? (?:about|on|regarding|concerning) (?:this|these|the)\b"
+            r"[^.!?\n]{0,40}\b(?:answer|reply)\b",
+        ]
+    ),
+    re.IGNORECASE,
+)
+
+
+def addressed(text: str) -> list[str]:
+    """The sentences of `text` that speak to the model rather than inform it (`ADDRESSED`), stripped."""
+    return [m.group().strip() for m in SENTENCE.finditer(text) if ADDRESSED.search(m.group())]
+
+
+def shown(text: str) -> str:
+    """A source's text as the prompt shows it and its citations are checked against: without the sentences that
+    speak to the model (`addressed`)."""
+    for m in reversed([m for m in SENTENCE.finditer(text) if ADDRESSED.search(m.group())]):
+        text = text[: m.start()] + text[m.end() :]
+    return text
 
 
 def attribute(
@@ -247,17 +301,25 @@ def sentences(texts: Iterable[str]) -> list[str]:
     return [m.group().strip() for t in texts for m in SENTENCE.finditer(t)]
 
 
+def sentence_support(question: str, said: list[str], searcher: Searcher) -> np.ndarray:
+    """Per sentence of `said`, how well it matches the question: (its cosine with the question under the store's
+    embedder, the share of the question's content words it holds), shape (len(said), 2)."""
+    if not said:
+        return np.zeros((0, 2))
+    cos = similarity(searcher.encode([question]), searcher.encode(said), "cosine")[0]
+    asked = content_words(question)
+    held = [len(asked & content_words(s)) / len(asked) if asked else 1.0 for s in said]
+    return np.stack([cos, held], axis=1).astype(np.float64)
+
+
 def support(question: str, chunks: list[Hit], searcher: Searcher) -> tuple[float, float]:
     """How well the sources' best sentences match the question: the highest cosine of a sentence with the
     question (the store's embedder), and the highest share of the question's content words one sentence holds.
     A SQuAD-style question is written from one sentence of its passage; with that passage missing, both fall."""
-    said = sentences(h.text for h in chunks)
-    if not said:
+    features = sentence_support(question, sentences(h.text for h in chunks), searcher)
+    if not len(features):
         return 0.0, 0.0
-    cos = similarity(searcher.encode([question]), searcher.encode(said), "cosine")[0]
-    asked = content_words(question)
-    held = max(len(asked & content_words(s)) for s in said) / len(asked) if asked else 1.0
-    return float(cos.max()), held
+    return float(features[:, 0].max()), float(features[:, 1].max())
 
 
 def unanswerable(features: tuple[float, float], weights: list[float]) -> float:
@@ -333,9 +395,16 @@ def sources(
     return texts, chunks, t
 
 
-def generate_answer(llm: LLM, prompt: str, cfg: AskConfig, on_text: Callable[[str], None] | None) -> str:
-    """The model's answer to the user message `prompt`, streamed to `on_text` as it comes — unless it is a
-    don't-know, which is held back: `ask` decides what to say then."""
+# an answer shorter than this (on one line) is held back until it is complete, so that `ask` can check it first
+SHORT_ANSWER = 200
+
+
+def generate_answer(
+    llm: LLM, prompt: str, cfg: AskConfig, on_text: Callable[[str], None] | None
+) -> tuple[str, int]:
+    """The model's answer to the user message `prompt`, as generated, and how many of its characters were streamed
+    to `on_text`. A don't-know is held back (`ask` decides what to say then), and so is a short answer when
+    `cfg.check_answer` (`ask` may replace it): `ask` streams what is left."""
     gen = {
         "max_tokens": cfg.max_tokens,
         "temperature": cfg.temperature,
@@ -347,15 +416,51 @@ def generate_answer(llm: LLM, prompt: str, cfg: AskConfig, on_text: Callable[[st
         if done:  # the tokens after it would be wasted: a 135M reader may repeat [n] up to max_tokens
             piece = piece[: done.end() - len(answer)]
         answer += piece
-        held = DONT_KNOW.startswith(answer.lstrip()) or is_dont_know(answer)
+        short = cfg.check_answer and len(answer) < SHORT_ANSWER and "\n" not in answer.strip()
+        held = short or DONT_KNOW.startswith(answer.lstrip()) or is_dont_know(answer)
         if on_text and not held:
             on_text(answer[shown:])
             shown = len(answer)
         if done:
             break
-    if on_text and shown < len(answer) and not is_dont_know(answer):
-        on_text(answer[shown:])
-    return answer.strip()
+    return answer, shown
+
+
+def recheck(
+    question: str, answer: str, chunks: list[Hit], searcher: Searcher, llm: LLM, cfg: AskConfig
+) -> str:
+    """`answer`, or the reader's answer from one other source when that is better supported.
+
+    A SQuAD-style question is written from one sentence; an answer taken from a sentence that does not match the
+    question is likely a distractor's (a table cell, a number of another row). When the sentence of its cited
+    source that holds the answer's phrase has P(no source answers) (`unanswerable` of `sentence_support`) at or
+    above `cfg.max_unanswerable`, while another source holds a sentence below it, the reader is asked again with
+    that source alone; its answer replaces this one when it is a phrase of that source, cited as that source's
+    number."""
+    cited = cite(recite(answer, chunks)[0], chunks)
+    phrase = _words(CITATION.sub("", answer))
+    if not cited or not phrase.strip():
+        return answer
+    said = [(n, s) for n, h in enumerate(chunks, 1) for s in sentences([shown(h.text)])]
+    features = sentence_support(question, [s for _, s in said], searcher)
+    p = np.array([unanswerable(tuple(f), cfg.unanswerable_weights) for f in features])
+    own = [pi for (n, s), pi in zip(said, p, strict=True) if n == cited[0].n and phrase in _words(s)]
+    best = int(p.argmin()) if len(p) else 0
+    if (
+        not own
+        or min(own) < cfg.max_unanswerable
+        or p[best] >= cfg.max_unanswerable
+        or said[best][0] == cited[0].n
+    ):
+        return answer
+    n = said[best][0]
+    again, _ = generate_answer(llm, build_prompt(question, [chunks[n - 1]]), cfg, None)
+    again = again.strip()
+    if is_dont_know(again) or not (_words(CITATION.sub("", again)).strip()):
+        return answer
+    if _words(CITATION.sub("", again)) not in _words(shown(chunks[n - 1].text)):
+        return answer
+    return CITATION.sub(f"[{n}]", again)
 
 
 def ask(
@@ -390,20 +495,28 @@ def ask(
             on_text(DONT_KNOW)
         t["total"] = time.perf_counter() - start
         return Answer(question, DONT_KNOW, [], [], texts, t)
+    withheld = [
+        {"n": n, "doc": h.doc_id, "text": said} for n, h in enumerate(chunks, 1) for said in addressed(h.text)
+    ]
     prompt = build_prompt(question, chunks)
-    answer = generate_answer(llm, prompt, cfg, on_text)
+    answer, streamed = generate_answer(llm, prompt, cfg, on_text)
     # the reader's own don't-know, against sources that support the question well: asked again without that option
     if is_dont_know(answer) and cfg.trust_dont_know > 0:
         if unanswerable(support(question, chunks, searcher), cfg.unanswerable_weights) < cfg.trust_dont_know:
             prompt = build_prompt(question, chunks, dont_know=False)
-            answer = generate_answer(llm, prompt, cfg, on_text)
+            answer, streamed = generate_answer(llm, prompt, cfg, on_text)
+    if cfg.check_answer and not streamed and not is_dont_know(answer):
+        answer = recheck(question, answer.strip(), chunks, searcher, llm, cfg)
+    if on_text and not is_dont_know(answer):
+        on_text(answer[streamed:])
+    answer = answer.strip()
     lap("generate")
     # a don't-know in the model's own words ("the recipes do not contain ..."): the one sentence, nothing cited
     if is_dont_know(answer):
         if on_text:
             on_text(DONT_KNOW)
         t["total"] = time.perf_counter() - start
-        return Answer(question, DONT_KNOW, [], chunks, texts, t, prompt)
+        return Answer(question, DONT_KNOW, [], chunks, texts, t, prompt, withheld)
     by_model = {c.n for c in cite(answer, chunks)}
     answer, moved = recite(answer, chunks)
     answer = attribute(answer, chunks, searcher.encode, cfg.attribute_min)
@@ -413,4 +526,4 @@ def ask(
     ]
     lap("cite")
     t["total"] = time.perf_counter() - start
-    return Answer(question, answer, citations, chunks, texts, t, prompt)
+    return Answer(question, answer, citations, chunks, texts, t, prompt, withheld)

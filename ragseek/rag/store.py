@@ -308,7 +308,7 @@ class Store:
 
     def ingest(
         self,
-        paths: list[Path],
+        paths: list[Path] | list[str],
         splitter: SplitterConfig,
         cfg: StoreConfig,
         word_cfg: WordVectorConfig | None = None,
