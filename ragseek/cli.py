@@ -56,6 +56,12 @@ def generate(
     quantize: str = typer.Option(
         None, help="'int8': int8 weights for the linear layers (faster decoding on CPU)"
     ),
+    compile_step: bool = typer.Option(
+        False,
+        "--compile",
+        help="torch.compile the decoding step (needs a C++ compiler, else ignored): faster tokens after a first "
+        "step that compiles for tens of seconds, so only worth it for long outputs",
+    ),
     json_out: bool = typer.Option(
         False, "--json", help='print {"text", "tokens", "logprobs", "finish_reason"} instead of streaming'
     ),
@@ -69,6 +75,7 @@ def generate(
     from ragseek.defaults import smollm2_gguf
     from ragseek.model import Transformer, load_tokenizer, stream
     from ragseek.model import generate as run_generate
+    from ragseek.model.decoding import compile_decoding
     from ragseek.model.quant import quantize_weights
 
     path = model or str(smollm2_gguf())
@@ -76,6 +83,8 @@ def generate(
         net = Transformer.from_pretrained(path)
         if quantize:
             quantize_weights(net, quantize)
+        if compile_step:
+            compile_decoding(net)
         tok = load_tokenizer(path)
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}
