@@ -1,16 +1,20 @@
 """Model speed and KV-cache memory.
 
-    .venv/bin/python bench/bench_model.py
+    .venv/bin/python bench/bench_model.py [--threads N]     (default 2)
 
 1. SmolLM2-135M-Instruct (the embedded GGUF, dequantised to fp32): decode tok/s at batch 1 and 8 (32-token prompt,
    64 greedy tokens) and prefill tok/s (512 tokens), ragseek vs transformers in the same process, same threads,
-   same dtype; plus ragseek with int8 weights (fbgemm) as an extra row.
+   same dtype; plus ragseek with int8 weights (fbgemm), each also with its decoding step under torch.compile
+   (`compile_decoding`; the compile is timed apart), and llama.cpp (llama-cpp-python, when installed) on the same
+   GGUF with its own Q4_1 weights, same threads.
 2. KV-cache bytes per token for MHA / GQA / MQA / MLA at DeepSeek-V3 dimensions, read from real cache objects and
    compared with DeepSeek-V2's Table 1 formulas.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import os
 import time
@@ -35,12 +39,40 @@ def best_of(fn, repeat: int = REPEAT) -> float:
     return min(times)
 
 
-def speed_rows() -> list[dict]:
+def llama_cpp_rows(gguf: Path, threads: int) -> dict[str, float]:
+    """llama.cpp on the GGUF as shipped (its Q4_1 weights): batch-1 decode of NEW tokens, prefill of PREFILL."""
+    from llama_cpp import Llama
+
+    llm = Llama(
+        model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=1024, seed=0, verbose=False
+    )
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(100, 40000, (PROMPT,), generator=gen).tolist()
+    long = torch.randint(100, 40000, (PREFILL,), generator=gen).tolist()
+
+    def decode():  # the prompt's prefill included, as in ragseek's rows
+        llm.reset()  # else generate() reuses the cached prompt
+        for i, _ in enumerate(llm.generate(prompt, top_k=1, temp=0.0, reset=True)):
+            if i + 1 == NEW:  # EOS does not end llama-cpp-python's generate: exactly NEW tokens
+                break
+
+    def prefill():
+        llm.reset()
+        llm.eval(long)
+
+    return {
+        "decode tok/s, batch 1": NEW / best_of(decode),
+        f"prefill tok/s, {PREFILL} tokens": PREFILL / best_of(prefill),
+    }
+
+
+def speed_rows(threads: int) -> tuple[list[dict], dict[str, float]]:
+    """The speed table's rows, and the seconds each torch.compile took (its first decode, compile included)."""
     import transformers
 
     from ragseek.defaults import smollm2_gguf
     from ragseek.model import SamplingConfig, Transformer
-    from ragseek.model.decoding import generate_ids
+    from ragseek.model.decoding import compile_decoding, generate_ids
     from ragseek.model.quant import quantize_weights
 
     gguf = smollm2_gguf()
@@ -73,6 +105,20 @@ def speed_rows() -> list[dict]:
 
         return run
 
+    compile_s: dict[str, float] = {}
+
+    def compiled_decode(key: str) -> None:
+        """The decode rows again with the decoding step compiled; the first run of each batch size compiles."""
+        if not compile_decoding(ours):
+            return
+        for i, B in enumerate((1, 8)):
+            run = ragseek_decode(ours, B)
+            t0 = time.perf_counter()
+            run()
+            compile_s[f"{key}, batch {B}"] = time.perf_counter() - t0
+            rows[i][f"{key}_compiled"] = B * NEW / best_of(run)
+        del ours.decode_step
+
     rows = []
     with torch.inference_mode():
         for B in (1, 8):
@@ -88,14 +134,20 @@ def speed_rows() -> list[dict]:
                 ragseek=PREFILL / best_of(prefill(ours)),
             )
         )
+        compiled_decode("ragseek")
         quantize_weights(ours, "int8")
         for i, B in enumerate((1, 8)):
             rows[i]["ragseek_int8"] = B * NEW / best_of(ragseek_decode(ours, B))
         rows[2]["ragseek_int8"] = PREFILL / best_of(prefill(ours))
+        compiled_decode("ragseek_int8")
+    if importlib.util.find_spec("llama_cpp") is not None:
+        peer = llama_cpp_rows(gguf, threads)
+        for r in rows:
+            r["llama_cpp"] = peer.get(r["metric"])
     for r in rows:
         r["speedup"] = r["ragseek"] / r["transformers"]
         r["speedup_int8"] = r["ragseek_int8"] / r["transformers"]
-    return rows
+    return rows, compile_s
 
 
 def kv_rows() -> list[dict]:
@@ -145,31 +197,63 @@ def kv_rows() -> list[dict]:
 
 
 def main() -> None:
-    torch.set_num_threads(THREADS)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=THREADS, help="torch and llama.cpp threads")
+    threads = ap.parse_args().threads
+    torch.set_num_threads(threads)
     OUT.mkdir(parents=True, exist_ok=True)
-    speed = speed_rows()
+    speed, compile_s = speed_rows(threads)
+    load = os.getloadavg()[0]
     kv = kv_rows()
     (OUT / "model.json").write_text(
-        json.dumps({"threads": THREADS, "speed": speed, "kv_cache": kv}, indent=2)
+        json.dumps(
+            {
+                "threads": threads,
+                "load_avg_1min": load,
+                "speed": speed,
+                "compile_s": compile_s,
+                "kv_cache": kv,
+            },
+            indent=2,
+        )
     )
+    columns = [  # (key, header): the ratio columns follow the first two ragseek ones, as before
+        ("transformers", "transformers fp32"),
+        ("ragseek", "ragseek fp32"),
+        ("speedup", "ratio"),
+        ("ragseek_int8", "ragseek int8 weights"),
+        ("speedup_int8", "ratio"),
+        ("ragseek_compiled", "ragseek fp32, compiled step"),
+        ("ragseek_int8_compiled", "ragseek int8, compiled step"),
+        ("llama_cpp", "llama.cpp Q4_1"),
+    ]
+    columns = [(k, h) for k, h in columns if any(r.get(k) is not None for r in speed)]
+
+    def cell(r: dict, key: str) -> str:
+        v = r.get(key)
+        return "–" if v is None else f"{v:.2f}x" if key.startswith("speedup") else f"{v:.1f}"
+
     lines = [
         "## Model: SmolLM2-135M speed and KV-cache memory",
         "",
-        "`.venv/bin/python bench/bench_model.py` — SmolLM2-135M-Instruct from the embedded GGUF, dequantised to fp32 "
-        f"for both; {THREADS} threads; {PROMPT}-token prompts, {NEW} greedy tokens; best of {REPEAT}.",
+        f"`.venv/bin/python bench/bench_model.py --threads {threads}` — SmolLM2-135M-Instruct from the embedded GGUF, "
+        f"dequantised to fp32 for transformers and ragseek (llama.cpp runs the GGUF's own Q4_1 weights); {threads} "
+        f"thread(s) for all; {PROMPT}-token prompts, {NEW} greedy tokens; best of {REPEAT}; 1-minute load average "
+        f"{load:.1f} on this 2-core machine at the end. Compiled step: `ragseek.model.decoding.compile_decoding` "
+        "(torch.compile of the one-token step; prefill stays eager); the first decode of each, compile included (inductor may reuse its on-disk cache of an earlier run): "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in compile_s.items())
+        + ". llama-cpp-python decodes one sequence at a time (no batch-8 row).",
         "",
-        "| metric | transformers fp32 | ragseek fp32 | ratio | ragseek int8 weights | ratio |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| metric | " + " | ".join(h for _, h in columns) + " |",
+        "|---|" + "---:|" * len(columns),
     ]
     for r in speed:
-        lines.append(
-            f"| {r['metric']} | {r['transformers']:.1f} | {r['ragseek']:.1f} | {r['speedup']:.2f}x | "
-            f"{r['ragseek_int8']:.1f} | {r['speedup_int8']:.2f}x |"
-        )
+        lines.append(f"| {r['metric']} | " + " | ".join(cell(r, k) for k, _ in columns) + " |")
     lines += [
         "",
         "Batch-1 fp32 decoding reads all 540 MB of weights per token, so on this 2-core machine both libraries sit at "
-        "the memory-bandwidth floor; the int8 path (fbgemm dynamic quantisation, `--quantize int8`) reads 4x fewer bytes.",
+        "the memory-bandwidth floor; the int8 path (fbgemm dynamic quantisation, `--quantize int8`) reads 4x fewer "
+        "bytes, and fuses q/k/v and gate/up into one linear each.",
         "",
         "KV cache per token and layer at DeepSeek-V3 dimensions (n_h=128, d_h=128, d_c=512, d_h^R=64), bf16, measured "
         "from `LayerCache.nbytes`, against DeepSeek-V2 Table 1:",
