@@ -31,6 +31,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -127,6 +128,38 @@ def token_logps(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Ten
     return logps.masked_fill(labels < 0, 0.0)
 
 
+def _chunk_logps(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float) -> Tensor:
+    return token_logps(F.linear(hidden, weight)[None], labels[None], temperature)[0]
+
+
+def chunked_token_logps(
+    hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int = 256, temperature: float = 1.0
+) -> Tensor:
+    """token_logps(hidden @ weightᵀ, labels) without the logits: hidden (..., d), the head's weight (V, d), labels
+    (...) -> logps (...), `chunk` positions at a time (the leading dims flattened).
+
+    Each chunk's head + log-softmax runs under torch.utils.checkpoint: the forward keeps no logits, the backward
+    recomputes one chunk's (chunk, V) logits at a time, so at most one chunk of logits and of its gradient exists in
+    either pass (8 x 256 positions of SmolLM2's 49k vocabulary are 400 MB of fp32 logits, 256 positions are 50 MB).
+    The price is the head's forward matmul once more in the backward.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk}: it must be >= 1")
+    flat_hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    parts = [
+        torch.utils.checkpoint.checkpoint(
+            _chunk_logps,
+            flat_hidden[i : i + chunk],
+            weight,
+            flat_labels[i : i + chunk],
+            temperature,
+            use_reentrant=False,
+        )
+        for i in range(0, max(1, flat_labels.shape[0]), chunk)  # no position: one empty chunk, still a graph
+    ]
+    return torch.cat(parts).reshape(labels.shape)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Post-training I: SFT, distillation, Bradley-Terry reward model, DPO
 
@@ -146,8 +179,15 @@ def sft_loss(
     every response token of the batch (what transformers' `CrossEntropyLoss(ignore_index=-100)` computes).
     """
     _check_shapes(labels=labels, loss_mask=loss_mask)
-    nll = -token_logps(logits, labels)
-    loss = SFT_REDUCTIONS[reduction](nll, loss_mask)
+    return sft_loss_from_logps(token_logps(logits, labels), loss_mask, reduction)
+
+
+def sft_loss_from_logps(
+    logps: Tensor, loss_mask: Tensor, reduction: SFTReduction = "sequence"
+) -> tuple[Tensor, Metrics]:
+    """`sft_loss` from the per-token log π_θ(y_t | x, y_<t) (B, T), e.g. `chunked_token_logps`' (no logits)."""
+    _check_shapes(logps=logps, loss_mask=loss_mask)
+    loss = SFT_REDUCTIONS[reduction](-logps, loss_mask)
     return loss, {"loss": loss.item(), "tokens": float(loss_mask.sum())}
 
 

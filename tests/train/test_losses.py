@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ragseek.train.losses import (
     bradley_terry_loss,
+    chunked_token_logps,
     distill_loss,
     dpo_loss,
     gae,
@@ -83,6 +84,29 @@ def test_token_logps_matches_log_softmax_loop_and_its_gradient():
         reference = F.log_softmax(c / temperature, -1).gather(-1, labels[..., None]).squeeze(-1)
         (reference * weights).sum().backward()
         torch.testing.assert_close(a.grad, c.grad, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 18, 100])
+def test_chunked_token_logps_is_the_head_then_token_logps(chunk):
+    """Values and gradients (hidden states and head weight) of the chunked head + log-softmax are those of the
+    whole logits, fp32 to 1e-5, for chunks that divide the 3 x 6 = 18 positions, do not, or exceed them."""
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(3, 6, 8, generator=g)
+    weight = torch.randn(11, 8, generator=g)
+    labels = torch.randint(0, 11, (3, 6), generator=g)
+    upstream = torch.randn(3, 6, generator=g)
+    for temperature in (1.0, 0.7):
+        h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        ours = chunked_token_logps(h1, w1, labels, chunk, temperature)
+        whole = token_logps(F.linear(h2, w2), labels, temperature)
+        torch.testing.assert_close(ours, whole, atol=1e-5, rtol=0)
+        (ours * upstream).sum().backward()
+        (whole * upstream).sum().backward()
+        torch.testing.assert_close(h1.grad, h2.grad, atol=1e-5, rtol=0)
+        torch.testing.assert_close(w1.grad, w2.grad, atol=1e-5, rtol=0)
+    empty = chunked_token_logps(hidden[:0].requires_grad_(), weight, labels[:0], chunk)
+    assert empty.shape == (0, 6) and empty.requires_grad
 
 
 def test_token_logps_bf16_rows_are_upcast():

@@ -29,7 +29,7 @@ from ragseek.defaults import smollm2_gguf
 from ragseek.model import ModelConfig, Transformer, load_tokenizer
 from ragseek.model.decoding import SamplingConfig, generate
 from ragseek.train import value_heads
-from ragseek.train.data import collate_preference, load_preference, load_sft
+from ragseek.train.data import collate_preference, collate_sft, load_preference, load_sft
 from ragseek.train.loop import LoopConfig, read_metrics
 from ragseek.train.recipes import distill, dpo, rm, sft
 
@@ -155,6 +155,24 @@ def test_sft_learns_the_toy_set(arch, models, toy, tokenizer, tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["batch_size"] == 4 and saved["loop"]["lr"] == 1e-2
     assert (tmp_path / "metrics.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("reduction", ["sequence", "token"])
+def test_sft_head_in_chunks_has_the_whole_logits_loss_and_gradients(reduction, models, toy, tokenizer):
+    """The default head_chunk (response positions only, a few at a time) against head_chunk=0 (one logits tensor):
+    same loss and same gradient on every parameter, fp32 to 1e-5."""
+    model = Transformer.from_pretrained(models["dense_gqa"])
+    batch = collate_sft(load_sft(toy["sft"], tokenizer, 64), tokenizer.pad_id)
+    results = []
+    for head_chunk in (3, 0):
+        model.zero_grad()
+        loss, _ = sft.batch_loss(model, batch, reduction, head_chunk)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (chunked, chunked_grads), (whole, whole_grads) = results
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, atol=1e-5, rtol=0, msg=name)
 
 
 def test_sft_with_a_lora_block_trains_and_saves_only_an_adapter(models, toy, tokenizer, tmp_path):

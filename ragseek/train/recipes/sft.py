@@ -5,7 +5,7 @@
 
 Data: JSONL {"prompt", "response"} or {"messages": [...]}, rendered with the model's chat template; only the assistant
 tokens (and their end-of-turn token) are trained (`data.tokenize_chat`). One step: a batch from the resumable
-sampler, the logits of prompt + response, `sft_loss` on the response tokens, AdamW with the loop's schedule.
+sampler, the hidden states of prompt + response, the head and `sft_loss` on the response tokens (in chunks), AdamW with the loop's schedule.
 The run writes metrics.jsonl, metrics.png, config.json, checkpoints/ and the trained model (with its tokenizer)
 to `<out_dir>/final`.
 """
@@ -18,10 +18,11 @@ from torch import Tensor
 
 from ragseek.config import config_field as _f
 from ragseek.model.lora import LoRAConfig
+from ragseek.model.transformer import Transformer
 from ragseek.train.data import EpochSampler, collate_sft, load_sft
 from ragseek.train.distributed import World
 from ragseek.train.loop import LoopConfig, build_optimizer, micro_batches, set_seed, train_step
-from ragseek.train.losses import SFTReduction, sft_loss
+from ragseek.train.losses import SFTReduction, chunked_token_logps, sft_loss, sft_loss_from_logps
 from ragseek.train.run import (
     LORA_HELP,
     MODEL_HELP,
@@ -48,8 +49,32 @@ class SFTConfig(RecipeConfig):
         "sequence",
         "sequence: the lecture's per-response mean, then the batch mean; token: one mean over all tokens",
     )
+    head_chunk: int = _f(
+        256,
+        "the LM head and loss run over the response positions only, this many at a time, so the (tokens x vocab) "
+        "logits never exist whole (losses.chunked_token_logps); 0: one logits tensor from the first response position",
+    )
     lora: LoRAConfig | None = _f(None, LORA_HELP)
     loop: LoopConfig = loop_field(lr=2e-5, out_dir="runs/sft")
+
+
+def batch_loss(
+    model: Transformer, batch: dict[str, Tensor], reduction: SFTReduction, head_chunk: int
+) -> tuple[Tensor, dict[str, float]]:
+    """`sft_loss` of a collated batch (`collate_sft`), the head run as `SFTConfig.head_chunk` says."""
+    ids, mask = batch["input_ids"], batch["loss_mask"][:, 1:]
+    h, _, _ = model.hidden_states(ids, attention_mask=batch["attention_mask"])
+    if head_chunk:
+        keep = mask.bool()
+        kept = chunked_token_logps(
+            model.norm(h[:, :-1][keep]), model.lm_head.weight, ids[:, 1:][keep], head_chunk
+        )
+        return sft_loss_from_logps(kept.new_zeros(mask.shape).index_put((keep,), kept), mask, reduction)
+    # the head (49k columns for SmolLM2) runs from the first position that scores a response token on: in a
+    # RAG example the prompt is most of the row, and masked positions add nothing to the loss
+    p0 = int(mask.any(0).int().argmax())
+    logits = model.lm_head(model.norm(h[:, p0:-1]))
+    return sft_loss(logits, ids[:, 1 + p0 :], mask[:, p0:], reduction)
 
 
 def train(cfg: SFTConfig) -> list[dict]:
@@ -66,13 +91,7 @@ def train(cfg: SFTConfig) -> list[dict]:
     run = start_run(cfg, cfg.loop, trained, optimizer, sampler)
 
     def loss_fn(batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        ids, mask = batch["input_ids"], batch["loss_mask"][:, 1:]
-        # the head (49k columns for SmolLM2) runs from the first position that scores a response token on: in a
-        # RAG example the prompt is most of the row, and masked positions add nothing to the loss
-        p0 = int(mask.any(0).int().argmax())
-        h, _, _ = model.hidden_states(ids, attention_mask=batch["attention_mask"])
-        logits = model.lm_head(model.norm(h[:, p0:-1]))
-        return sft_loss(logits, ids[:, 1 + p0 :], mask[:, p0:], cfg.reduction)
+        return batch_loss(model, batch, cfg.reduction, cfg.head_chunk)
 
     for step in range(run.start, cfg.loop.max_steps):
         batch = collate_sft([examples[i] for i in sampler.next_batch()], tokenizer.pad_id)
