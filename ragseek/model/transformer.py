@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ragseek.model.attention import ATTENTION, Cache, LayerCache, Quantize
 from ragseek.model.config import ModelConfig
@@ -56,6 +57,10 @@ class MTPModule(nn.Module):
 
 
 class Transformer(nn.Module):
+    # recompute each block's activations in the backward instead of keeping them (torch.utils.checkpoint, per
+    # block): a training-time switch, set by the training loop (LoopConfig.activation_checkpointing), not saved
+    activation_checkpointing: bool = False
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -139,8 +144,12 @@ class Transformer(nn.Module):
         positions, mask = self._positions_and_mask(B, T, start_pos, attention_mask, tokens.device)
         rope = self.rotary(positions)
         h = self.embed_tokens(tokens)
+        recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            h = layer(h, rope, mask, cache.layers[i] if cache is not None else None, start_pos)
+            if recompute:
+                h = checkpoint(layer, h, rope, mask, use_reentrant=False)
+            else:
+                h = layer(h, rope, mask, cache.layers[i] if cache is not None else None, start_pos)
         return h, rope, mask
 
     def forward(

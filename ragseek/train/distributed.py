@@ -203,6 +203,11 @@ class Parallel:
     `model` stays the recipe's module (sharded in place by fsdp); recipes keep calling it directly."""
 
     def __init__(self, model: nn.Module, world: World, loop: LoopConfig):
+        from ragseek.model.transformer import Transformer
+
+        for m in model.modules():
+            if isinstance(m, Transformer):
+                m.activation_checkpointing = loop.activation_checkpointing
         self.model, self.world = world.place(model), world
         self.kind = loop.parallel if world.size > 1 else None
         self.ddp: nn.Module | None = None

@@ -83,6 +83,11 @@ class LoopConfig:
         1.0, "clip the global gradient L2 norm to this; 0 disables clipping (norm still logged)"
     )
     dtype: Precision = _f("fp32", "fp32, or bf16 autocast (CPU too); weights and optimizer state stay fp32")
+    activation_checkpointing: bool = _f(
+        False,
+        "keep only each transformer block's input and recompute its activations in the backward (less memory, "
+        "about one more forward of the blocks)",
+    )
     seed: int = _f(0, "seeds python random, numpy and torch (set_seed) and the data shuffle")
     log_every: int = _f(1, "write a metrics line and a progress line every this many steps")
     ckpt_every: int = _f(100, "save a checkpoint every this many steps (0: never)")

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from ragseek.model.config import ModelConfig
 from ragseek.model.transformer import Transformer
+from ragseek.train.distributed import World
 from ragseek.train.loop import (
     Checkpointer,
     LoopConfig,
@@ -99,6 +100,21 @@ def test_accumulated_micro_batches_equal_one_big_batch():
         torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
     with pytest.raises(ValueError, match="multiple of grad_accum"):
         micro_batches(batch, 3)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    batch = toy_batch()
+    plain, recomputed = tiny_model(n_layers=2), tiny_model(n_layers=2)
+    World().parallelize(recomputed, LoopConfig(activation_checkpointing=True))  # the loop's switch
+    assert recomputed.activation_checkpointing and not plain.activation_checkpointing
+    losses = [loss_of(model)(batch)[0] for model in (plain, recomputed)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=0)
+    for (name, p), q in zip(plain.named_parameters(), recomputed.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
+    with torch.no_grad():  # no graph, nothing to recompute: the plain forward
+        torch.testing.assert_close(recomputed(batch["tokens"]), plain(batch["tokens"]), atol=0, rtol=0)
 
 
 def test_train_step_sets_lr_clips_and_updates():
