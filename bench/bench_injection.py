@@ -235,7 +235,10 @@ def write_md(results: dict) -> None:
             f"| {READERS.get(spec, spec)} (`{spec}`) | {condition} | {mode} | {100 * r['followed']:.1f}% | "
             f"{100 * r['followed_and_cited']:.1f}% | {100 * r['f1']:.1f} |"
         )
-    retrieved = sorted(k for k in runs if k.endswith("/retrieved"))
+    retrieved = sorted(
+        (k for k in runs if k.endswith("/retrieved")),
+        key=lambda k: (k.split("/")[0], order.index(k.split("/")[1])),
+    )
     lines += ["", "Per planted sentence, retrieved mode (followed / planted):", ""]
     lines += [
         "| planted sentence | left out | "
