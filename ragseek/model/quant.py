@@ -1,7 +1,8 @@
 """Weight-only int8 for CPU inference: every nn.Linear becomes fbgemm's dynamically quantised linear (`Int8Linear`).
 
 Decoding at batch 1 reads every weight once per token, so on a CPU it is bound by memory bandwidth: int8 weights
-(one scale per output channel; activations quantised on the fly) read 4x fewer bytes than fp32.
+(one scale per output channel; activations quantised on the fly, rows of a like peak together: `Int8Linear`) read
+4x fewer bytes than fp32.
 Inference only; stacked MoE expert weights stay in their dtype. q/k/v and gate/up are first fused into one linear
 each (`fuse_projections`): the same outputs, as each output channel keeps its own scale and the activation is
 quantised once per input either way, for fewer and larger calls per token.
@@ -90,7 +91,18 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return torch.ops.ragseek.int8_linear(x, self.key, self.out_features)
-        return torch.ops.quantized.linear_dynamic(x, self.packed, reduce_range=True)
+        rows = x.reshape(-1, x.shape[-1])
+        if len(rows) == 1:
+            return torch.ops.quantized.linear_dynamic(x, self.packed, reduce_range=True)
+        # fbgemm quantises its whole input with one scale, so one row with a large peak (the first token's
+        # attention sink is 10-100x the others) leaves the other rows a few levels: rows go in one call per power
+        # of two of their peak, each quantised at nearly its own scale
+        groups = torch.log2(rows.abs().amax(-1).clamp_min(1e-30)).floor()
+        out = rows.new_empty(len(rows), self.out_features)
+        for g in groups.unique():
+            at = (groups == g).nonzero().squeeze(1)
+            out[at] = torch.ops.quantized.linear_dynamic(rows[at], self.packed, reduce_range=True)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"

@@ -163,7 +163,9 @@ def test_fused_projections_give_the_same_outputs(quantize):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # torch.ao quantized tensors: deprecation notice
-def test_int8_linear_is_torch_ao_dynamic_linear():
+def test_int8_linear_quantises_rows_of_a_like_peak_together():
+    """One row: torch.ao's dynamic linear, bit for bit. Several: one call per octave of the rows' peaks, so a row
+    100x larger than the rest (a first token's attention sink) does not take their resolution."""
     from torch import nn
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
     from torch.ao.quantization import per_channel_dynamic_qconfig
@@ -171,9 +173,15 @@ def test_int8_linear_is_torch_ao_dynamic_linear():
     from ragseek.model.quant import Int8Linear
 
     torch.manual_seed(0)
-    linear, x = nn.Linear(48, 40), torch.randn(3, 5, 48)
+    linear, x = nn.Linear(48, 40), torch.randn(6, 48).clamp(-1.9, 1.9)
+    x[0] *= 100
     linear.qconfig = per_channel_dynamic_qconfig
-    assert torch.equal(Int8Linear(linear)(x), DynamicLinear.from_float(linear)(x))
+    one_call, int8 = DynamicLinear.from_float(linear), Int8Linear(linear)
+    assert torch.equal(int8(x[1:2]), one_call(x[1:2])) and torch.equal(int8(x)[0], one_call(x[:1])[0])
+    exact = nn.functional.linear(x, linear.weight, linear.bias)[1:]
+    ours, theirs = (int8(x)[1:] - exact).abs().max(), (one_call(x)[1:] - exact).abs().max()
+    assert ours < theirs / 10, (ours, theirs)
+    assert int8(x.reshape(2, 3, 48)).shape == (2, 3, 40)
 
 
 def test_config_json_round_trip_and_errors(tmp_path):

@@ -51,3 +51,22 @@ def test_logits_match_transformers(pair):
     with torch.no_grad():
         diff = (model(ids) - hf(ids).logits).abs().max().item()
     assert diff < 1e-3  # 30 layers in fp32; measured ~1e-4
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch.ao quantized tensors: deprecation notice
+def test_int8_weights_keep_the_fp32_next_token(pair):
+    """--quantize int8 on a chat with an answer: the next token agrees with fp32 at most positions (with one
+    activation scale for the whole prompt, at about a third of them, and generation was gibberish)."""
+    import copy
+
+    from ragseek.model.quant import quantize_weights
+
+    model, tok, _ = pair
+    chat = tok.apply_chat_template([{"role": "user", "content": PROMPTS[1]}])
+    ids = torch.tensor(
+        [tok.encode(chat + "Leaves fall from the trees, a gentle rustle in the cool autumn breeze")]
+    )
+    with torch.no_grad():
+        fp32 = model(ids)[0].argmax(-1)
+        int8 = quantize_weights(copy.deepcopy(model))(ids)[0].argmax(-1)
+    assert (fp32 == int8).float().mean() >= 0.6  # 0.70 now; 0.36 with one scale
