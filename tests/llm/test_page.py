@@ -25,7 +25,7 @@ from ragseek.llm.cli import ServeConfig
 from ragseek.llm.local import LocalLLM
 from ragseek.llm.page import Library
 from ragseek.llm.server import create_app
-from ragseek.rag.pipeline import DONT_KNOW, AskConfig, StepsConfig, ask
+from ragseek.rag.pipeline import DONT_KNOW, SHORT_ANSWER, AskConfig, StepsConfig, ask
 from ragseek.rag.query import transform
 from ragseek.rag.search import SearchConfig, Searcher
 from ragseek.rag.splitters import SplitterConfig
@@ -137,11 +137,27 @@ def test_ask_answers_with_ragseek_ask_json(page_url, store_dir, model_dir):
         assert c["text"] == store.document(c["doc"]).text[c["start"] : c["end"]]
 
 
-def test_ask_streams_the_pieces_then_the_answer(page_url, page_llm, store_dir):
-    pieces: list[str] = []
+def test_ask_streams_the_pieces_then_the_answer(start_server, page_url, page_llm, store_dir):
     searcher = Searcher(Store(store_dir), SearchConfig(k=3, embedder="word2vec"))
+    # by default an answer is held until `ask` has checked it, or until it is too long to check (SHORT_ANSWER)
+    pieces: list[str] = []
     direct = ask(QUESTION, searcher, page_llm, AskConfig(attribute_min=-1), StepsConfig(), pieces.append)
     *streamed, last = asked(page_url, {"question": QUESTION})
+    assert [e["text"] for e in streamed] == pieces
+    assert len(pieces[0]) >= min(SHORT_ANSWER, len("".join(pieces)))
+    assert without_timings(last["answer"]) == without_timings(direct.as_json())
+    # unchecked, it streams as the model writes it
+    unchecked = start_server(create_app(page_llm, ServeConfig(), library(store_dir, check_answer=False)))
+    pieces = []
+    direct = ask(
+        QUESTION,
+        searcher,
+        page_llm,
+        AskConfig(attribute_min=-1, check_answer=False),
+        StepsConfig(),
+        pieces.append,
+    )
+    *streamed, last = asked(unchecked.removesuffix("/v1"), {"question": QUESTION})
     assert [e["text"] for e in streamed] == pieces and len(pieces) > 1
     assert without_timings(last["answer"]) == without_timings(direct.as_json())
 
