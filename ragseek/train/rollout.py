@@ -43,7 +43,7 @@ from ragseek.model.transformer import Transformer
 from ragseek.train.data import pad_right
 from ragseek.train.distributed import full
 from ragseek.train.loop import AUTOCAST_DTYPES, Precision
-from ragseek.train.losses import chunked_token_logps
+from ragseek.train.losses import token_logps
 from ragseek.train.rewards import RewardFn
 from ragseek.train.run import frozen
 
@@ -114,13 +114,8 @@ def response_logps(
     h_prompt, h = shared_prompt_hidden_states(model, split)
     # column j scores continuation token j: the prompt's last state for j = 0, the continuation's state j - 1 after
     scoring = torch.cat([h_prompt[split.prompt_of, -1:], h[:, :-1]], dim=1)
-    # the head over the n response tokens scored, a chunk of positions at a time: no (n, V) logits
-    logps = chunked_token_logps(
-        model.norm(scoring[split.response]),
-        model.lm_head.weight,
-        split.ids[split.response],
-        temperature=temperature,
-    )
+    logits = model.lm_head(model.norm(scoring[split.response]))  # (n, V), n = the response tokens scored
+    logps = token_logps(logits[None], split.ids[split.response][None], temperature)[0]
     mask = response_mask[:, 1:]
     return logps.new_zeros(mask.shape).masked_scatter(mask.bool(), logps), mask
 
