@@ -385,6 +385,8 @@ def test_200_concurrent_clients(serve_process):
     watcher.join()
     counts = collections.Counter(got)
     assert {(kind, s) for kind, s in counts if s not in designed[kind]} == set(), counts
-    assert counts[("chat", 503)] > 0 and counts[("chat", 200)] > 0, counts
+    # the queue both serves and sheds (which of chat and stream gets the free places is a race)
+    served, shed = (sum(counts[(kind, status)] for kind in ("chat", "stream")) for status in (200, 503))
+    assert served > 0 and shed > 0, counts
     assert proc.poll() is None and post(url + "/chat/completions", chat, auth)[0] == 200
     assert max(peak) - before < 300 << 20, f"RSS {before >> 20} MB -> peak {max(peak) >> 20} MB"
