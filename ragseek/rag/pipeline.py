@@ -224,7 +224,7 @@ SENTENCE = re.compile(r"[^.!?\n]*[^.!?\n\s][^.!?\n]*[.!?]*")
 # informative text performs: overriding what the model was told, a chat role label opening a line, addressing an AI,
 # dictating the answer to any question. None fires on a sentence of SQuAD's 1,033 paragraphs, SciFact's 5,183
 # abstracts, GSM8K's questions or docs/ (bench_injection.py counts them); a paraphrase without those acts gets
-# through, which the prompt's framing of the sources as quoted data is left to catch.
+# through (the reader, trained to extract an answer to the question, followed none of 48 planted in the benchmark).
 _AI = r"(?:AI|A\.I\.|assistant|chat ?bot|language model|LLM|GPT)"
 ADDRESSED = re.compile(
     "|".join(
