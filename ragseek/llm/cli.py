@@ -7,7 +7,6 @@ import os
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import typer
 
@@ -105,11 +104,11 @@ def load_shown_llm(spec: str, base_url: str | None = None, writing: str = "write
 def serve(
     llm: str = typer.Option("local", help=LLM_HELP),
     base_url: str = typer.Option(None, help=BASE_URL_HELP),
-    store: Path = typer.Option(
+    store: str = typer.Option(
         None,
         "--store",
-        help="also serve a page at / asking this store (and POST /v1/ask, /v1/documents); the flags of "
-        "`ragseek ask` are its defaults (docs/serve.md)",
+        help="also serve a page at / asking this store (a folder or a postgresql:// URL, as `ragseek ask "
+        "--store`), and POST /v1/ask, /v1/documents; the flags of `ragseek ask` are its defaults (docs/serve.md)",
     ),
     cfg: ServeConfig = None,
     ask_cfg: AskConfig = None,

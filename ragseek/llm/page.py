@@ -1,4 +1,4 @@
-"""The page `ragseek serve --store DIR` serves at `/`, and the JSON routes it uses (docs/serve.md, "The page"):
+"""The page `ragseek serve --store STORE` serves at `/`, and the JSON routes it uses (docs/serve.md, "The page"):
 
     GET  /                   the page: ragseek/llm/static/ (plain HTML, CSS, JS; nothing is fetched from elsewhere)
     GET  /v1/ask/settings    what the page shows: retriever, k and query mode with their defaults, the store's size
@@ -51,7 +51,7 @@ PAGE_HEADERS = {
 }
 MAX_K = 50  # the most sources one question may ask for (each is a chunk in the prompt)
 NO_STORE = (
-    "this server has no page: start it with `ragseek serve --store DIR` (a store from `ragseek ingest`)"
+    "this server has no page: start it with `ragseek serve --store STORE` (a store from `ragseek ingest`)"
 )
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,10 @@ def is_public(path: str) -> bool:
 
 @dataclass
 class Library:
-    """The store the page asks, and `ragseek ask`'s settings for it (the flags of `ragseek serve --store`); a
-    request changes retriever, k and query mode only."""
+    """The store the page asks (a folder, or a postgresql:// URL: `Store`), and `ragseek ask`'s settings for it
+    (the flags of `ragseek serve --store`); a request changes retriever, k and query mode only."""
 
-    store: Path
+    store: str | Path
     ask: AskConfig = field(default_factory=AskConfig)
     steps: StepsConfig = field(default_factory=StepsConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -108,13 +108,14 @@ class Library:
         return ask(question, self.searcher(retriever, k), llm, self.ask, steps, on_text).as_json()
 
     def add(self, name: str, data: bytes, on_progress: Callable[[dict], None] | None = None) -> dict:
-        """Save an uploaded file as STORE/uploads/NAME and ingest it, split as the store's last document was;
-        ValueError naming the reason when it is not a document (the file is then removed, or restored)."""
-        path = self.store / "uploads" / name
+        """Save an uploaded file as ROOT/uploads/NAME and ingest it, split as the store's last document was;
+        ValueError naming the reason when it is not a document (the file is then removed, or restored). ROOT is
+        the store's folder, or for PostgreSQL its local cache folder on this server's machine (`Store.root`)."""
+        store = self.searcher().store
+        path = store.root / "uploads" / name
         path.parent.mkdir(exist_ok=True)
         before = path.read_bytes() if path.exists() else None
         path.write_bytes(data)
-        store = self.searcher().store
 
         def progress(stage: str, done: int, total: int) -> None:
             if on_progress:
@@ -145,10 +146,11 @@ class Library:
             store.close()
 
     def info(self, check: bool = False) -> dict:
-        """The store's path, documents and chunks; `check`: run SQLite's quick_check first (Store)."""
+        """The store's location (its folder, or its URL without the password), documents and chunks; `check`: run
+        SQLite's quick_check first (Store)."""
         with self._open(check) as store:
             info = store.info()
-        return {"path": str(self.store.resolve()), "documents": info["documents"], "chunks": info["chunks"]}
+        return {"path": store.location, "documents": info["documents"], "chunks": info["chunks"]}
 
     def document(
         self, chunk_id: int | None, doc_id: str | None, source: str | None, start: int, end: int | None
@@ -156,14 +158,12 @@ class Library:
         """The document holding chunk `chunk_id`, or `doc_id` (of `source`), with text[start:end]."""
         with self._open() as store:
             if chunk_id is not None:
-                row = store.db.execute(
-                    "SELECT source, doc_id FROM chunks WHERE id = ?", (chunk_id,)
-                ).fetchone()
-                if row is None:
+                rows = store.sql("SELECT source, doc_id FROM chunks WHERE id = ?", (chunk_id,))
+                if not rows:
                     raise APIError(
                         404, f"no chunk {chunk_id} in the store: ask again (the store has changed)"
                     )
-                source, doc_id = row
+                ((source, doc_id),) = rows
             elif doc_id is None:
                 raise APIError(
                     400, "give chunk_id, or doc_id (and source when two sources hold it)", "doc_id"
@@ -188,8 +188,8 @@ class Library:
 
 def _splitter(store: Store) -> SplitterConfig:
     """The splitter the store's last document was split with (an upload is chunked as the rest), else the default."""
-    row = store.db.execute("SELECT splitter FROM documents ORDER BY added DESC LIMIT 1").fetchone()
-    return SplitterConfig(**json.loads(row[0])) if row else SplitterConfig()
+    rows = store.sql("SELECT splitter FROM documents ORDER BY added DESC LIMIT 1")
+    return SplitterConfig(**json.loads(rows[0][0])) if rows else SplitterConfig()
 
 
 UPLOAD_NAME = re.compile(r"[^\w.-]+")

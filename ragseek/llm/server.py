@@ -17,7 +17,7 @@ Under abuse (ServeConfig's limits, `ragseek serve --help`), every route gets the
     503  the queue is full (Gate: one generation at a time, queue_size waiting; Retry-After says when to come back)
 A client that hangs up stops its generation at the model's next forward pass (Gate, Cancelled).
 
-With a store (`ragseek serve --store DIR`, ragseek/llm/page.py) it also serves a page at `/` and the JSON routes
+With a store (`ragseek serve --store STORE`, ragseek/llm/page.py) it also serves a page at `/` and the JSON routes
 the page uses: POST /v1/ask (`ragseek ask --json`'s object, or streamed), GET /v1/documents (a cited document's
 text), POST /v1/documents (upload and ingest). The page's own files are public; every /v1 route needs the key.
 """

@@ -50,19 +50,21 @@ DOCS = {
 ASK_FLAGS = ("--embedder", "word2vec", "--attribute-min", "-1")
 
 
-def make_store(root: Path) -> Path:
+def make_store(root: Path, store: str | Path | None = None) -> str | Path:
+    """DOCS in root/docs, ingested into `store` (a folder or a postgresql:// URL; default root/store)."""
     docs = root / "docs"
     docs.mkdir()
     for name, text in DOCS.items():
         (docs / name).write_text(text, encoding="utf-8")
-    report = Store(root / "store").ingest(
+    store = store or root / "store"
+    report = Store(store).ingest(
         [docs], SplitterConfig("recursive", 120, 0), StoreConfig(embedder="word2vec")
     )
     assert report.stored == len(DOCS) and not report.failed
-    return root / "store"
+    return store
 
 
-def library(store: Path, **ask_settings) -> Library:
+def library(store: str | Path, **ask_settings) -> Library:
     """What `ragseek serve --store STORE` + ASK_FLAGS serves."""
     return Library(
         store,
@@ -238,13 +240,17 @@ def test_bad_questions_are_400_and_the_server_goes_on(page_url):
     assert post(page_url + "/v1/ask", {"question": QUESTION})[0] == 200
 
 
-def test_an_upload_is_ingested_with_progress(start_server, page_llm, tmp_path):
-    store_dir = make_store(tmp_path)
+def test_an_upload_is_ingested_with_progress(start_server, page_llm, tmp_path, store_at):
+    """On either store: a PostgreSQL store keeps uploads in its local cache folder (`Store.root`)."""
+    store_dir = make_store(tmp_path, store_at("page"))
     url = start_server(create_app(page_llm, ServeConfig(max_body_bytes=4096), library(store_dir)))
     url = url.removesuffix("/v1")
+    store = post(url + "/v1/ask/settings", None, method="GET")[1]["store"]
+    assert (store["path"], store["documents"]) == (Store(store_dir).location, len(DOCS))
     note = b"# Notes\n\nThe upload test says that the sky over Quartzville is green.\n"
     *progress, last = upload(url, "../../my notes.md", note, stream=True)
-    path = store_dir / "uploads" / "my_notes.md"
+    uploads = Store(store_dir).root / "uploads"
+    path = uploads / "my_notes.md"
     assert [p["progress"]["stage"] for p in progress][0] == "documents" and progress[-1]["progress"][
         "done"
     ] > 0
@@ -281,7 +287,7 @@ def test_an_upload_is_ingested_with_progress(start_server, page_llm, tmp_path):
     *_, event = upload(url, "blob.txt", b"\x00\x01binary", stream=True)
     assert event["error"]["message"].startswith("blob.txt: binary file")
     # nothing of them was kept, and the server goes on
-    assert sorted(p.name for p in (store_dir / "uploads").iterdir()) == ["my_notes.md"]
+    assert sorted(p.name for p in uploads.iterdir()) == ["my_notes.md"]
     assert Store(store_dir).info()["documents"] == documents
     assert post(url + "/v1/ask", {"question": QUESTION})[0] == 200
 
