@@ -32,6 +32,7 @@ class LayerCache:
         max_seq_len: int,
         dtype: torch.dtype,
         quantize: Quantize = None,
+        device: torch.device | str = "cpu",
     ):
         if quantize not in (None, "int8"):
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
@@ -40,11 +41,14 @@ class LayerCache:
         self.max_seq_len = max_seq_len
         store_dtype = torch.int8 if quantize else dtype
         self.data = {
-            name: torch.zeros(batch_size, g, max_seq_len, d, dtype=store_dtype)
+            name: torch.zeros(batch_size, g, max_seq_len, d, dtype=store_dtype, device=device)
             for name, (g, d) in shapes.items()
         }
         self.scale = (
-            {name: torch.zeros(batch_size, g, max_seq_len, 1, dtype=dtype) for name, (g, _) in shapes.items()}
+            {
+                name: torch.zeros(batch_size, g, max_seq_len, 1, dtype=dtype, device=device)
+                for name, (g, _) in shapes.items()
+            }
             if quantize
             else {}
         )

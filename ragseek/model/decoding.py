@@ -55,10 +55,12 @@ def sample_next(
     # first token whose cumulative mass exceeds u · total. u <= 1 - 2^-24 and the sums are fp64, so u · total <
     # total and a token of zero mass is never drawn.
     cdf = logits.softmax(-1).double().cumsum(-1)
+    # the generators are CPU ones on every device, so a seed samples the same tokens on CPU and GPU
     if isinstance(generator, Sequence):
-        u = torch.cat([torch.rand(1, 1, generator=g) for g in generator]).double()
+        u = torch.cat([torch.rand(1, 1, generator=g) for g in generator])
     else:
-        u = torch.rand(cdf.shape[0], 1, generator=generator).double()
+        u = torch.rand(cdf.shape[0], 1, generator=generator)
+    u = u.double().to(cdf.device)
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
 
 
@@ -119,10 +121,11 @@ def decode_steps(
             f"prompt ({P}) + max_new_tokens ({cfg.max_new_tokens}) exceeds max_seq_len {model.cfg.max_seq_len}"
         )
     pad = next(iter(eos_ids), 0)
+    device = model.embed_tokens.weight.device
     distinct = {tuple(p): i for i, p in enumerate(dict.fromkeys(tuple(p) for p in prompts))}
-    prompt_of = torch.tensor([distinct[tuple(p)] for p in prompts])
-    ids = torch.full((len(distinct), P), pad, dtype=torch.long)
-    mask = torch.zeros(len(distinct), total, dtype=torch.long)
+    prompt_of = torch.tensor([distinct[tuple(p)] for p in prompts], device=device)
+    ids = torch.full((len(distinct), P), pad, dtype=torch.long, device=device)
+    mask = torch.zeros(len(distinct), total, dtype=torch.long, device=device)
     for p, i in distinct.items():
         ids[i, P - len(p) :] = torch.tensor(p)
         mask[i, P - len(p) :] = 1
@@ -136,15 +139,16 @@ def decode_steps(
     logits = model.lm_head(model.norm(h[prompt_of, -1]))  # the head on the last prompt position only
     cache.select_rows(prompt_of)
     mask = mask[prompt_of]
-    rows = torch.arange(B)  # the rows still decoding
-    eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
+    rows = torch.arange(B, device=device)  # the rows still decoding
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     for pos in range(P, total):
         logprobs = logits.float().log_softmax(-1)
         nxt = sample_next(
             logits, cfg, generator if row_generators is None else [row_generators[i] for i in rows.tolist()]
         )
-        tokens = torch.full((B,), pad, dtype=torch.long).index_copy_(0, rows, nxt)
-        yield tokens, torch.zeros(B).index_copy_(0, rows, logprobs.gather(-1, nxt[:, None]).squeeze(-1))
+        tokens = torch.full((B,), pad, dtype=torch.long, device=device).index_copy_(0, rows, nxt)
+        chosen = logprobs.gather(-1, nxt[:, None]).squeeze(-1)
+        yield tokens, torch.zeros(B, device=device).index_copy_(0, rows, chosen)
         going = ~torch.isin(nxt, eos)
         if not going.all():
             kept = going.nonzero().squeeze(-1)
@@ -303,8 +307,10 @@ def speculative_generate(
     dtype = next(model.parameters()).dtype
     cache = model.make_cache(1, total, dtype=dtype, mtp=True)
     main_caches, mtp_caches = cache.layers[: cfg.n_layers], cache.layers[cfg.n_layers :]
-    hbuf = torch.zeros(D, 1, total, cfg.dim, dtype=dtype)  # h^0 (main) .. h^{D-1} at every position
-    tokens = torch.zeros(1, total, dtype=torch.long)
+    device = model.embed_tokens.weight.device
+    # h^0 (main) .. h^{D-1} at every position
+    hbuf = torch.zeros(D, 1, total, cfg.dim, dtype=dtype, device=device)
+    tokens = torch.zeros(1, total, dtype=torch.long, device=device)
     tokens[0, :P] = torch.tensor(prompt)
     exact = [0] * D  # module k+1 has exact cache entries and outputs for positions < exact[k]
 

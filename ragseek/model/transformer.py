@@ -89,14 +89,19 @@ class Transformer(nn.Module):
         quantize: Quantize = None,
         mtp: bool = False,
     ) -> Cache:
-        """KV caches for every layer. MLA absorbed keeps only [c_KV; k_R]: B·S·n_layers·(d_c + d_h^R)·itemsize bytes.
+        """KV caches for every layer, on the model's device. MLA absorbed keeps only [c_KV; k_R]:
+        B·S·n_layers·(d_c + d_h^R)·itemsize bytes.
 
         mtp=True appends one cache per MTP module's block (self-speculative decoding drafts with them).
         """
         max_seq_len = max_seq_len or self.cfg.max_seq_len
         blocks = [*self.layers, *(m.block for m in self.mtp)] if mtp else self.layers
+        device = self.embed_tokens.weight.device
         return Cache(
-            [LayerCache(b.self_attn.cache_shapes(), batch_size, max_seq_len, dtype, quantize) for b in blocks]
+            [
+                LayerCache(b.self_attn.cache_shapes(), batch_size, max_seq_len, dtype, quantize, device)
+                for b in blocks
+            ]
         )
 
     def _positions_and_mask(

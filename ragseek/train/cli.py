@@ -184,7 +184,7 @@ def register_math(eval_app: Any) -> None:
 
         result = evaluate_file(model or "", data, cfg.n, cfg.max_new_tokens, cfg.batch_size)
         if json_out:
-            print(json.dumps({k: v for k, v in result.items() if k != "completions"}))
+            print(json.dumps({k: v for k, v in result.items() if k not in ("completions", "correct")}))
         else:
             print(
                 f"accuracy {result['accuracy']:.4f} on n={result['n']} ({result['tokens_generated']} tokens)"

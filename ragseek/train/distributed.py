@@ -38,10 +38,10 @@ import copy
 import itertools
 import os
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -50,6 +50,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 if TYPE_CHECKING:
     from ragseek.train.loop import LoopConfig
+
+T = TypeVar("T")
 
 # what to check when the ranks cannot meet (after torch's own error)
 RENDEZVOUS_HELP = (
@@ -111,6 +113,17 @@ class World:
                 f"--nproc-per-node): make the recipe's batch (batch_size, prompts_per_step) a multiple of {self.size}"
             )
         return slice(self.rank * n // self.size, (self.rank + 1) * n // self.size)
+
+    def eval_share(self, items: Sequence[T]) -> list[T]:
+        """This rank's part of an evaluation's n items, so the ranks split it instead of each scoring them all: the
+        c = ⌈n/W⌉ items from r·c, padded to c with repeats of the last item, so that every rank runs as many
+        batches (an FSDP forward is a collective). Each item's value, gathered in rank order (`gather`), then cut to
+        the first n, is the items' values in order: what one process computes."""
+        if self.size == 1:
+            return list(items)
+        c = -(-len(items) // self.size)
+        part = list(items[self.rank * c : (self.rank + 1) * c])
+        return part + [items[-1]] * (c - len(part))
 
     def barrier(self) -> None:
         if self.size > 1:

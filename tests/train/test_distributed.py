@@ -45,8 +45,13 @@ RECIPES = {
 }
 PARALLEL = ("ddp", "fsdp")
 # besides the loss, what must match: the whole batch's statistics (GRPO's and PPO's rewards are all-gathered; a
-# token mean such as GRPO's kl is each rank's, averaged, so it is close to the one-process value, not equal)
-ALSO = {"grpo": ("reward_mean", "reward_std"), "ppo": ("score_mean", "score_std"), "rm": ("eval_accuracy",)}
+# token mean such as GRPO's kl is each rank's, averaged, so it is close to the one-process value, not equal); the
+# evaluations, which the ranks split (3 items over 2 ranks: one is padded)
+ALSO = {
+    "grpo": ("reward_mean", "reward_std", "eval_accuracy"),
+    "ppo": ("score_mean", "score_std"),
+    "rm": ("eval_accuracy", "eval_margin", "eval_loss"),
+}
 # runs beside the fp32 ones: LoRA (frozen weights in FSDP's groups), bf16 (DDP: autocast as in one process; FSDP:
 # MixedPrecisionPolicy gathers bf16 weights)
 VARIANTS = {"": [], "lora": ["lora.r=4", "lora.alpha=8", "lora.dropout=0"], "bf16": ["loop.dtype=bf16"]}
@@ -107,6 +112,8 @@ def configs(tmp_path_factory, make_tiny_llm) -> dict[str, str]:
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
     write_corpus(root / "corpus")
     rl_model, prompts = tiny_model_dir(root / "rl_model"), prompts_file(root / "prompts.jsonl")
+    evals = [{"question": q, "answer": a} for q, a in [("a b", "1"), ("c d", "2"), ("What is 1 + 2", "3")]]
+    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
 
     def loop(**kw) -> dict:
         return {"lr": 1e-2, "max_steps": 4, "ckpt_every": 2, "keep_last": 2, "seed": 0, **kw}
@@ -124,11 +131,12 @@ def configs(tmp_path_factory, make_tiny_llm) -> dict[str, str]:
                          val_windows=4, loop=loop(eval_every=2)),
         "distill": dict(kind="logit", teacher=str(teacher), student=str(llm), data=str(root / "sft.jsonl"),
                         max_len=64, batch_size=4, loop=loop()),
-        "rm": dict(model=str(llm), data=str(root / "pairs.jsonl"), eval_fraction=0.25, max_len=64, batch_size=2,
+        "rm": dict(model=str(llm), data=str(root / "pairs.jsonl"), eval_fraction=0.375, max_len=64, batch_size=2,
                    loop=loop()),
         "dpo": dict(model=str(llm), data=str(root / "pairs.jsonl"), max_len=64, batch_size=4, loop=loop()),
         # μ = 2 and β > 0: old logps from the policy, reference logps, the clipped ratio
-        "grpo": dict(**rl, group_size=4, prompts_per_step=2, mu=2, beta=0.04, loop=loop(lr=3e-2)),
+        "grpo": dict(**rl, group_size=4, prompts_per_step=2, mu=2, beta=0.04, eval_data=str(root / "eval.jsonl"),
+                     loop=loop(lr=3e-2, eval_every=2)),
         "ppo": dict(**rl, samples_per_prompt=2, prompts_per_step=2, ppo_epochs=2, loop=loop(lr=3e-2)),
     }  # fmt: skip
     return {name: write_yaml(root / f"{name}.yaml", data) for name, data in settings.items()}
@@ -302,6 +310,16 @@ def test_the_sampler_gives_each_rank_its_share_of_the_global_batch():
     assert {str(s.state_dict()) for s in ranks} == {str(one.state_dict())}
     with pytest.raises(ValueError, match=r"does not split evenly over 4 ranks.*--nproc-per-node"):
         EpochSampler(10, 6, world=World(rank=0, size=4))
+
+
+def test_the_ranks_split_an_evaluation_into_equal_parts_that_gather_back_in_order():
+    for n in range(1, 8):
+        items = [f"item {i}" for i in range(n)]
+        for size in (1, 2, 3, 4):
+            parts = [World(rank=r, size=size).eval_share(items) for r in range(size)]
+            assert len({len(p) for p in parts}) == 1, (n, size)  # as many batches on every rank
+            gathered = sum(parts, [])
+            assert gathered[:n] == items and set(gathered[n:]) <= {items[-1]}, (n, size)
 
 
 def test_full_state_is_the_single_process_checkpoint_layout(tmp_path):

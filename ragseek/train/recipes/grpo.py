@@ -186,11 +186,11 @@ def train(cfg: GRPOConfig) -> list[dict]:
             **rollout.metrics(),
         )
         if eval_rows and cfg.loop.eval_every and (step + 1) % cfg.loop.eval_every == 0:
-            # sharded: greedy decoding from the whole copy (bf16 with loop.dtype=bf16), on every rank
+            # sharded: greedy decoding from the whole copy (bf16 with loop.dtype=bf16); each rank its share
             evaluated = rollout_model() if sharded else model
-            metrics["eval_accuracy"] = evaluate_math(evaluated, tokenizer, eval_rows, cfg.max_new_tokens)[
-                "accuracy"
-            ]
+            scored = evaluate_math(evaluated, tokenizer, world.eval_share(eval_rows), cfg.max_new_tokens)
+            correct = world.gather(torch.tensor(scored["correct"], dtype=torch.float64))[: len(eval_rows)]
+            metrics["eval_accuracy"] = correct.mean().item()
         run.end_step(step + 1, metrics, int(batch["attention_mask"].sum()))
     return run.finish(PLOT_KEYS, model, tokenizer)
 

@@ -70,17 +70,19 @@ def evaluate(
     model: RewardModel, pairs: list[dict], pad_id: int, batch_size: int, world: World | None = None
 ) -> dict[str, float]:
     """Held-out accuracy P(r(chosen) > r(rejected)), mean margin and Bradley-Terry loss over all pairs (under
-    torchrun, every rank scores them all)."""
+    torchrun, each rank scores its share, `World.eval_share`, and the rewards are gathered)."""
     world = world or World()
     was_training = model.training
     model.eval()
+    share = world.eval_share(pairs)
     chosen, rejected = [], []
-    for i in range(0, len(pairs), batch_size):
-        c, r = pair_rewards(model, world.to_device(collate_preference(pairs[i : i + batch_size], pad_id)))
+    for i in range(0, len(share), batch_size):
+        c, r = pair_rewards(model, world.to_device(collate_preference(share[i : i + batch_size], pad_id)))
         chosen.append(c)
         rejected.append(r)
     model.train(was_training)
-    _, metrics = bradley_terry_loss(torch.cat(chosen), torch.cat(rejected))
+    chosen, rejected = (world.gather(torch.cat(x))[: len(pairs)] for x in (chosen, rejected))
+    _, metrics = bradley_terry_loss(chosen, rejected)
     return {
         "eval_accuracy": metrics["accuracy"],
         "eval_margin": metrics["margin"],

@@ -32,7 +32,7 @@ def evaluate_math(
 ) -> dict[str, Any]:
     """Greedy completions for `rows` (from `load_prompts`: prompt_ids + answer), scored by numeric match.
 
-    Returns {"accuracy", "n", "tokens_generated", "completions"}.
+    Returns {"accuracy", "n", "tokens_generated", "completions", "correct"} ("correct": one bool per row).
     """
     if not rows:
         raise ValueError("no rows to evaluate: the data file is empty (or every prompt was too long)")
@@ -55,12 +55,13 @@ def evaluate_math(
                 tokens += len(g.tokens)
             line.advance(len(chunk))
     model.train(was_training)
-    correct = sum(numbers_match(c, r["answer"]) for c, r in zip(completions, rows, strict=True))
+    correct = [numbers_match(c, r["answer"]) for c, r in zip(completions, rows, strict=True)]
     return {
-        "accuracy": correct / len(rows),
+        "accuracy": sum(correct) / len(rows),
         "n": len(rows),
         "tokens_generated": tokens,
         "completions": completions,
+        "correct": correct,
     }
 
 
