@@ -114,16 +114,16 @@ class World:
             )
         return slice(self.rank * n // self.size, (self.rank + 1) * n // self.size)
 
-    def eval_share(self, items: Sequence[T]) -> list[T]:
-        """This rank's part of an evaluation's n items, so the ranks split it instead of each scoring them all: the
-        c = ⌈n/W⌉ items from r·c, padded to c with repeats of the last item, so that every rank runs as many
-        batches (an FSDP forward is a collective). Each item's value, gathered in rank order (`gather`), then cut to
-        the first n, is the items' values in order: what one process computes."""
+    def eval_share(self, items: Sequence[T]) -> tuple[list[T], int]:
+        """This rank's part of an evaluation's n items, so the ranks split it instead of each scoring them all, and
+        how many of the part are real: the c = ⌈n/W⌉ items from r·c, padded to c with repeats of the last item, so
+        that every rank runs as many batches (an FSDP forward is a collective). Each item's value, gathered in rank
+        order (`gather`), then cut to the first n, is the items' values in order: what one process computes."""
         if self.size == 1:
-            return list(items)
+            return list(items), len(items)
         c = -(-len(items) // self.size)
         part = list(items[self.rank * c : (self.rank + 1) * c])
-        return part + [items[-1]] * (c - len(part))
+        return part + [items[-1]] * (c - len(part)), len(part)
 
     def barrier(self) -> None:
         if self.size > 1:

@@ -46,8 +46,9 @@ RECIPES = {
 PARALLEL = ("ddp", "fsdp")
 # besides the loss, what must match: the whole batch's statistics (GRPO's and PPO's rewards are all-gathered; a
 # token mean such as GRPO's kl is each rank's, averaged, so it is close to the one-process value, not equal); the
-# evaluations, which the ranks split (3 items over 2 ranks: one is padded)
+# evaluations, which the ranks split (3 or 5 items over 2 ranks: one is padded)
 ALSO = {
+    "pretrain": ("val_loss", "val_loss_mtp"),
     "grpo": ("reward_mean", "reward_std", "eval_accuracy"),
     "ppo": ("score_mean", "score_std"),
     "rm": ("eval_accuracy", "eval_margin", "eval_loss"),
@@ -128,7 +129,7 @@ def configs(tmp_path_factory, make_tiny_llm) -> dict[str, str]:
         "pretrain": dict(model=dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, inter_dim=64,
                                     max_seq_len=64, **moe),
                          data=[str(root / "corpus")], vocab_size=300, seq_len=32, batch_size=4, val_fraction=0.1,
-                         val_windows=4, loop=loop(eval_every=2)),
+                         val_windows=5, loop=loop(eval_every=2)),
         "distill": dict(kind="logit", teacher=str(teacher), student=str(llm), data=str(root / "sft.jsonl"),
                         max_len=64, batch_size=4, loop=loop()),
         "rm": dict(model=str(llm), data=str(root / "pairs.jsonl"), eval_fraction=0.375, max_len=64, batch_size=2,
@@ -316,10 +317,11 @@ def test_the_ranks_split_an_evaluation_into_equal_parts_that_gather_back_in_orde
     for n in range(1, 8):
         items = [f"item {i}" for i in range(n)]
         for size in (1, 2, 3, 4):
-            parts = [World(rank=r, size=size).eval_share(items) for r in range(size)]
-            assert len({len(p) for p in parts}) == 1, (n, size)  # as many batches on every rank
-            gathered = sum(parts, [])
+            shares = [World(rank=r, size=size).eval_share(items) for r in range(size)]
+            assert len({len(part) for part, _ in shares}) == 1, (n, size)  # as many batches on every rank
+            gathered = sum((part for part, _ in shares), [])
             assert gathered[:n] == items and set(gathered[n:]) <= {items[-1]}, (n, size)
+            assert sum((part[:real] for part, real in shares), []) == items, (n, size)
 
 
 def test_full_state_is_the_single_process_checkpoint_layout(tmp_path):

@@ -188,7 +188,7 @@ def train(cfg: GRPOConfig) -> list[dict]:
         if eval_rows and cfg.loop.eval_every and (step + 1) % cfg.loop.eval_every == 0:
             # sharded: greedy decoding from the whole copy (bf16 with loop.dtype=bf16); each rank its share
             evaluated = rollout_model() if sharded else model
-            scored = evaluate_math(evaluated, tokenizer, world.eval_share(eval_rows), cfg.max_new_tokens)
+            scored = evaluate_math(evaluated, tokenizer, world.eval_share(eval_rows)[0], cfg.max_new_tokens)
             correct = world.gather(torch.tensor(scored["correct"], dtype=torch.float64))[: len(eval_rows)]
             metrics["eval_accuracy"] = correct.mean().item()
         run.end_step(step + 1, metrics, int(batch["attention_mask"].sum()))

@@ -173,22 +173,31 @@ def balance_step(model: Transformer, balance: Balance, world: World | None = Non
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, windows: torch.Tensor, batch_size: int) -> dict[str, float]:
-    """Mean main-head CE over the validation windows (and MTP CE when the model has MTP), and exp of it."""
+def evaluate(
+    model: Transformer, windows: torch.Tensor, batch_size: int, world: World | None = None
+) -> dict[str, float]:
+    """Mean main-head CE over the validation windows (and MTP CE when the model has MTP), and exp of it. Under
+    torchrun each rank scores its share of the windows (`World.eval_share`) and the sums are all-reduced."""
+    world = world or World()
+    share, real = world.eval_share(windows)
+    share = torch.stack(share).to(world.device)
+    # the windows that pad this rank's share count for nothing
+    keep = (torch.arange(len(share), device=world.device) < real)[:, None].expand_as(share)
     model.eval()
-    main, mtp = [], []
-    for i in range(0, len(windows), batch_size):
-        _, parts = model.loss(windows[i : i + batch_size])
-        main.append(float(parts["loss_main"]))
-        if "loss_mtp" in parts:
-            mtp.append(float(parts["loss_mtp"].mean()))
+    sums = torch.zeros(3, dtype=torch.float64)  # main CE, MTP CE (each a sum over windows), windows
+    for i in range(0, len(share), batch_size):
+        rows = keep[i : i + batch_size]
+        _, parts = model.loss(share[i : i + batch_size], rows)  # CE over the kept windows' tokens
+        n = int(rows[:, 0].sum())
+        mtp = float(parts["loss_mtp"].mean()) if "loss_mtp" in parts else 0.0
+        sums += torch.tensor([float(parts["loss_main"]) * n, mtp * n, n], dtype=torch.float64)
     for m in model.moe_layers:
         m.reset_load()  # validation routing is not training load
     model.train()
-    out = {"val_loss": sum(main) / len(main)}
-    out["val_ppl"] = math.exp(out["val_loss"])
-    if mtp:
-        out["val_loss_mtp"] = sum(mtp) / len(mtp)
+    main, mtp, n = world.sum(sums).tolist()
+    out = {"val_loss": main / n, "val_ppl": math.exp(main / n)}
+    if "loss_mtp" in parts:
+        out["val_loss_mtp"] = mtp / n
     return out
 
 
@@ -238,7 +247,7 @@ def train(cfg: PretrainConfig, model: Transformer | None = None) -> dict[str, An
         row["tok_s"] = tokens.numel() / (time.perf_counter() - t0)
         done = step + 1
         if loop.eval_every and (done % loop.eval_every == 0 or done == loop.max_steps):
-            row.update(evaluate(model, val, cfg.batch_size))
+            row.update(evaluate(model, val, cfg.batch_size, world))
         row = world.reduce(row, summed=("tok_s",))
         run.progress.update(tokens.numel() * world.size)
         if done % loop.log_every == 0 or "val_loss" in row:

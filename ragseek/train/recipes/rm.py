@@ -74,7 +74,7 @@ def evaluate(
     world = world or World()
     was_training = model.training
     model.eval()
-    share = world.eval_share(pairs)
+    share, _ = world.eval_share(pairs)
     chosen, rejected = [], []
     for i in range(0, len(share), batch_size):
         c, r = pair_rewards(model, world.to_device(collate_preference(share[i : i + batch_size], pad_id)))
