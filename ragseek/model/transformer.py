@@ -105,30 +105,57 @@ class Transformer(nn.Module):
         )
 
     def _positions_and_mask(
-        self, B: int, T: int, start_pos: int, attention_mask: torch.Tensor | None, device: torch.device
+        self,
+        B: int,
+        T: int,
+        start_pos: int,
+        attention_mask: torch.Tensor | None,
+        device: torch.device,
+        segments: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-row rotary positions (B, T) and the attention mask (B, T, S) with S = start_pos + T.
 
-        The mask is None for one new token without attention_mask (it sees every cached key): attention then
-        builds no mask at all, the common decoding step.
+        The mask is None for one new token without attention_mask or segments (it sees every cached key): attention
+        then builds no mask at all, the common decoding step. Without either, it is the plain causal mask.
 
         attention_mask (B, S) is 1 on real tokens, 0 on (left) padding, as in transformers: positions count real
         tokens only, so a left-padded row starts at 0; padded keys are never attended to.
+
+        segments (B, S) is each token's example id in a packed row (`data.pack_examples`): a token attends only to
+        the earlier tokens of its own example and its position counts from that example's first token, so every
+        packed example computes what it would alone (mask = causal AND same segment AND not padding).
         """
         S = start_pos + T
         q_idx = torch.arange(start_pos, S, device=device)
-        if attention_mask is None and T == 1:
+        if attention_mask is None and segments is None and T == 1:
             return q_idx.expand(B, T), None
-        causal = torch.arange(S, device=device)[None, :] <= q_idx[:, None]  # (T, S)
-        if attention_mask is None:
+        k_idx = torch.arange(S, device=device)
+        causal = k_idx[None, :] <= q_idx[:, None]  # (T, S)
+        if attention_mask is None and segments is None:
             return q_idx.expand(B, T), causal.expand(B, T, S)
-        if attention_mask.shape != (B, S):
-            raise ValueError(
-                f"attention_mask must be (batch, start_pos + seq) = {(B, S)}, got {tuple(attention_mask.shape)}"
-            )
-        am = attention_mask.bool()
-        positions = (am.long().cumsum(-1) - 1).clamp_min(0)[:, start_pos:]
+        for name, given in (("attention_mask", attention_mask), ("segments", segments)):
+            if given is not None and given.shape != (B, S):
+                raise ValueError(
+                    f"{name} must be (batch, start_pos + seq) = {(B, S)}, got {tuple(given.shape)}"
+                )
+        am = (
+            torch.ones(B, S, dtype=torch.bool, device=device)
+            if attention_mask is None
+            else attention_mask.bool()
+        )
+        real = am.long()
+        # real tokens up to and including each one
+        counted = real.cumsum(-1)
         mask = causal[None] & am[:, None, :]
+        if segments is not None:
+            mask = mask & (segments[:, start_pos:, None] == segments[:, None, :])
+            # count from the example's first token (the last index up to here where the segment id changes), so
+            # subtract the real tokens before it
+            first = torch.ones_like(am)
+            first[:, 1:] = segments[:, 1:] != segments[:, :-1]
+            starts = torch.where(first, k_idx, 0).cummax(-1).values
+            counted = counted - (counted - real).gather(-1, starts)
+        positions = (counted - 1).clamp_min(0)[:, start_pos:]
         # A padded query row would attend to nothing (NaN softmax); let it see itself. Its output is never used.
         pad_q = ~am[:, start_pos:]  # (B, T)
         if pad_q.any():
@@ -143,10 +170,11 @@ class Transformer(nn.Module):
         cache: Cache | None = None,
         start_pos: int = 0,
         attention_mask: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
         """Last block's output h (B, T, d) before the final norm, with the rope tables and mask used."""
         B, T = tokens.shape
-        positions, mask = self._positions_and_mask(B, T, start_pos, attention_mask, tokens.device)
+        positions, mask = self._positions_and_mask(B, T, start_pos, attention_mask, tokens.device, segments)
         rope = self.rotary(positions)
         h = self.embed_tokens(tokens)
         recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
@@ -163,9 +191,12 @@ class Transformer(nn.Module):
         cache: Cache | None = None,
         start_pos: int = 0,
         attention_mask: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, vocab). With a cache, tokens sit at positions [start_pos, start_pos + T)."""
-        h, _, _ = self.hidden_states(tokens, cache, start_pos, attention_mask)
+        """tokens (B, T) -> logits (B, T, vocab). With a cache, tokens sit at positions [start_pos, start_pos + T).
+
+        attention_mask and segments (B, start_pos + T) as in `_positions_and_mask`: padding, packed examples."""
+        h, _, _ = self.hidden_states(tokens, cache, start_pos, attention_mask, segments)
         return self.lm_head(self.norm(h))
 
     def loss(self, tokens: torch.Tensor, loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:

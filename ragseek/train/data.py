@@ -148,7 +148,8 @@ def load_sft(
     """SFT examples {"input_ids", "loss_mask"}, cut to max_len tokens (the end is cut).
 
     An example left with no trained token after the cut is dropped, with a warning that counts them.
-    pack=True concatenates whole examples, in file order, into rows of at most max_len tokens (see `pack`).
+    pack=True concatenates whole examples, in file order, into rows of at most max_len tokens, each example still
+    computed alone (see `pack_examples`).
     """
     examples, dropped = [], 0
     for where, row in read_jsonl(path):
@@ -167,19 +168,22 @@ def load_sft(
 def pack_examples(examples: Sequence[dict[str, list[int]]], max_len: int) -> list[dict[str, list[int]]]:
     """Greedy packing: append whole examples to the current row while it stays <= max_len tokens, else start a row.
 
-    What packing does: fewer, fuller rows, so less compute is spent on padding. What it does not do: reset
-    positions or block attention between examples: a packed example attends to the ones before it in its row
-    (plain causal attention) and its positions continue from theirs. The loss masks are concatenated, so only
-    response tokens are trained, and with a token-mean loss every response token weighs the same as unpacked;
-    with the sequence-mean loss a packed row counts as one sequence.
+    Each row gets "segments", every token's example index in the row (0, 0, 0, 1, 1, ...). The model given them
+    (`Transformer.forward(segments=...)`) restarts positions at 0 for each example and blocks attention between
+    examples, so a packed example's logits are those it has alone; only the padding saved differs. The loss masks
+    are concatenated, so only response tokens are trained; `sft_loss(segments=...)` counts each packed example as
+    its own sequence in the sequence mean.
     """
     rows: list[dict[str, list[int]]] = []
     for ex in examples:
         if rows and len(rows[-1]["input_ids"]) + len(ex["input_ids"]) <= max_len:
-            for key in ex:
-                rows[-1][key] = rows[-1][key] + ex[key]
+            row, segment = rows[-1], rows[-1]["segments"][-1] + 1
         else:
-            rows.append({key: list(value) for key, value in ex.items()})
+            row, segment = {key: [] for key in [*ex, "segments"]}, 0
+            rows.append(row)
+        for key, value in ex.items():
+            row[key].extend(value)
+        row["segments"].extend([segment] * len(ex["input_ids"]))
     return rows
 
 
@@ -258,13 +262,17 @@ def _attention_mask(seqs: Sequence[Sequence[int]]) -> torch.Tensor:
 
 
 def collate_sft(rows: Sequence[Mapping[str, Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """{"input_ids", "loss_mask", "attention_mask"}, each (B, T_max)."""
+    """{"input_ids", "loss_mask", "attention_mask"}, each (B, T_max); packed rows (`pack_examples`) add their
+    "segments", -1 on padding."""
     ids = [r["input_ids"] for r in rows]
-    return {
+    batch = {
         "input_ids": pad_right(ids, pad_id),
         "loss_mask": pad_right([r["loss_mask"] for r in rows], 0),
         "attention_mask": _attention_mask(ids),
     }
+    if "segments" in rows[0]:
+        batch["segments"] = pad_right([r["segments"] for r in rows], -1)
+    return batch
 
 
 def collate_preference(rows: Sequence[Mapping[str, Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:

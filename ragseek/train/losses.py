@@ -170,25 +170,43 @@ SFT_REDUCTIONS: dict[SFTReduction, Callable[[Tensor, Tensor], Tensor]] = {
 
 
 def sft_loss(
-    logits: Tensor, labels: Tensor, loss_mask: Tensor, reduction: SFTReduction = "sequence"
+    logits: Tensor,
+    labels: Tensor,
+    loss_mask: Tensor,
+    reduction: SFTReduction = "sequence",
+    segments: Tensor | None = None,
 ) -> tuple[Tensor, Metrics]:
     """The lecture's SFT loss, L(θ) = −E_{(x,y)~D} [ (1/|y|) Σ_{t=1}^{|y|} log π_θ(y_t | x, y_<t) ].
 
     `loss_mask` is 1 on response tokens: prompt tokens (and padding) get no loss and so no gradient. The default
     `reduction="sequence"` is the formula above (mean per response, then over the batch); `"token"` is one mean over
     every response token of the batch (what transformers' `CrossEntropyLoss(ignore_index=-100)` computes).
+    `segments` (B, T), the labels' example ids in packed rows (`data.pack_examples`), makes each packed example one
+    sequence of the sequence mean, as it is unpacked (the token mean is the same either way).
     """
-    _check_shapes(labels=labels, loss_mask=loss_mask)
-    return sft_loss_from_logps(token_logps(logits, labels), loss_mask, reduction)
+    _check_shapes(labels=labels, loss_mask=loss_mask, segments=segments)
+    return sft_loss_from_logps(token_logps(logits, labels), loss_mask, reduction, segments)
 
 
 def sft_loss_from_logps(
-    logps: Tensor, loss_mask: Tensor, reduction: SFTReduction = "sequence"
+    logps: Tensor, loss_mask: Tensor, reduction: SFTReduction = "sequence", segments: Tensor | None = None
 ) -> tuple[Tensor, Metrics]:
     """`sft_loss` from the per-token log π_θ(y_t | x, y_<t) (B, T), e.g. `chunked_token_logps`' (no logits)."""
-    _check_shapes(logps=logps, loss_mask=loss_mask)
+    _check_shapes(logps=logps, loss_mask=loss_mask, segments=segments)
+    tokens = float(loss_mask.sum())
+    if segments is not None:
+        logps, loss_mask = _row_per_segment(logps, segments), _row_per_segment(loss_mask, segments)
     loss = SFT_REDUCTIONS[reduction](-logps, loss_mask)
-    return loss, {"loss": loss.item(), "tokens": float(loss_mask.sum())}
+    return loss, {"loss": loss.item(), "tokens": tokens}
+
+
+def _row_per_segment(x: Tensor, segments: Tensor) -> Tensor:
+    """(B, T) -> (B·K, T), K segments per row: row b·K + k holds x where segments[b] == k and 0 elsewhere, so each
+    packed example is a row of its own. Padding (segment -1) goes to its row's segment 0, where its mask is 0."""
+    B, T = x.shape
+    K = int(segments.max().clamp(min=0)) + 1
+    rows = torch.arange(B, device=x.device)[:, None] * K + segments.clamp(min=0)
+    return x.new_zeros(B * K, T).index_put((rows, torch.arange(T, device=x.device).expand(B, T)), x)
 
 
 def distill_loss(

@@ -1,5 +1,6 @@
 """KV caches: step-by-step decoding equals one full forward for every attention kind; MLA naive == absorbed;
-the latent cache holds exactly (d_c + d_h^R) per token and layer; int8 error measured; left padding is exact."""
+the latent cache holds exactly (d_c + d_h^R) per token and layer; int8 error measured; left padding is exact;
+a packed row (segments) computes each of its examples as if it were alone."""
 
 import pytest
 import torch
@@ -137,6 +138,60 @@ def test_left_padding_matches_unpadded_rows():
         nxt = torch.tensor([[7], [7]])
         step = model(nxt, cache, 9, torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1))
         assert (step[0, -1] - model(torch.cat([short, nxt[:1]], 1))[0, -1]).abs().max().item() < 1e-5
+
+
+def test_segments_restart_positions_and_block_attention_hand_worked():
+    """Two left pads sharing example 0's segment id, example 0 (3 tokens), example 1 (2 tokens): positions count the
+    real tokens of each example from 0; a token sees the earlier real tokens of its own example only."""
+    model = tiny("gqa")
+    attention_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1]])
+    segments = torch.tensor([[0, 0, 0, 0, 0, 1, 1]])
+    positions, mask = model._positions_and_mask(1, 7, 0, attention_mask, torch.device("cpu"), segments)
+    assert positions.tolist() == [[0, 0, 0, 1, 2, 0, 1]]
+    assert mask[0].int().tolist() == [
+        # padding sees only itself
+        [1, 0, 0, 0, 0, 0, 0],
+        [0, 1, 0, 0, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0, 0],
+        [0, 0, 1, 1, 1, 0, 0],
+        [0, 0, 0, 0, 0, 1, 0],
+        [0, 0, 0, 0, 0, 1, 1],
+    ]
+    # continuing example 1 by one cached token: position 2, keys 5..7
+    positions, mask = model._positions_and_mask(
+        1, 1, 7, None, torch.device("cpu"), torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1]])
+    )
+    assert positions.tolist() == [[2]]
+    assert mask[0].int().tolist() == [[0, 0, 0, 0, 0, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("attention,kw", KINDS, ids=IDS)
+def test_packed_row_equals_each_example_alone(attention, kw):
+    """Three examples packed in one row, a fourth alone in a right-padded row (segment -1): with the segments every
+    token's logits are its example's alone, to 1e-5; without them (plain causal attention over the row) the later
+    examples' logits differ. Continuing the packed row through the cache continues its last example alone."""
+    model = tiny(attention, **kw)
+    g = torch.Generator().manual_seed(6)
+    examples = [torch.randint(0, VOCAB, (1, n), generator=g) for n in (5, 7, 4)]
+    lone = torch.randint(0, VOCAB, (1, 9), generator=g)
+    row = torch.cat(examples, 1)
+    segments = torch.cat([torch.full_like(e, i) for i, e in enumerate(examples)], 1)
+    batch = torch.cat([row, torch.cat([lone, torch.zeros(1, 7, dtype=torch.long)], 1)])
+    batch_segments = torch.cat([segments, torch.tensor([[0] * 9 + [-1] * 7])])
+    with torch.no_grad():
+        alone = torch.cat([model(e) for e in examples], 1)
+        packed = model(batch, attention_mask=(batch_segments >= 0).long(), segments=batch_segments)
+        assert (packed[0] - alone[0]).abs().max().item() < 1e-5
+        assert (packed[1, :9] - model(lone)[0]).abs().max().item() < 1e-5
+        crossed = model(row)
+        assert (crossed[0, :5] - alone[0, :5]).abs().max().item() < 1e-5
+        assert (crossed[0, 5:] - alone[0, 5:]).abs().max().item() > 1e-2
+        cache = model.make_cache(1, 32)
+        model(row, cache, 0, segments=segments)
+        nxt = torch.tensor([[7]])
+        step = model(nxt, cache, 16, segments=torch.cat([segments, torch.tensor([[2]])], 1))
+        assert (step[0, -1] - model(torch.cat([examples[2], nxt], 1))[0, -1]).abs().max().item() < 1e-5
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # torch.ao quantized tensors: deprecation notice

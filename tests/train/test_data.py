@@ -130,6 +130,7 @@ def test_pack_examples_hand_worked():
     rows = pack_examples(ex, max_len=7)
     assert [r["input_ids"] for r in rows] == [[3] * 3 + [4] * 4, [2] * 2 + [5] * 5, [6] * 6]
     assert [len(r["loss_mask"]) for r in rows] == [7, 7, 6]
+    assert [r["segments"] for r in rows] == [[0] * 3 + [1] * 4, [0] * 2 + [1] * 5, [0] * 6]
     assert ex[0]["input_ids"] == [3] * 3  # inputs untouched
 
 
@@ -152,6 +153,10 @@ def test_collate_sft_right_pads():
     assert batch["loss_mask"].tolist() == [[0, 1, 1], [1, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert all(t.dtype == torch.long for t in batch.values())
+    packed = collate_sft(
+        pack_examples(rows, max_len=4) + [{"input_ids": [9], "loss_mask": [1], "segments": [0]}], 0
+    )
+    assert packed["segments"].tolist() == [[0, 0, 0, 1], [0, -1, -1, -1]]
 
 
 def test_preference_pairs_and_collator(tok, tmp_path):

@@ -145,6 +145,22 @@ def test_sft_loss_hand_worked_sequence_and_token_means():
     assert metrics["tokens"] == 3
 
 
+def test_sft_loss_packed_segments_are_sequences():
+    # the two rows above packed into one, then a padded position (segment -1)
+    a, h = [LN(3), 0.0], [0.0, 0.0]
+    logits = t([[h, a, h, a, h, a, h]])
+    labels = torch.tensor([[1, 0, 1, 0, 1, 1, 0]])
+    mask = t([[0, 1, 1, 0, 0, 1, 0]])
+    segments = torch.tensor([[0, 0, 0, 1, 1, 1, -1]])
+    row0, row1 = -(LN(3 / 4) + LN(1 / 2)) / 2, -LN(1 / 4)
+    token_mean = -(LN(3 / 4) + LN(1 / 2) + LN(1 / 4)) / 3
+    # each packed example is one sequence, as unpacked
+    close(sft_loss(logits, labels, mask, segments=segments)[0], (row0 + row1) / 2)
+    close(sft_loss(logits, labels, mask, "token", segments)[0], token_mean)
+    # without segments the row is one sequence: its mean is the token mean
+    close(sft_loss(logits, labels, mask)[0], token_mean)
+
+
 def test_sft_prompt_tokens_get_no_gradient():
     logits, labels, mask, _ = random_batch()
     logits.requires_grad_()

@@ -29,7 +29,14 @@ from ragseek.defaults import smollm2_gguf
 from ragseek.model import ModelConfig, Transformer, load_tokenizer
 from ragseek.model.decoding import SamplingConfig, generate
 from ragseek.train import value_heads
-from ragseek.train.data import collate_preference, collate_sft, load_preference, load_sft
+from ragseek.train.data import (
+    collate_preference,
+    collate_sft,
+    load_preference,
+    load_sft,
+    pack_examples,
+    write_jsonl,
+)
 from ragseek.train.loop import LoopConfig, read_metrics
 from ragseek.train.recipes import distill, dpo, rm, sft
 
@@ -173,6 +180,46 @@ def test_sft_head_in_chunks_has_the_whole_logits_loss_and_gradients(reduction, m
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
     for name, grad in whole_grads.items():
         torch.testing.assert_close(chunked_grads[name], grad, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("reduction", ["sequence", "token"])
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_sft_packed_batch_has_the_unpacked_loss_and_gradients(arch, reduction, models, tokenizer, tmp_path):
+    """Three examples with responses of different lengths, packed into two rows (two examples, then one
+    right-padded), against one row each: the same loss and the same gradient on every parameter, fp32 to 1e-5,
+    with the head in chunks and whole. Without the rows' segments (plain causal attention across the packed
+    examples, a row one sequence) the gradients differ by more than 1e-3 (the tiny model's near-uniform
+    predictions move the loss itself by only ~1e-4)."""
+    answers = ["31", "It is 74.", "50 + 25: 5 tens and 5 units, so 75."]
+    rows = [
+        {"prompt": f"What is {a} + {b}?", "response": r}
+        for (a, b), r in zip(PROBLEMS[:3], answers, strict=True)
+    ]
+    examples = load_sft(write_jsonl(tmp_path / "sft.jsonl", rows), tokenizer, 128)
+    unpacked = collate_sft(examples, tokenizer.pad_id)
+    packed = collate_sft(
+        pack_examples(examples, sum(len(e["input_ids"]) for e in examples[:2])), tokenizer.pad_id
+    )
+    assert packed["segments"][:, -1].tolist() == [1, -1]
+    model = Transformer.from_pretrained(models[arch])
+
+    def loss_and_grads(batch, head_chunk):
+        model.zero_grad()
+        loss, _ = sft.batch_loss(model, batch, reduction, head_chunk)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    for head_chunk in (3, 0):
+        (loss, grads), (want, want_grads) = (
+            loss_and_grads(packed, head_chunk),
+            loss_and_grads(unpacked, head_chunk),
+        )
+        torch.testing.assert_close(loss, want, atol=1e-5, rtol=0)
+        assert grads.keys() == want_grads.keys()
+        for name, grad in want_grads.items():
+            torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=0, msg=name)
+    _, crossed_grads = loss_and_grads({k: v for k, v in packed.items() if k != "segments"}, 0)
+    assert max((crossed_grads[n] - grad).abs().max().item() for n, grad in want_grads.items()) > 1e-3
 
 
 def test_sft_with_a_lora_block_trains_and_saves_only_an_adapter(models, toy, tokenizer, tmp_path):

@@ -182,8 +182,12 @@ def train(cfg: DistillConfig) -> list[dict]:
     def loss_fn(batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         ids, attention, targets = batch["input_ids"], batch["attention_mask"], batch["loss_mask"][:, 1:]
         if teacher is None:
-            logits = student(ids, attention_mask=attention)[:, :-1]
-            return sft_loss(logits, ids[:, 1:], targets, cfg.reduction)
+            # packed rows (pack=true) carry segments: each example computed and averaged alone
+            segments = batch.get("segments")
+            logits = student(ids, attention_mask=attention, segments=segments)[:, :-1]
+            return sft_loss(
+                logits, ids[:, 1:], targets, cfg.reduction, None if segments is None else segments[:, 1:]
+            )
         teacher_logits = teacher(ids, attention_mask=attention)[:, :-1]
         student_logits = student(ids, attention_mask=attention)[:, :-1]
         return distill_loss(student_logits, teacher_logits, ids[:, 1:], targets, cfg.alpha, cfg.temperature)

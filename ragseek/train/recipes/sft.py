@@ -41,13 +41,18 @@ class SFTConfig(RecipeConfig):
     model: str = _f("", f"the model to fine-tune: {MODEL_HELP}")
     data: str = _f("", 'JSONL rows {"prompt", "response"} or {"messages": [{"role", "content"}, ...]}')
     max_len: int = _f(512, "tokens per example (the end is cut); with pack, tokens per packed row")
-    pack: bool = _f(False, "concatenate whole examples into rows of at most max_len tokens (less padding)")
+    pack: bool = _f(
+        False,
+        "concatenate whole examples into rows of at most max_len tokens (less padding); each example keeps its own "
+        "positions and attends only to itself, as unpacked",
+    )
     batch_size: int = _f(
         8, "examples (or packed rows) per optimizer step, split into loop.grad_accum micro-batches"
     )
     reduction: SFTReduction = _f(
         "sequence",
-        "sequence: the lecture's per-response mean, then the batch mean; token: one mean over all tokens",
+        "sequence: the lecture's per-response mean (each packed example its own), then the batch mean; token: one "
+        "mean over all tokens",
     )
     head_chunk: int = _f(
         256,
@@ -61,20 +66,31 @@ class SFTConfig(RecipeConfig):
 def batch_loss(
     model: Transformer, batch: dict[str, Tensor], reduction: SFTReduction, head_chunk: int
 ) -> tuple[Tensor, dict[str, float]]:
-    """`sft_loss` of a collated batch (`collate_sft`), the head run as `SFTConfig.head_chunk` says."""
-    ids, mask = batch["input_ids"], batch["loss_mask"][:, 1:]
-    h, _, _ = model.hidden_states(ids, attention_mask=batch["attention_mask"])
+    """`sft_loss` of a collated batch (`collate_sft`), the head run as `SFTConfig.head_chunk` says; a packed batch's
+    "segments" keep its examples apart in the model and in the sequence mean."""
+    ids, mask, segments = batch["input_ids"], batch["loss_mask"][:, 1:], batch.get("segments")
+    h, _, _ = model.hidden_states(ids, attention_mask=batch["attention_mask"], segments=segments)
+    # each target's example id
+    targets_segments = None if segments is None else segments[:, 1:]
     if head_chunk:
         keep = mask.bool()
         kept = chunked_token_logps(
             model.norm(h[:, :-1][keep]), model.lm_head.weight, ids[:, 1:][keep], head_chunk
         )
-        return sft_loss_from_logps(kept.new_zeros(mask.shape).index_put((keep,), kept), mask, reduction)
+        return sft_loss_from_logps(
+            kept.new_zeros(mask.shape).index_put((keep,), kept), mask, reduction, targets_segments
+        )
     # the head (49k columns for SmolLM2) runs from the first position that scores a response token on: in a
     # RAG example the prompt is most of the row, and masked positions add nothing to the loss
     p0 = int(mask.any(0).int().argmax())
     logits = model.lm_head(model.norm(h[:, p0:-1]))
-    return sft_loss(logits, ids[:, 1 + p0 :], mask[:, p0:], reduction)
+    return sft_loss(
+        logits,
+        ids[:, 1 + p0 :],
+        mask[:, p0:],
+        reduction,
+        None if targets_segments is None else targets_segments[:, p0:],
+    )
 
 
 def train(cfg: SFTConfig) -> list[dict]:
