@@ -115,8 +115,9 @@ class Transformer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-row rotary positions (B, T) and the attention mask (B, T, S) with S = start_pos + T.
 
-        The mask is None for one new token without attention_mask or segments (it sees every cached key): attention
-        then builds no mask at all, the common decoding step. Without either, it is the plain causal mask.
+        The mask is None without padding (an attention_mask of all ones counts as none) or segments: plain causal
+        attention, the query at position start_pos + t seeing the keys up to it (`grouped_attention` then lets
+        SDPA skip the masked blocks of a prefill, and a one-token decoding step sees every key with no mask at all).
 
         attention_mask (B, S) is 1 on real tokens, 0 on (left) padding, as in transformers: positions count real
         tokens only, so a left-padded row starts at 0; padded keys are never attended to.
@@ -127,12 +128,10 @@ class Transformer(nn.Module):
         """
         S = start_pos + T
         q_idx = torch.arange(start_pos, S, device=device)
-        if attention_mask is None and segments is None and T == 1:
+        if segments is None and (attention_mask is None or bool(attention_mask.all())):
             return q_idx.expand(B, T), None
         k_idx = torch.arange(S, device=device)
         causal = k_idx[None, :] <= q_idx[:, None]  # (T, S)
-        if attention_mask is None and segments is None:
-            return q_idx.expand(B, T), causal.expand(B, T, S)
         for name, given in (("attention_mask", attention_mask), ("segments", segments)):
             if given is not None and given.shape != (B, S):
                 raise ValueError(
@@ -222,7 +221,7 @@ class Transformer(nn.Module):
                     h[:, : T - k],
                     self.embed_tokens(tokens[:, k:]),
                     _crop(rope, T - k),
-                    mask[:, : T - k, : T - k],
+                    None if mask is None else mask[:, : T - k, : T - k],
                 )
                 logits = self.lm_head(module.norm(h[:, :-1]))
                 target_mask = None if loss_mask is None else loss_mask[:, k + 1 :]

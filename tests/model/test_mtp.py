@@ -35,7 +35,7 @@ def test_mtp_loss_matches_a_direct_computation():
         x = module.eh_proj(
             torch.cat([module.enorm(model.embed_tokens(tokens[:, k:])), module.hnorm(h[:, : T - k])], -1)
         )
-        h = module.block(x, (rope[0][:, : T - k], rope[1][:, : T - k]), mask[:, : T - k, : T - k])
+        h = module.block(x, (rope[0][:, : T - k], rope[1][:, : T - k]), mask)  # None: causal
         logits = model.lm_head(module.norm(h[:, :-1]))
         mtp.append(F.cross_entropy(logits.flatten(0, 1), tokens[:, k + 1 :].flatten()))
     expected = main + 0.5 / 2 * (mtp[0] + mtp[1])
@@ -55,7 +55,7 @@ def test_mtp_module_is_causal():
         h, rope, mask = model.hidden_states(t)
         m = model.mtp[0]
         outs.append(
-            m(h[:, :9], model.embed_tokens(t[:, 1:]), (rope[0][:, :9], rope[1][:, :9]), mask[:, :9, :9])
+            m(h[:, :9], model.embed_tokens(t[:, 1:]), (rope[0][:, :9], rope[1][:, :9]), mask)  # None: causal
         )
     # module input i combines h_i and Emb(t_{i+1}): positions i < 6 see only tokens <= 6
     assert torch.allclose(outs[0][:, :6], outs[1][:, :6], atol=1e-6)
