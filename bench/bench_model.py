@@ -3,10 +3,11 @@
     .venv/bin/python bench/bench_model.py [--threads N]     (default 2)
 
 1. SmolLM2-135M-Instruct (the embedded GGUF, dequantised to fp32): decode tok/s at batch 1 and 8 (32-token prompt,
-   64 greedy tokens) and prefill tok/s (512 tokens), ragseek vs transformers in the same process, same threads,
-   same dtype; plus ragseek with int8 weights (fbgemm) and with int4 ones (Q4_1 layout, torch's int4 CPU kernel),
-   each also with its decoding step under torch.compile (`compile_decoding`; the compile is timed apart), and
-   llama.cpp (llama-cpp-python, when installed) on the same GGUF with its own Q4_1 weights, same threads.
+   64 greedy tokens) and prefill tok/s (a 1,500-token prompt), transformers and ragseek in fp32 and bf16, in the
+   same process, same threads; ragseek also with int8 weights (fbgemm) and with int4 ones (Q4_1 layout, torch's
+   int4 CPU kernel), and each ragseek variant with its decoding step under torch.compile (`compile_decoding`; the
+   compile is timed apart); llama.cpp (llama-cpp-python, when installed) on the same GGUF with its own Q4_1
+   weights, same threads. One row per implementation, with its bits per weight and its ratio to llama.cpp.
 2. KV-cache bytes per token for MHA / GQA / MQA / MLA at DeepSeek-V3 dimensions, read from real cache objects and
    compared with DeepSeek-V2's Table 1 formulas.
 """
@@ -27,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 THREADS = 2
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results"
-PROMPT, NEW, PREFILL, REPEAT = 32, 64, 512, 3
+PROMPT, NEW, PREFILL, REPEAT = 32, 64, 1500, 3
 
 
 def best_of(fn, repeat: int = REPEAT) -> float:
@@ -40,12 +41,18 @@ def best_of(fn, repeat: int = REPEAT) -> float:
     return min(times)
 
 
-def llama_cpp_rows(gguf: Path, threads: int) -> dict[str, float]:
+def llama_cpp_row(gguf: Path, threads: int) -> dict:
     """llama.cpp on the GGUF as shipped (its Q4_1 weights): batch-1 decode of NEW tokens, prefill of PREFILL."""
     from llama_cpp import Llama
 
     llm = Llama(
-        model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=1024, seed=0, verbose=False
+        model_path=str(gguf),
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_ctx=PREFILL + 512,
+        n_batch=PREFILL,
+        seed=0,
+        verbose=False,
     )
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(100, 40000, (PROMPT,), generator=gen).tolist()
@@ -61,14 +68,17 @@ def llama_cpp_rows(gguf: Path, threads: int) -> dict[str, float]:
         llm.reset()
         llm.eval(long)
 
+    # the file's bytes (Q4_1 layers, a Q8_0 head, the tokenizer) over the model's weights
     return {
-        "decode tok/s, batch 1": NEW / best_of(decode),
-        f"prefill tok/s, {PREFILL} tokens": PREFILL / best_of(prefill),
+        "decode_b1": NEW / best_of(decode),
+        "prefill": PREFILL / best_of(prefill),
+        "bytes": gguf.stat().st_size,
     }
 
 
 def speed_rows(threads: int) -> tuple[list[dict], dict[str, float]]:
-    """The speed table's rows, and the seconds each torch.compile took (its first decode, compile included)."""
+    """One row per implementation (decode tok/s at batch 1 and 8, prefill tok/s, bits per weight), and the seconds
+    each torch.compile took (its first decode, compile included)."""
     import transformers
 
     from ragseek.defaults import smollm2_gguf
@@ -78,6 +88,7 @@ def speed_rows(threads: int) -> tuple[list[dict], dict[str, float]]:
 
     gguf = smollm2_gguf()
     ours = Transformer.from_pretrained(gguf)
+    n_weights = sum(p.numel() for p in ours.parameters())
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         gguf.parent,
         gguf_file=gguf.name,
@@ -87,70 +98,64 @@ def speed_rows(threads: int) -> tuple[list[dict], dict[str, float]]:
     gen = torch.Generator().manual_seed(0)
     cfg = SamplingConfig(max_new_tokens=NEW)
     no_eos: set[int] = set()  # generate exactly NEW tokens on both sides
+    prefill_ids = torch.randint(100, 40000, (1, PREFILL), generator=gen)
 
     def ragseek_decode(model, B):
         prompts = torch.randint(100, 40000, (B, PROMPT), generator=gen).tolist()
         return lambda: generate_ids(model, prompts, cfg, no_eos)
 
-    def hf_decode(B):
+    def hf_decode(model, B):
         ids = torch.randint(100, 40000, (B, PROMPT), generator=gen)
         kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
-        return lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+        return lambda: model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
 
-    prefill_ids = torch.randint(100, 40000, (1, PREFILL), generator=gen)
-
-    def prefill(model):
-        def run():
-            with torch.inference_mode():
-                model(prefill_ids)
-
-        return run
+    def timed(name: str, bits: float, decode, model) -> dict:
+        row = {"implementation": name, "bits": bits}
+        for B in (1, 8):
+            row[f"decode_b{B}"] = B * NEW / best_of(decode(model, B))
+        with torch.inference_mode():
+            row["prefill"] = PREFILL / best_of(lambda: model(prefill_ids), repeat=2)
+        return row
 
     compile_s: dict[str, float] = {}
 
-    def compiled_decode(model, key: str) -> None:
-        """The decode rows again with the decoding step compiled; the first run of each batch size compiles."""
+    def compiled(model, name: str, bits: float) -> dict | None:
+        """The decode rows again with the decoding step compiled; the first run of each batch size compiles.
+        Prefill stays eager (the row above)."""
         if not compile_decoding(model):
-            return
-        for i, B in enumerate((1, 8)):
+            return None
+        row = {"implementation": f"{name}, compiled step", "bits": bits}
+        for B in (1, 8):
             run = ragseek_decode(model, B)
             t0 = time.perf_counter()
             run()
-            compile_s[f"{key}, batch {B}"] = time.perf_counter() - t0
-            rows[i][f"{key}_compiled"] = B * NEW / best_of(run)
+            compile_s[f"{name}, batch {B}"] = time.perf_counter() - t0
+            row[f"decode_b{B}"] = B * NEW / best_of(run)
         del model.decode_step
+        return row
 
-    rows = []
-    with torch.inference_mode():
-        for B in (1, 8):
-            t_hf = best_of(hf_decode(B))
-            t_ours = best_of(ragseek_decode(ours, B))
-            rows.append(
-                dict(metric=f"decode tok/s, batch {B}", transformers=B * NEW / t_hf, ragseek=B * NEW / t_ours)
-            )
-        rows.append(
-            dict(
-                metric=f"prefill tok/s, {PREFILL} tokens",
-                transformers=PREFILL / best_of(prefill(hf)),
-                ragseek=PREFILL / best_of(prefill(ours)),
-            )
-        )
-        compiled_decode(ours, "ragseek")
-        for kind in ("int8", "int4"):
-            quantised = quantize_weights(copy.deepcopy(ours), kind)
-            for i, B in enumerate((1, 8)):
-                rows[i][f"ragseek_{kind}"] = B * NEW / best_of(ragseek_decode(quantised, B))
-            rows[2][f"ragseek_{kind}"] = PREFILL / best_of(prefill(quantised))
-            compiled_decode(quantised, f"ragseek_{kind}")
+    rows = [timed("transformers fp32", 32, hf_decode, hf)]
+    rows.append(timed("transformers bf16", 16, hf_decode, copy.deepcopy(hf).to(torch.bfloat16)))
+    del hf
+    # bits per weight: int8 one fp32 scale per output row beside the int8 weights; int4 (Q4_1) a bf16 scale and
+    # minimum per group of 32
+    variants = [
+        ("ragseek fp32", 32, ours),
+        ("ragseek bf16", 16, copy.deepcopy(ours).to(torch.bfloat16)),
+        ("ragseek int8", 8 + 32 / ours.cfg.dim, quantize_weights(copy.deepcopy(ours), "int8")),
+        ("ragseek int4 (Q4_1)", 4 + 32 / 32, quantize_weights(copy.deepcopy(ours), "int4")),
+    ]
+    for name, bits, model in variants:
+        rows.append(timed(name, bits, ragseek_decode, model))
+        rows.append(compiled(model, name, bits))
+    rows = [r for r in rows if r is not None]
     if importlib.util.find_spec("llama_cpp") is not None:
-        peer = llama_cpp_rows(gguf, threads)
+        peer = llama_cpp_row(gguf, threads)
+        rows.append({"implementation": "llama.cpp Q4_1", "bits": 8 * peer.pop("bytes") / n_weights, **peer})
         for r in rows:
-            r["llama_cpp"] = peer.get(r["metric"])
-    for r in rows:
-        r["speedup"] = r["ragseek"] / r["transformers"]
-        r["speedup_int8"] = r["ragseek_int8"] / r["transformers"]
-        if r.get("llama_cpp") and r.get("ragseek_int4_compiled"):
-            r["speedup_int4_compiled_vs_llama_cpp"] = r["ragseek_int4_compiled"] / r["llama_cpp"]
+            for key in ("decode_b1", "prefill"):
+                if r.get(key):
+                    r[f"{key}_vs_llama_cpp"] = r[key] / peer[key]
     return rows, compile_s
 
 
@@ -221,49 +226,46 @@ def main() -> None:
             indent=2,
         )
     )
-    columns = [  # (key, header): the ratio columns follow the first two ragseek ones, as before
-        ("transformers", "transformers fp32"),
-        ("ragseek", "ragseek fp32"),
-        ("speedup", "ratio"),
-        ("ragseek_int8", "ragseek int8 weights"),
-        ("speedup_int8", "ratio"),
-        ("ragseek_compiled", "ragseek fp32, compiled step"),
-        ("ragseek_int8_compiled", "ragseek int8, compiled step"),
-        ("ragseek_int4", "ragseek int4 weights"),
-        ("ragseek_int4_compiled", "ragseek int4, compiled step"),
-        ("llama_cpp", "llama.cpp Q4_1"),
-        ("speedup_int4_compiled_vs_llama_cpp", "int4 compiled / llama.cpp"),
+    columns = [
+        ("bits", "bits/weight"),
+        ("decode_b1", "decode tok/s, batch 1"),
+        ("decode_b8", "decode tok/s, batch 8"),
+        ("prefill", f"prefill tok/s, {PREFILL:,} tokens"),
+        ("decode_b1_vs_llama_cpp", "batch 1 / llama.cpp"),
+        ("prefill_vs_llama_cpp", "prefill / llama.cpp"),
     ]
-    columns = [(k, h) for k, h in columns if any(r.get(k) is not None for r in speed)]
 
     def cell(r: dict, key: str) -> str:
         v = r.get(key)
-        return "–" if v is None else f"{v:.2f}x" if key.startswith("speedup") else f"{v:.1f}"
+        return "–" if v is None else f"{v:.2f}x" if key.endswith("llama_cpp") else f"{v:.1f}"
 
     lines = [
         "## Model: SmolLM2-135M speed and KV-cache memory",
         "",
         f"`.venv/bin/python bench/bench_model.py --threads {threads}` — SmolLM2-135M-Instruct from the embedded GGUF, "
-        f"dequantised to fp32 for transformers and ragseek (llama.cpp runs the GGUF's own Q4_1 weights); {threads} "
-        f"thread(s) for all; {PROMPT}-token prompts, {NEW} greedy tokens; best of {REPEAT}; 1-minute load average "
-        f"{load:.1f} on this 2-core machine at the end. Compiled step: `ragseek.model.decoding.compile_decoding` "
-        "(torch.compile of the one-token step; prefill stays eager); the first decode of each, compile included (inductor may reuse its on-disk cache of an earlier run): "
+        f"dequantised to fp32 for transformers and ragseek, then cast or quantised (llama.cpp runs the GGUF's own "
+        f"Q4_1 weights); {threads} thread(s) for all; decoding: {PROMPT}-token prompts, {NEW} greedy tokens, "
+        f"batch 1 and 8; prefill: one {PREFILL:,}-token prompt (a RAG prompt's length); best of {REPEAT} (prefill: "
+        f"of 2); 1-minute load average {load:.1f} on this 2-core machine at the end. Compiled step: "
+        "`ragseek.model.decoding.compile_decoding` (torch.compile of the one-token step; prefill stays eager); the "
+        "first decode of each, compile included (inductor may reuse its on-disk cache of an earlier run): "
         + ", ".join(f"{k} {v:.0f} s" for k, v in compile_s.items())
-        + ". llama-cpp-python decodes one sequence at a time (no batch-8 row).",
+        + ". llama-cpp-python decodes one sequence at a time (no batch-8 cell).",
         "",
-        "| metric | " + " | ".join(h for _, h in columns) + " |",
+        "| implementation | " + " | ".join(h for _, h in columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]
     for r in speed:
-        lines.append(f"| {r['metric']} | " + " | ".join(cell(r, k) for k, _ in columns) + " |")
+        lines.append(f"| {r['implementation']} | " + " | ".join(cell(r, k) for k, _ in columns) + " |")
     lines += [
         "",
         "Batch-1 fp32 decoding reads all 540 MB of weights per token, so on this 2-core machine both libraries sit at "
-        "the memory-bandwidth floor; the int8 path (fbgemm dynamic quantisation, `--quantize int8`) reads 4x fewer "
-        "bytes, and fuses q/k/v and gate/up into one linear each. int4 (`--quantize int4`: llama.cpp's Q4_1 layout, "
-        "groups of 32 with a scale and a minimum, 5 bits/weight, the head included, where llama.cpp keeps its Q8_0 "
-        "one; torch's int4 CPU kernel with bf16 activations) reads 6.4x fewer: it pays at batch 1 only, as that "
-        "kernel is slower than fbgemm's int8 one on several rows (batch 8, prefill).",
+        "the memory-bandwidth floor; bf16 halves the bytes (bf16 matmuls where the CPU has avx512_bf16 or AMX); the "
+        "int8 path (fbgemm dynamic quantisation, `--quantize int8`) reads 4x fewer bytes, and fuses q/k/v and "
+        "gate/up into one linear each. int4 (`--quantize int4`: llama.cpp's Q4_1 layout, groups of 32 with a scale "
+        "and a minimum, the head included, where llama.cpp keeps its Q8_0 one; torch's int4 CPU kernel with bf16 "
+        "activations) reads 6.4x fewer: it pays at batch 1 only, as that kernel is slower than fbgemm's int8 one on "
+        "several rows (batch 8, prefill). llama.cpp's bits/weight are its file's bytes over the model's weights.",
         "",
         "KV cache per token and layer at DeepSeek-V3 dimensions (n_h=128, d_h=128, d_c=512, d_h^R=64), bf16, measured "
         "from `LayerCache.nbytes`, against DeepSeek-V2 Table 1:",
