@@ -4,9 +4,10 @@
 
 One GRPO step on SmolLM2-135M-Instruct fp32 (2 prompts × 4 completions, 32 new tokens, one update, β = 0, loss_type
 grpo, temperature 1): ragseek's recipe (`ragseek.train.recipes.grpo.train`) and TRL's GRPOTrainer (`bf16=False`,
-`use_cpu=True`, `gradient_checkpointing=False`) in the same process, the same prompts and reward; then both again in
-bf16 (ragseek `loop.dtype: bf16`, TRL `bf16=True`). Each runs 2 steps; the second is timed (the first pays one-off
-costs), split into generation and training. Writes
+`use_cpu=True`, `gradient_checkpointing=False`), the same prompts and reward; then both again in bf16 (ragseek
+`loop.dtype: bf16`, TRL `bf16=True`), and ragseek in bf16 with `compile_rollouts: true`. Each row runs 2 steps in a fresh process of its own (in one process, a row
+after TRL's ran up to 1.7x slower); the second step is timed (the first pays one-off costs), split into generation
+and training. The rows take turns for ROUNDS rounds; each row's faster round is kept. Writes
 bench/results/rl.json and rl.md. The addition story (GRPO to high accuracy, PPO, the table) is bench_addition.py.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,8 +40,9 @@ RUNS = ROOT / "runs"
 STEP = {"prompts": 2, "group_size": 4, "max_new_tokens": 32, "lr": 1e-6}
 
 
-def ragseek_step(model_dir: Path, data: Path, dtype: str) -> dict:
+def ragseek_step(model_dir: Path, data: Path, dtype: str, compiled: bool = False) -> dict:
     cfg = grpo.GRPOConfig(
+        compile_rollouts=compiled,
         model=str(model_dir),
         data=str(data),
         rewards=["numeric_match"],
@@ -53,6 +56,7 @@ def ragseek_step(model_dir: Path, data: Path, dtype: str) -> dict:
     rows = grpo.train(cfg)
     last = rows[-1]
     return {
+        "first_step_s": rows[0]["step_s"],  # with the compile, when compiled
         "step_s": last["step_s"],
         "generation_s": last["step_s"] * last["gen_share"],
         "training_s": last["step_s"] * (1 - last["gen_share"]),
@@ -129,14 +133,19 @@ def write_md(r: dict) -> None:
         ("ragseek", "ragseek, fp32"),
         ("trl", f"TRL {r['trl_version']}, fp32 (`bf16=False`)"),
         ("ragseek_bf16", "ragseek, `loop.dtype: bf16` (bf16 rollout copy, bf16 autocast; fp32 weights)"),
+        (
+            "ragseek_bf16_compiled",
+            "ragseek, bf16 and `compile_rollouts: true` (the rollout copy's decoding step compiled)",
+        ),
         ("trl_bf16", f"TRL {r['trl_version']}, `bf16=True`"),
     )
     lines = [
         "## RL: one GRPO step, ragseek vs TRL",
         "",
         f"`{r['command']}` — SmolLM2-135M-Instruct (fp32 weights) on CPU, {r['threads']} torch thread(s), load "
-        f"average {r['load_average']:.1f} on 2 cores when it started; all rows ran in the same process, one after "
-        "the other.",
+        f"average {r['load_average']:.1f} on 2 cores when it started, {r['load_average_end']:.1f} at the end; "
+        f"each row in a fresh process, the rows taking turns for {len(r['rounds'])} rounds, each row's faster "
+        "round shown.",
         "",
         "One GRPO step: 2 prompts × 4 completions, 32 new tokens, one update, β = 0, loss_type grpo (the 2nd of 2 "
         "steps timed). TRL: GRPOTrainer, `use_cpu=True, gradient_checkpointing=False`.",
@@ -153,44 +162,67 @@ def write_md(r: dict) -> None:
     lines += [
         "",
         f"ragseek / TRL step time, both fp32: **{r['ratio']:.2f}×**; ragseek bf16 / TRL's faster setting: "
-        f"**{r['ratio_bf16']:.2f}×**. This CPU has avx512_bf16: a bf16 matmul runs ~2× faster than fp32 here, and "
+        f"**{r['ratio_bf16']:.2f}×**, with compiled rollouts **{r['ratio_bf16_compiled']:.2f}×** (their first "
+        f"step, the compile included: {r['ragseek_bf16_compiled']['first_step_s']:.0f} s, once per run). This CPU has avx512_bf16: a bf16 matmul runs ~2× faster than fp32 here, and "
         "decoding a batch of 8 is bound by reading the weights, which bf16 halves.",
     ]
     (RESULTS / "rl.md").write_text("\n".join(lines) + "\n")
 
 
+RUNNERS = {
+    "ragseek": lambda model_dir, data: ragseek_step(model_dir, data, "fp32"),
+    "trl": lambda model_dir, data: trl_step(model_dir, data, bf16=False),
+    "ragseek_bf16": lambda model_dir, data: ragseek_step(model_dir, data, "bf16"),
+    "ragseek_bf16_compiled": lambda model_dir, data: ragseek_step(model_dir, data, "bf16", compiled=True),
+    "trl_bf16": lambda model_dir, data: trl_step(model_dir, data, bf16=True),
+}
+ROUNDS = 2
+
+
+def run_one(key: str) -> dict:
+    """One row in this process: its timed step, printed as the last line of stdout."""
+    model_dir = gguf_to_folder(smollm2_gguf())
+    data = write_grpo_jsonl(RUNS / "data" / "addition_bench_step.jsonl", train_problems(16, seed=7))
+    return RUNNERS[key](model_dir, data)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the shared 2-core machine)")
+    ap.add_argument("--only", choices=list(RUNNERS), help="run one row in this process (what main launches)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    command = ".venv/bin/python bench/bench_rl.py " + " ".join(sys.argv[1:])
-    RESULTS.mkdir(parents=True, exist_ok=True)
-
+    if args.only:
+        print(json.dumps(run_one(args.only)), flush=True)
+        return
     import trl
 
-    model_dir = gguf_to_folder(smollm2_gguf())
-    data = write_grpo_jsonl(RUNS / "data" / "addition_bench_step.jsonl", train_problems(16, seed=7))
+    RESULTS.mkdir(parents=True, exist_ok=True)
     result = {
-        "command": command.strip(),
+        "command": f".venv/bin/python bench/bench_rl.py --threads {args.threads}",
         "load_average": os.getloadavg()[0],
-        "threads": torch.get_num_threads(),
+        "threads": args.threads,
         "trl_version": trl.__version__,
         "step": STEP,
+        "rounds": [],
     }
-    for key, run in (
-        ("ragseek", lambda: ragseek_step(model_dir, data, "fp32")),
-        ("trl", lambda: trl_step(model_dir, data, bf16=False)),
-        ("ragseek_bf16", lambda: ragseek_step(model_dir, data, "bf16")),
-        ("trl_bf16", lambda: trl_step(model_dir, data, bf16=True)),
-    ):
-        result[key] = run()
-        print(key, result[key], flush=True)
+    # every row in a fresh process (one library's state never slows the next), the rows taking turns
+    for _ in range(ROUNDS):
+        runs = {}
+        for key in RUNNERS:
+            cmd = [sys.executable, __file__, "--threads", str(args.threads), "--only", key]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            runs[key] = json.loads(out.strip().splitlines()[-1])
+            print(key, runs[key], flush=True)
+        result["rounds"].append(runs)
+    for key in RUNNERS:  # each row's faster round
+        result[key] = min((r[key] for r in result["rounds"]), key=lambda x: x["step_s"])
+    result["load_average_end"] = os.getloadavg()[0]
     result["ratio"] = result["ragseek"]["step_s"] / result["trl"]["step_s"]
     # against TRL's faster setting on this machine, whichever it is
-    result["ratio_bf16"] = result["ragseek_bf16"]["step_s"] / min(
-        result["trl"]["step_s"], result["trl_bf16"]["step_s"]
-    )
+    trl_best = min(result["trl"]["step_s"], result["trl_bf16"]["step_s"])
+    result["ratio_bf16"] = result["ragseek_bf16"]["step_s"] / trl_best
+    result["ratio_bf16_compiled"] = result["ragseek_bf16_compiled"]["step_s"] / trl_best
     (RESULTS / "rl.json").write_text(json.dumps(result, indent=2))
     write_md(result)
 

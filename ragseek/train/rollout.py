@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ragseek.config import config_field
 from ragseek.model import SamplingConfig, Tokenizer
-from ragseek.model.decoding import generate_ids
+from ragseek.model.decoding import compile_decoding, generate_ids
 from ragseek.model.transformer import Transformer
 from ragseek.train.data import pad_right
 from ragseek.train.distributed import full
@@ -184,6 +184,11 @@ class RolloutConfig:
     max_new_tokens: int = config_field(64, "completion length cap")
     temperature: float = config_field(1.0, "sampling temperature (the logps of the loss use it too, as TRL)")
     top_p: float = config_field(1.0, "nucleus sampling mass")
+    compile_rollouts: bool = config_field(
+        False,
+        "torch.compile the rollout model's decoding step (decoding.compile_decoding): about a minute once, then "
+        "faster rollouts (bf16, 8 rows: 1.17x); the logits match eager decoding to ~1e-5, not bit for bit",
+    )
 
     def sampling(self, seed: int, step: int) -> SamplingConfig:
         """The step's sampler, seeded by (seed, step): a resumed step samples exactly what the killed run did."""
@@ -243,13 +248,19 @@ class RolloutModel:
 
     `sharded`: the policy is about to be sharded by FSDP (`World.parallelize`), so even in fp32 rollouts sample
     from a whole copy, made here from the unsharded policy; under torchrun every rank refreshes its copy from the
-    gathered weights before every rollout, and samples its own groups."""
+    gathered weights before every rollout, and samples its own groups.
 
-    def __init__(self, policy: Transformer, dtype: Precision, sharded: bool = False):
+    `compiled` (RolloutConfig.compile_rollouts): the model that samples decodes through a compiled step
+    (`compile_decoding`; inductor reads the weights as inputs, so the refreshed or trained weights need no
+    recompile)."""
+
+    def __init__(self, policy: Transformer, dtype: Precision, sharded: bool = False, compiled: bool = False):
         self.policy = policy
         amp = AUTOCAST_DTYPES[dtype]
         keep = amp is not None or sharded
         self.copy = frozen(copy.deepcopy(policy)).to(amp or torch.float32) if keep else None
+        if compiled:
+            compile_decoding(self.policy if self.copy is None else self.copy)
 
     def __call__(self) -> Transformer:
         if self.copy is None:

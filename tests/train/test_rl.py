@@ -7,6 +7,7 @@ logits, so greedy decoding always picks token id 0, which the tiny vocabulary ma
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -160,6 +161,30 @@ def test_bf16_rollout_model_follows_the_policy(tmp_path):
     for (name, p), q in zip(policy.named_parameters(), copy.parameters(), strict=True):
         assert torch.equal(p.to(torch.bfloat16), q), name
     assert not any(q.requires_grad for q in copy.parameters())
+
+
+def test_compiled_rollouts_sample_what_eager_ones_do_and_follow_the_weights(tmp_path):
+    """compile_rollouts: the same completions as eager sampling (logits within ~1e-5), also after the policy's
+    weights change in place (an optimizer step): the compiled step reads them, it did not bake them in."""
+    from ragseek.train.data import load_prompts
+    from ragseek.train.rollout import sample_groups
+
+    policy = Transformer.from_pretrained(tiny_model_dir(tmp_path / "model"))
+    tokenizer = tiny_tokenizer()
+    rows = load_prompts(prompts_file(tmp_path / "prompts.jsonl"), tokenizer, 64)[:2]
+    twin = copy.deepcopy(policy)
+    eager, compiled = grpo.RolloutModel(twin, "fp32"), grpo.RolloutModel(policy, "fp32", compiled=True)
+    if not hasattr(policy, "decode_step"):
+        pytest.skip("no C++ compiler: compile_decoding leaves decoding eager")
+    sampling = grpo.RolloutConfig(max_new_tokens=8).sampling(seed=0, step=1)
+    for step in range(2):
+        a, b = (sample_groups(m(), tokenizer, rows, 4, sampling).completions for m in (eager, compiled))
+        assert a == b, step
+        with torch.no_grad():
+            for p, q in zip(policy.parameters(), twin.parameters(), strict=True):
+                noise = torch.randn_like(p)
+                p.add_(noise)
+                q.add_(noise)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])

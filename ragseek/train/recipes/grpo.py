@@ -140,7 +140,7 @@ def train(cfg: GRPOConfig) -> list[dict]:
     # prompts_per_step is global: each rank samples the groups of its share of the prompts, whole
     sampler = EpochSampler(len(rows), cfg.prompts_per_step, seed=cfg.loop.seed, world=world)
     sharded = world.size > 1 and cfg.loop.parallel == "fsdp"
-    rollout_model = RolloutModel(model, cfg.loop.dtype, sharded)
+    rollout_model = RolloutModel(model, cfg.loop.dtype, sharded, cfg.compile_rollouts)
     trained = world.parallelize(model, cfg.loop)
     optimizer = build_optimizer(model, cfg.loop)
     run = start_run(cfg, cfg.loop, trained, optimizer, sampler)

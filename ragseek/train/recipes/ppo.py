@@ -102,7 +102,8 @@ def train(cfg: PPOConfig) -> list[dict]:
     rows = load_prompts(cfg.data, tokenizer, cfg.max_prompt_len)
     # prompts_per_step is global: each rank samples its share of the prompts
     sampler = EpochSampler(len(rows), cfg.prompts_per_step, seed=cfg.loop.seed, world=world)
-    rollout_model = RolloutModel(policy, cfg.loop.dtype, world.size > 1 and cfg.loop.parallel == "fsdp")
+    sharded = world.size > 1 and cfg.loop.parallel == "fsdp"
+    rollout_model = RolloutModel(policy, cfg.loop.dtype, sharded, cfg.compile_rollouts)
     trained = world.parallelize(models, cfg.loop)
     optimizer = build_optimizer(models, cfg.loop)
     run = start_run(cfg, cfg.loop, trained, optimizer, sampler)
