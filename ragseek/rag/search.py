@@ -16,8 +16,11 @@ them over a `Store`, building or loading the persisted indexes (bm25s, faiss HNS
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -283,6 +286,49 @@ class BM25Index:
         return cls(bm25s.BM25.load(str(path)), cfg)
 
 
+def save_whole(path: Path, save: Callable[[Path], None]) -> None:
+    """save(tmp) beside `path` (a file, or a folder such as bm25s writes), then move it into place: a search in
+    another process loads the old index or the new one, never a part, and a build killed mid-write leaves `path`
+    as it was. Temporaries of builds that died are removed; when two processes build the same index at once, each
+    move puts a whole index in place."""
+    for stale in [*path.parent.glob(f"{path.name}.tmp-*"), *path.parent.glob(f"{path.name}.old-*")]:
+        pid = stale.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            _remove(stale)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    _remove(tmp)
+    try:
+        save(tmp)
+        if tmp.is_dir():  # a folder cannot replace a folder in one step: set the old one aside first
+            old = path.with_name(f"{path.name}.old-{os.getpid()}")
+            with contextlib.suppress(FileNotFoundError):
+                path.rename(old)
+            with contextlib.suppress(OSError):  # another build's whole index is already there
+                tmp.rename(path)
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 # --- retrieval over a store ------------------------------------------------------------------------------
 
 
@@ -366,7 +412,7 @@ class Searcher:
                 return BM25Index.load(path, self.bm25_cfg)
             texts = contextual_texts(self.store, llm) if llm else self.store.chunks().texts
             index = BM25Index.build(texts, self.bm25_cfg)
-            index.save(path)
+            save_whole(path, index.save)
             self.store.mark_index(name)
             return index
 
@@ -401,7 +447,7 @@ class Searcher:
             if self.store.index_is_fresh(name) and path.exists():
                 return HNSWIndex.load(path)
             index = HNSWIndex.build(self.matrix(), a, self.cfg.metric)
-            index.save(path)
+            save_whole(path, index.save)
             self.store.mark_index(name)
             return index
 

@@ -2,6 +2,7 @@
 on hand-worked cases, HNSW recall and staleness."""
 
 import math
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from ragseek.rag.search import (
     exact_knn,
     mmr,
     rrf,
+    save_whole,
     similarity,
     svm_scores,
 )
@@ -144,6 +146,40 @@ def test_hnsw_recall_and_persistence(tmp_path):
     assert recall >= 0.9
     index.save(tmp_path / "x.faiss")
     np.testing.assert_array_equal(HNSWIndex.load(tmp_path / "x.faiss").search(q, 10, cfg.ef_search)[0], idx)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "bm25"])
+def test_an_index_is_replaced_whole_or_not_at_all(tmp_path, kind):
+    """save_whole: a build that dies mid-write leaves the index in place as it was (a faiss file, a bm25s folder)
+    and no temporary; a dead build's temporary is removed by the next, a live one's is left to it."""
+    cfg = BM25Config(stopwords="none", stemmer="none")
+    if kind == "hnsw":
+        X = rng.normal(size=(200, 16)).astype(np.float32)
+        old, new = HNSWIndex.build(X, ANNConfig()), HNSWIndex.build(X[:100], ANNConfig())
+    else:
+        old, new = BM25Index.build(CORPUS[:6], cfg), BM25Index.build(CORPUS[:3], cfg)
+    path = tmp_path / kind
+
+    def size_at(where: Path) -> int:
+        if kind == "hnsw":
+            return HNSWIndex.load(where).index.ntotal
+        return len(BM25Index.load(where, cfg).scores("fox"))
+
+    def dies_midway(tmp: Path) -> None:
+        new.save(tmp)
+        raise KeyboardInterrupt
+
+    save_whole(path, old.save)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / f"{kind}.tmp-{dead.pid}").write_text("left by a killed build")
+    (tmp_path / f"{kind}.tmp-1").write_text("a build still running (pid 1)")
+    with pytest.raises(KeyboardInterrupt):
+        save_whole(path, dies_midway)
+    assert size_at(path) == (200 if kind == "hnsw" else 6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [kind, f"{kind}.tmp-1"]
+    save_whole(path, new.save)
+    assert size_at(path) == (100 if kind == "hnsw" else 3)
 
 
 def ingested(tmp_path, texts: list[str], embedder: str = "word2vec") -> tuple[Store, Path]:
