@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ragseek.rag.pipeline import CITATION, AskConfig, StepsConfig, ask, is_dont_know
-from ragseek.rag.search import Hit
+from ragseek.rag.search import Hit, save_whole
 
 if TYPE_CHECKING:
     from ragseek.llm.base import LLM
@@ -377,9 +377,8 @@ def _locked(path: Path) -> Iterator[None]:
 def _write_rows(path: Path, rows: list[dict]) -> Path:
     """The paragraphs as a BEIR corpus .jsonl (what `ragseek ingest` reads), written whole or not at all."""
     if not path.exists():
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        os.replace(tmp, path)
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        save_whole(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
 
 
