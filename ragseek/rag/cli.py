@@ -56,12 +56,8 @@ JSON_OUT = typer.Option(None, "--json", help="also write the metrics as JSON to 
 
 
 class ShownSearcher(Searcher):
-    """A Searcher whose embedder loading, embedding (the question, the don't-know gate's sentences) and retrieval
-    show progress lines (ragseek/progress.py)."""
-
-    def embedder(self):
-        with progress.task(f"loading the embedder ({self.cfg.embedder})"):
-            return super().embedder()
+    """A Searcher whose embedding (the question, the don't-know gate's sentences) and retrieval show progress lines
+    (ragseek/progress.py); loading the embedder shows its own (`Store.embedder`)."""
 
     def encode(self, texts):
         with progress.task(f"embed {len(texts)} texts ({self.cfg.embedder})"):

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ragseek import progress
 from ragseek.config import config_field as _f
 from ragseek.config import require
 from ragseek.errors import FileError, one_line
@@ -318,6 +319,8 @@ class Store:
         t0 = time.time()
         report = IngestReport()
         files, report.left_out, report.failed = find_files(paths)
+        if on_progress and files:  # the line counts from the first file's start
+            on_progress("documents", 0, len(files))
         for n, path in enumerate(files):
             try:
                 for doc in load_file(path):
@@ -390,7 +393,8 @@ class Store:
             raise ValueError(
                 "embedder 'none' stores no vectors: ingest with --embedder minilm|word2vec|glove first"
             )
-        return SentenceTransformerEmbedder(None if spec == "minilm" else spec, batch_size=batch_size)
+        with progress.task(f"loading the embedder ({spec})"):
+            return SentenceTransformerEmbedder(None if spec == "minilm" else spec, batch_size=batch_size)
 
     def embedder_name(self, spec: str) -> str:
         """The name `embedder(spec)` would have, without loading a model (word models: the last one trained here)."""
@@ -416,7 +420,9 @@ class Store:
 
     def train_word_model(self, kind: str, cfg: WordVectorConfig) -> PooledWordEmbedder:
         """Train `kind` (word2vec, glove) on this store's chunks, save it under DIR/models, make it the current one."""
-        emb, key = train_word_embedder(kind, self.chunks().texts, cfg), f"word-model:{kind}"
+        texts = self.chunks().texts
+        with progress.task(f"training {kind} on {len(texts):,} chunks"):
+            emb, key = train_word_embedder(kind, texts, cfg), f"word-model:{kind}"
         path = self.root / "models" / f"{emb.name}.npz"
         path.parent.mkdir(exist_ok=True)
         emb.save(path)
@@ -447,6 +453,9 @@ class Store:
             missing = {h: t for h, t in pairs if h not in have}
             total, todo = len(missing), iter(missing.items())
         done = 0
+        # the line counts from the first batch's start (a model's first call is slow)
+        if on_progress and total:
+            on_progress(f"embeddings ({name})", 0, total)
         while part := list(itertools.islice(todo, batch_size)):
             vecs = embedder.encode([t for _, t in part])
             with self._write():

@@ -423,6 +423,6 @@ def test_embedding_streams_the_missing_chunks_from_the_database(tmp_path, store_
     assert store.missing_vectors(emb.name) == len(set(ref.chunks().hashes))
     n = store.embed(emb, batch_size=4, on_progress=lambda stage, done, total: steps.append((done, total)))
     assert store._chunks is None  # the chunk table was never loaded
-    assert steps == [(min(i + 4, n), n) for i in range(0, n, 4)]
+    assert steps == [(0, n)] + [(min(i + 4, n), n) for i in range(0, n, 4)]  # the line opens at the start
     np.testing.assert_array_equal(store.vectors(emb.name), ref.vectors(emb.name))
     assert store.embed(emb, batch_size=4) == 0
