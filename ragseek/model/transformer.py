@@ -127,16 +127,16 @@ class Transformer(nn.Module):
         packed example computes what it would alone (mask = causal AND same segment AND not padding).
         """
         S = start_pos + T
-        q_idx = torch.arange(start_pos, S, device=device)
-        if segments is None and (attention_mask is None or bool(attention_mask.all())):
-            return q_idx.expand(B, T), None
-        k_idx = torch.arange(S, device=device)
-        causal = k_idx[None, :] <= q_idx[:, None]  # (T, S)
         for name, given in (("attention_mask", attention_mask), ("segments", segments)):
             if given is not None and given.shape != (B, S):
                 raise ValueError(
                     f"{name} must be (batch, start_pos + seq) = {(B, S)}, got {tuple(given.shape)}"
                 )
+        q_idx = torch.arange(start_pos, S, device=device)
+        if segments is None and (attention_mask is None or bool(attention_mask.all())):
+            return q_idx.expand(B, T), None
+        k_idx = torch.arange(S, device=device)
+        causal = k_idx[None, :] <= q_idx[:, None]  # (T, S)
         am = (
             torch.ones(B, S, dtype=torch.bool, device=device)
             if attention_mask is None

@@ -140,6 +140,16 @@ def test_left_padding_matches_unpadded_rows():
         assert (step[0, -1] - model(torch.cat([short, nxt[:1]], 1))[0, -1]).abs().max().item() < 1e-5
 
 
+def test_a_mask_of_the_wrong_shape_is_refused_even_when_it_masks_nothing():
+    """An all-ones attention_mask means plain causal attention (no mask tensor), but only once its shape is
+    checked: (B, T) given where a cache's start_pos makes it (B, start_pos + T) is an error, not ignored."""
+    model = tiny("gqa")
+    with pytest.raises(ValueError, match=r"attention_mask must be \(batch, start_pos \+ seq\) = \(1, 7\)"):
+        model._positions_and_mask(1, 2, 5, torch.ones(1, 2), torch.device("cpu"))
+    positions, mask = model._positions_and_mask(1, 2, 5, torch.ones(1, 7), torch.device("cpu"))
+    assert positions.tolist() == [[5, 6]] and mask is None
+
+
 def test_segments_restart_positions_and_block_attention_hand_worked():
     """Two left pads sharing example 0's segment id, example 0 (3 tokens), example 1 (2 tokens): positions count the
     real tokens of each example from 0; a token sees the earlier real tokens of its own example only."""
